@@ -1,0 +1,182 @@
+"""Configuration of a De-LightSAM network: architecture, modalities, structures, normalisation.
+
+A checkpoint carries its configuration (see ``checkpoint.py``), so every value here is what a
+model file records about itself. Shapes that the released code hard-codes for a 1024-pixel input
+(the 64x64 embedding grid, the 32x32 patch grid, the stage resolutions) are derived from
+``img_size`` here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FORMAT_VERSION = 1
+
+# The released code's modality order (its dataloader's ``mcls``), with the structure each
+# released per-modality checkpoint segments.
+RELEASED_MODALITIES = (
+    ("dermoscopy", "skin lesion"),
+    ("xray", "lung"),
+    ("ultrasound", "breast lesion"),
+    ("fundus", "retinal vessel"),
+    ("microscopy", "nucleus"),
+    ("colonoscopy", "polyp"),
+)
+RELEASED_QUERY_TOKENS = 7  # 6 decoding channels plus one query that only takes part in attention
+RELEASED_QUERY_GROUP = "released"
+
+# The released code sets pixel_std from pixel_mean, so it divides by the mean (x / mean - 1).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+RELEASED_STD = IMAGENET_MEAN
+
+
+@dataclass
+class Structure:
+    """One target structure: its label name, its id in label maps, and the decoding query that predicts it."""
+
+    name: str
+    label: int
+    token: int  # index of the query in the modality's query group
+
+
+@dataclass
+class Modality:
+    """A modality selects a controller of the DC-Encoder and a query group of the QM-Decoder."""
+
+    name: str
+    controller: str
+    query_group: str
+    structures: list[Structure]
+
+
+@dataclass
+class DeLightSAMConfig:
+    img_size: int = 1024
+    # DC-Encoder trunk: MobileSAM's TinyViT-5M
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    merge_strides: tuple[int, ...] = (2, 2, 1)  # MobileSAM keeps stride 1 into the last stage
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    # SP-Generator and QM-Decoder
+    prompt_dim: int = 256
+    patch_head_dim: int = 64
+    decoder_depth: int = 2
+    decoder_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    # name -> number of decoding queries; modalities that share a group attend to each other's queries
+    query_groups: dict[str, int] = field(default_factory=dict)
+    modalities: list[Modality] = field(default_factory=list)
+    # normalisation of 0..255 RGB input: (x - mean) / std, per channel
+    pixel_mean: tuple[float, ...] = IMAGENET_MEAN
+    pixel_std: tuple[float, ...] = IMAGENET_STD
+    version: str = "0"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        self.embed_dims, self.depths, self.num_heads = tuple(self.embed_dims), tuple(self.depths), tuple(self.num_heads)
+        self.window_sizes, self.merge_strides = tuple(self.window_sizes), tuple(self.merge_strides)
+        self.pixel_mean, self.pixel_std = tuple(self.pixel_mean), tuple(self.pixel_std)
+        self.modalities = [m if isinstance(m, Modality) else _modality_from_dict(m) for m in self.modalities]
+        self.validate()
+
+    # ---- derived shapes -------------------------------------------------------------------
+    @property
+    def stage_resolutions(self) -> tuple[int, ...]:
+        """Token grid side of each encoder stage (the released code: 256, 128, 64, 64 at 1024)."""
+        res = [self.img_size // 4]
+        for stride in self.merge_strides:
+            res.append(-(-res[-1] // stride))
+        return tuple(res)
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 at 1024)."""
+        return self.stage_resolutions[-1]
+
+    @property
+    def patch_grid(self) -> int:
+        """Side of the SP-Generator's patch grid (32 at 1024): one patch per 2x2 embedding cells."""
+        return self.embedding_size // 2
+
+    @property
+    def controller_names(self) -> list[str]:
+        return list(dict.fromkeys(m.controller for m in self.modalities))
+
+    @property
+    def modality_names(self) -> list[str]:
+        return [m.name for m in self.modalities]
+
+    def modality(self, name: str) -> Modality:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(f"unknown modality {name!r}; this model has: {', '.join(self.modality_names) or 'none'}")
+
+    # ---- checks and (de)serialisation -----------------------------------------------------
+    def validate(self) -> None:
+        if self.img_size <= 0 or self.img_size % 32:
+            raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size}")
+        n = len(self.depths)
+        if not (len(self.embed_dims) == len(self.num_heads) == len(self.window_sizes) == n == len(self.merge_strides) + 1):
+            raise ValueError("embed_dims, depths, num_heads and window_sizes need one entry per stage, merge_strides one fewer")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
+            raise ValueError("pixel_mean and pixel_std need 3 values, std > 0")
+        names = self.modality_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"modality names must be unique: {names}")
+        for m in self.modalities:
+            if m.query_group not in self.query_groups:
+                raise ValueError(f"modality {m.name!r} uses unknown query group {m.query_group!r}")
+            if not m.structures:
+                raise ValueError(f"modality {m.name!r} has no structures")
+            labels = [s.label for s in m.structures]
+            if len(set(labels)) != len(labels) or min(labels) < 1:
+                raise ValueError(f"modality {m.name!r}: label ids must be unique and >= 1, got {labels}")
+            for s in m.structures:
+                if not 0 <= s.token < self.query_groups[m.query_group]:
+                    raise ValueError(f"structure {s.name!r} of {m.name!r}: token {s.token} is outside "
+                                     f"query group {m.query_group!r} ({self.query_groups[m.query_group]} queries)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DeLightSAMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+        return cls(**data)
+
+    def replace(self, **changes) -> "DeLightSAMConfig":
+        return DeLightSAMConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _modality_from_dict(data: dict) -> Modality:
+    structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
+    return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
+                    structures=structures)
+
+
+def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:
+    """The released network's configuration.
+
+    ``controllers`` maps released modality names to the controller that serves each; by default all six
+    share one controller called "released", as one released checkpoint does.
+    """
+    if controllers is None:
+        controllers = {name: RELEASED_QUERY_GROUP for name, _ in RELEASED_MODALITIES}
+    modalities = [
+        Modality(name, controllers[name], RELEASED_QUERY_GROUP, [Structure(structure, 1, token)])
+        for token, (name, structure) in enumerate(RELEASED_MODALITIES)
+        if name in controllers
+    ]
+    settings = dict(query_groups={RELEASED_QUERY_GROUP: RELEASED_QUERY_TOKENS}, modalities=modalities,
+                    pixel_mean=IMAGENET_MEAN, pixel_std=RELEASED_STD,
+                    description="De-LightSAM, released weights (six 2-D modalities)")
+    return DeLightSAMConfig(**{**settings, **overrides})

@@ -1,0 +1,81 @@
+"""De-LightSAM: composes the DC-Encoder, the SP-Generator and the QM-Decoder.
+
+The model takes normalised images (see ``normalization.py``) and a modality per sample; it needs no
+prompt. ``mask_logits`` come at the input resolution, one channel per structure of the sample's modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DeLightSAMConfig, Modality, Structure
+from .dc_encoder import DCEncoder
+from .qm_decoder import QMDecoder
+from .sp_generator import SPGenerator
+
+
+@dataclass
+class DeLightSAMOutput:
+    mask_logits: torch.Tensor  # [B, S, img_size, img_size]; -inf where a sample has fewer than S structures
+    low_res_logits: torch.Tensor  # [B, S, img_size/4, img_size/4], before the bilinear upsampling
+    patch_logits: torch.Tensor  # [B, 1, img_size/32, img_size/32], the SP-Generator's patch map
+    image_embeddings: torch.Tensor  # [B, 256, img_size/16, img_size/16], the DC-Encoder's output
+    structures: list[list[Structure]]  # per sample, the structure of each mask channel
+
+
+class DeLightSAM(nn.Module):
+    def __init__(self, config: DeLightSAMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = DCEncoder(config)
+        self.sp_generator = SPGenerator(config.prompt_dim, config.patch_head_dim)
+        self.decoder = QMDecoder(config)
+
+    def forward(self, images: torch.Tensor, modality: str | Sequence[str]) -> DeLightSAMOutput:
+        """images: [B, 3, S, S] normalised as ``config.pixel_mean``/``pixel_std`` say, S = ``config.img_size``;
+        modality: one name for the whole batch, or one per sample."""
+        modalities = self._modalities_for(images, modality)
+        images = images.as_subclass(torch.Tensor)  # MONAI MetaTensors would carry metadata through every layer
+        embeddings = self.encoder(images, [m.controller for m in modalities])
+        patch_logits, dense_prompt = self.sp_generator(embeddings)
+        low_res = self.decoder(embeddings + dense_prompt, [m.query_group for m in modalities],
+                               [[s.token for s in m.structures] for m in modalities])
+        size = self.config.img_size
+        counts = torch.tensor([len(m.structures) for m in modalities], device=low_res.device)
+        padding = (torch.arange(low_res.shape[1], device=low_res.device) >= counts[:, None])[..., None, None]
+        masks = F.interpolate(low_res.masked_fill(padding, 0.0), (size, size), mode="bilinear", align_corners=False)
+        masks = masks.masked_fill(padding, float("-inf"))  # bilinear would turn -inf padding into NaN
+        return DeLightSAMOutput(masks, low_res, patch_logits, embeddings, [list(m.structures) for m in modalities])
+
+    def _modalities_for(self, images: torch.Tensor, modality: str | Sequence[str]) -> list[Modality]:
+        size = self.config.img_size
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
+            raise ValueError(f"expected normalised images [B, 3, {size}, {size}], got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise ValueError(f"expected a float tensor of normalised images, got {images.dtype}")
+        names = [modality] * images.shape[0] if isinstance(modality, str) else list(modality)
+        if len(names) != images.shape[0]:
+            raise ValueError(f"{len(names)} modalities given for a batch of {images.shape[0]} images")
+        return [self.config.modality(n) for n in names]
+
+    def add_modality(self, name: str, structures: Sequence[str | tuple[str, int]], copy_controller_from: str | None = None) -> Modality:
+        """Adds a modality with its own controller and its own query group (one query per structure).
+
+        Nothing that existing modalities use changes, so their outputs stay the same. Structures are names
+        (label ids 1, 2, ... in order) or (name, label id) pairs.
+        """
+        if name in self.config.modality_names or name in self.config.controller_names or name in self.config.query_groups:
+            raise ValueError(f"modality {name!r} exists already")
+        pairs = [(s, i + 1) if isinstance(s, str) else tuple(s) for i, s in enumerate(structures)]
+        modality = Modality(name, name, name, [Structure(n, label, token) for token, (n, label) in enumerate(pairs)])
+        config = self.config.replace(query_groups={**self.config.query_groups, name: len(pairs)},
+                                     modalities=[*self.config.modalities, modality])
+        self.encoder.add_controller(name, copy_from=copy_controller_from)
+        self.decoder.add_query_group(name, len(pairs))
+        self.config = self.encoder.config = config
+        return config.modality(name)
