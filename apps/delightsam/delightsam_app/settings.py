@@ -1,0 +1,59 @@
+"""The app's --conf keys, their defaults, and where the checkpoint comes from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from monailabel.utils.others.generic import strtobool
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@dataclass
+class AppSettings:
+    checkpoint: Path | None  # the checkpoint served by default; None when none was found
+    modality: str  # used when neither the request nor the image's DICOM tags say
+    device: str
+    img_size: int | None  # None: the checkpoint's own input size
+    batch_size: int  # slices per forward pass
+    threads: int  # torch intra-op threads; 0 keeps torch's default
+    cleanup: bool  # largest connected component and hole filling per structure
+
+    @classmethod
+    def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
+        checkpoint = conf.get("checkpoint")
+        path = resolve_checkpoint(checkpoint, Path(app_dir))
+        return cls(
+            checkpoint=path,
+            modality=conf.get("modality", "ct").lower(),
+            device=conf.get("device", "cpu"),
+            img_size=int(conf["img_size"]) if conf.get("img_size") else None,
+            batch_size=int(conf.get("batch_size", 8)),
+            threads=int(conf.get("threads", 0)),
+            cleanup=strtobool(conf.get("cleanup", "false")),
+        )
+
+
+def resolve_checkpoint(value: str | None, app_dir: Path) -> Path | None:
+    """An explicit path (absolute, or relative to the repository or the app), else the first
+    ``*.safetensors`` under the repository's models/ folder."""
+    if value:
+        path = Path(value).expanduser()
+        for candidate in (path, REPO / path, app_dir / path):
+            if candidate.exists():
+                return candidate.resolve()
+        return path  # reported as missing by the infer task
+    found = sorted((REPO / "models").rglob("*.safetensors"))
+    return found[0].resolve() if found else None
+
+
+def checkpoint_config(path: Path) -> dict | None:
+    """The configuration stored in a project checkpoint, read without loading its weights."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {})["config"])
+    except Exception:  # unreadable or not a project checkpoint: the infer task reports why
+        return None

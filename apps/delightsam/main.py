@@ -1,0 +1,53 @@
+"""De-LightSAM MONAI Label app: prompt-free auto-segmentation of CT and MR volumes.
+
+    monailabel start_server --app apps/delightsam --studies data/studies --conf models delightsam
+
+--conf keys (all optional but `models`): checkpoint, modality, device, img_size, batch_size, threads, cleanup;
+see README.md in this folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+
+import delightsam
+from delightsam_app.infer import DeLightSAMInfer
+from delightsam_app.settings import AppSettings
+
+logger = logging.getLogger(__name__)
+MODEL = "delightsam"
+
+
+class DeLightSAMApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        models = [m.strip() for m in conf.get("models", MODEL).split(",") if m.strip()]
+        unknown = [m for m in models if m not in (MODEL, "all")]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown} in --conf models; this app has: {MODEL}")
+        self.settings = AppSettings.from_conf(conf, app_dir)
+        self.model_dir = os.path.join(app_dir, "model")
+        logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
+                         description="Prompt-free De-LightSAM auto-segmentation of CT and MR volumes",
+                         version=delightsam.__version__)
+
+    def init_infers(self):
+        return {MODEL: DeLightSAMInfer(self.settings, self.model_dir)}
+
+    def init_trainers(self):
+        return {}
+
+    def infer(self, request, datastore=None):
+        # monailabel answers an unknown model with a bare 500; say what exists instead.
+        if request.get("model") not in self._infers:
+            raise HTTPException(404, f"no model named {request.get('model')!r}; this server has: "
+                                     f"{', '.join(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and image and not os.path.exists(image) and not self.datastore().get_image_uri(image):
+            raise HTTPException(404, f"no image {image!r} in the datastore")
+        return super().infer(request, datastore)

@@ -1,0 +1,134 @@
+"""Prompt-free segmentation of a whole 3-D volume, slice by slice.
+
+One code path for everything that segments volumes (the MONAI Label app, evaluation, training's
+validation): intensities become 0..255 grey levels per modality (a CT window, MR percentiles), slices
+are taken along the acquisition axis and run through the 2-D network in batches by MONAI's
+``SliceInferer``, and the per-structure probabilities become one label map on the input grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SliceInferer
+from monai.transforms import FillHoles, KeepLargestConnectedComponent
+from torch import nn
+
+from .model import DeLightSAM
+from .normalization import get_normalization
+
+# Used when a checkpoint's modality does not say (soft-tissue CT window; MedSAM-style MR percentiles).
+DEFAULT_INTENSITY = {"ct": {"window": [-160.0, 240.0]}, "mr": {"percentiles": [0.5, 99.5]}}
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray  # uint8, the input's shape, label ids of the modality's structures (0 = background)
+    modality: str
+    slice_axis: int
+    label_names: dict[str, int]
+    non_finite_voxels: int = 0  # voxels that were NaN/inf and were treated as the volume's minimum
+    notes: list[str] = field(default_factory=list)
+
+
+def slice_axis(spacing) -> int:
+    """The acquisition axis: the one with the largest spacing; the last one when spacing is isotropic."""
+    spacing = [float(s) for s in spacing]
+    widest = max(spacing)
+    return max(i for i, s in enumerate(spacing) if np.isclose(s, widest, rtol=1e-3))
+
+
+def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor:
+    """Volume intensities -> float 0..255 as the model expects of each channel."""
+    if intensity and "window" in intensity:
+        low, high = intensity["window"]
+    elif intensity and "percentiles" in intensity:
+        values = volume.flatten()
+        if values.numel() > 2_000_000:  # quantile is exact on a strided subsample, fast on big volumes
+            values = values[:: values.numel() // 1_000_000]
+        low, high = torch.quantile(values.float(), torch.tensor(intensity["percentiles"]) / 100).tolist()
+    else:
+        low, high = volume.min().item(), volume.max().item()
+    scale = 255.0 / max(high - low, 1e-6)
+    return ((volume.float() - low) * scale).clamp_(0, 255)
+
+
+class SliceNetwork(nn.Module):
+    """The 2-D step for ``SliceInferer``: grey slices [b, 1, H, W] -> probabilities [b, S, H, W].
+
+    Each slice is resized so that its longer side is the model's input size and padded bottom/right
+    (SAM's convention, so no slice is distorted), replicated to three channels, normalised as the
+    checkpoint expects; the low-resolution logits are cropped to the slice and resized back."""
+
+    def __init__(self, model: DeLightSAM, modality: str) -> None:
+        super().__init__()
+        self.model, self.modality = model, modality
+        self.normalise = get_normalization(model)
+
+    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = slices.shape
+        size = self.model.config.img_size
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(slices.float(), (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        x = F.pad(x, (0, size - nw, 0, size - nh)).expand(-1, 3, -1, -1)
+        out = self.model(self.normalise(x), self.modality)
+        low = out.low_res_logits
+        lh, lw = max(1, round(nh * low.shape[-2] / size)), max(1, round(nw * low.shape[-1] / size))
+        logits = F.interpolate(low[..., :lh, :lw], (h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits)
+
+
+def combine(probabilities: torch.Tensor, label_ids: list[int], threshold: float = 0.5) -> torch.Tensor:
+    """[S, ...] probabilities -> label map: the most probable structure above the threshold.
+    Deterministic where structures overlap: the higher probability wins, ties go to the first structure."""
+    best, index = probabilities.max(dim=0)  # max returns the first index among equal values
+    ids = torch.tensor(label_ids, dtype=torch.uint8)
+    return torch.where(best > threshold, ids[index], torch.zeros((), dtype=torch.uint8))
+
+
+def clean_up(labels: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    """Per structure: keep the largest connected component, fill holes (MONAI transforms, 3-D)."""
+    x = labels.unsqueeze(0)
+    x = KeepLargestConnectedComponent(applied_labels=label_ids, independent=True)(x)
+    x = FillHoles(applied_labels=label_ids)(x)
+    return torch.as_tensor(x).squeeze(0).to(torch.uint8)
+
+
+@torch.inference_mode()
+def segment_volume(model: DeLightSAM, volume, modality: str, spacing=(1.0, 1.0, 1.0), batch_size: int = 8,
+                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False) -> VolumeResult:
+    """Label map of a 3-D volume ([X, Y, Z] array or tensor, or [1, X, Y, Z]) on its own grid."""
+    spec = model.config.modality(modality)
+    x = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    x = x.as_subclass(torch.Tensor)
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3:
+        kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
+        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
+    if len(spacing) != 3:
+        raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
+    finite = torch.isfinite(x)
+    bad = int((~finite).sum())
+    if bad == x.numel():
+        raise ValueError("the volume has no finite voxel (all NaN or infinite)")
+    notes = []
+    if bad:
+        x = torch.where(finite, x, x[finite].min())
+        notes.append(f"{bad} NaN/infinite voxels were set to the volume's minimum")
+    axis = slice_axis(spacing)
+    grey = to_grey_levels(x, spec.intensity or DEFAULT_INTENSITY.get(modality))
+    in_plane = [n for i, n in enumerate(grey.shape) if i != axis]
+    inferer = SliceInferer(spatial_dim=axis, roi_size=in_plane, sw_batch_size=batch_size, overlap=0.0,
+                           progress=progress)
+    network = SliceNetwork(model, modality)
+    probabilities = inferer(grey[None, None], network)[0]  # [S, X, Y, Z]
+    label_ids = [s.label for s in spec.structures]
+    labels = combine(probabilities, label_ids, threshold)
+    if cleanup:
+        labels = clean_up(labels, label_ids)
+    return VolumeResult(labels.numpy(), modality, axis, {s.name: s.label for s in spec.structures}, bad, notes)

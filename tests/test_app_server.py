@@ -1,0 +1,115 @@
+"""Integration: a real `monailabel start_server` process on a loopback port, driven the way the 3D Slicer
+plugin drives it, with monailabel's own client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from conftest import APP_DIR, make_test_checkpoint
+
+SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, samples):
+    tmp = tmp_path_factory.mktemp("server")
+    studies = tmp / "studies"
+    studies.mkdir()
+    shutil.copyfile(samples / "studies" / "ts_ct_small.nii.gz", studies / "ts_ct_small.nii.gz")
+    checkpoint = make_test_checkpoint(tmp / "models" / "delightsam.safetensors")
+    port = _free_port()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
+                             "--conf", "models", "delightsam", "--conf", "checkpoint", str(checkpoint),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/info/", timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"the server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+    yield {"url": url, "tmp": tmp, "studies": studies, "samples": samples}
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _same_grid(label_path, image_path):
+    label, image = sitk.ReadImage(str(label_path)), sitk.ReadImage(str(image_path))
+    assert label.GetSize() == image.GetSize()
+    np.testing.assert_allclose(label.GetSpacing(), image.GetSpacing(), rtol=1e-6)
+    np.testing.assert_allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-6)
+    assert label.GetPixelID() == sitk.sitkUInt8
+    return sitk.GetArrayFromImage(label)
+
+
+def test_slicer_flow_session_infer_and_save_final(server):
+    client = MONAILabelClient(server["url"], tmpdir=str(server["tmp"]))
+    info = client.info()
+    assert info["models"]["delightsam"]["type"] == "segmentation"
+
+    # A volume that is not in the datastore goes up as a session, as Slicer does with a local volume.
+    local = server["samples"] / "studies" / "radiomics_brain1.nrrd"
+    session_id = client.create_session(str(local))["session_id"]
+    label_file, params = client.infer("delightsam", "", {**SLICER_PARAMS, "modality": "mr"}, session_id=session_id)
+    assert params["modality"] == "mr" and params["label_names"] == {"brain": 4}
+    _same_grid(label_file, local)
+
+    # A datastore image: auto-segment, then save the (reviewed) label back as final.
+    label_file, params = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)
+    voxels = _same_grid(label_file, server["studies"] / "ts_ct_small.nii.gz")
+    client.save_label("ts_ct_small", label_file, tag="final",
+                      params={"label_info": [{"name": n, "idx": i} for n, i in params["label_names"].items()]})
+    stats = json.load(urllib.request.urlopen(f"{server['url']}/datastore/?output=stats"))
+    assert stats["completed"] == 1 and stats["label_tags"] == {"final": 1}
+    saved = next((server["studies"] / "labels" / "final").glob("ts_ct_small.*"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(saved))), voxels)
+
+
+def test_errors_reach_the_client_and_the_server_goes_on(server):
+    client = MONAILabelClient(server["url"], tmpdir=str(server["tmp"]))
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("delightsam", "ts_ct_small", {**SLICER_PARAMS, "modality": "dermoscopy"})
+    assert "Status: 422" in error.value.msg and "not served by this model" in error.value.msg
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("vista3d", "ts_ct_small", SLICER_PARAMS)
+    assert "Status: 404" in error.value.msg and "no model named" in error.value.msg
+    junk = server["tmp"] / "junk.nrrd"
+    junk.write_bytes(b"NRRD0004\nthis header is broken")
+    session_id = client.create_session(str(junk))["session_id"]
+    with pytest.raises(MONAILabelClientException) as error:
+        client.infer("delightsam", "", SLICER_PARAMS, session_id=session_id)
+    assert "Status: 422" in error.value.msg and "cannot read" in error.value.msg
+    label_file, params = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)
+    assert Path(label_file).stat().st_size > 0 and params["modality"] == "ct"
