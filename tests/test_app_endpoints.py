@@ -182,3 +182,33 @@ def test_without_a_checkpoint_the_server_starts_and_says_why(env):
         assert reply.status_code == 503 and "not available" in reply.json()["detail"]
     finally:
         _client(env["studies"], {"checkpoint": str(env["checkpoint"])}, env["tmp"])  # restore for other tests
+
+
+def test_dicom_seg_output_references_the_source_series(env):
+    import pydicom
+    import pydicom_seg
+
+    series = env["samples"] / "samples" / "ts_ct_dicom"
+    reply = _infer(env["client"], {"result_extension": ".dcm"}, image=str(series), output="image")
+    assert reply.status_code == 200, reply.text
+    seg = pydicom.dcmread(io.BytesIO(reply.content))
+    source = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    names = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
+    assert set(names) <= {"liver", "spleen", "kidney"} and names.get("liver", "10200004") == "10200004"
+    # voxel for voxel the same as the NRRD label of the same request
+    nrrd = _infer(env["client"], NRRD_UINT8, image=str(series), output="image")
+    path = env["tmp"] / "series_label.nrrd"
+    path.write_bytes(nrrd.content)
+    expected = sitk.ReadImage(str(path))
+    decoded = pydicom_seg.MultiClassReader().read(seg).image
+    assert decoded.GetSize() == expected.GetSize()
+    np.testing.assert_allclose(decoded.GetOrigin(), expected.GetOrigin(), atol=1e-3)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(decoded), sitk.GetArrayFromImage(expected))
+
+
+def test_dicom_seg_needs_a_dicom_input(env):
+    reply = _infer(env["client"], {"result_extension": ".dcm"}, image="ts_ct_small", output="image")
+    assert reply.status_code == 422 and "needs a DICOM series" in reply.json()["detail"]

