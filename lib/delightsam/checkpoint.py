@@ -245,6 +245,11 @@ def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False) -
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp's 0600 would hide it from a server running as another user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -264,7 +269,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **co
     if metadata is None or metadata.get("format") != FORMAT_NAME:
         raise CheckpointError(f"checkpoint {path} is neither a De-LightSAM project checkpoint nor a released "
                               f"De-LightSAM state dict (found keys such as {_shorten(sorted(state), 3)})")
-    version = int(metadata.get("format_version", "0"))
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid format version {metadata.get('format_version')!r}") from e
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}; this library reads up to "
                               f"{FORMAT_VERSION}: upgrade delightsam")

@@ -73,6 +73,9 @@ class DeLightSAMConfig:
     decoder_mlp_dim: int = 2048
     # name -> number of decoding queries; modalities that share a group attend to each other's queries
     query_groups: dict[str, int] = field(default_factory=dict)
+    # query groups with a hypernetwork head of their own (others share the released one), so that a
+    # new modality's head can train without changing the outputs of the others
+    own_heads: list[str] = field(default_factory=list)
     modalities: list[Modality] = field(default_factory=list)
     # normalisation of 0..255 RGB input: (x - mean) / std, per channel
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
@@ -129,6 +132,9 @@ class DeLightSAMConfig:
             raise ValueError("embed_dims, depths, num_heads and window_sizes need one entry per stage, merge_strides one fewer")
         if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3 or min(self.pixel_std) <= 0:
             raise ValueError("pixel_mean and pixel_std need 3 values, std > 0")
+        unknown_heads = set(self.own_heads) - set(self.query_groups)
+        if unknown_heads:
+            raise ValueError(f"own_heads names unknown query groups: {sorted(unknown_heads)}")
         names = self.modality_names
         if len(set(names)) != len(names):
             raise ValueError(f"modality names must be unique: {names}")
@@ -138,8 +144,9 @@ class DeLightSAMConfig:
             if not m.structures:
                 raise ValueError(f"modality {m.name!r} has no structures")
             labels = [s.label for s in m.structures]
-            if len(set(labels)) != len(labels) or min(labels) < 1:
-                raise ValueError(f"modality {m.name!r}: label ids must be unique and >= 1, got {labels}")
+            if len(set(labels)) != len(labels) or min(labels) < 1 or max(labels) > 255:
+                raise ValueError(f"modality {m.name!r}: label ids must be unique and within 1..255 (uint8 label "
+                                 f"maps), got {labels}")
             if m.intensity is not None and (len(m.intensity) != 1 or not set(m.intensity) <= {"window", "percentiles"}
                                             or len(next(iter(m.intensity.values()))) != 2):
                 raise ValueError(f"modality {m.name!r}: intensity must be {{'window': [low, high]}} or "

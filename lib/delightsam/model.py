@@ -81,3 +81,11 @@ class DeLightSAM(nn.Module):
         self.decoder.add_query_group(name, len(pairs))
         self.config = self.encoder.config = config
         return config.modality(name)
+
+    def give_own_head(self, query_group: str) -> None:
+        """Lets a query group train a hypernetwork head of its own (see QMDecoder.add_group_head)."""
+        if query_group not in self.config.query_groups:
+            raise KeyError(f"unknown query group {query_group!r}")
+        self.decoder.add_group_head(query_group)
+        if query_group not in self.config.own_heads:
+            self.config = self.encoder.config = self.config.replace(own_heads=[*self.config.own_heads, query_group])

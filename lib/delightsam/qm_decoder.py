@@ -36,6 +36,14 @@ class QMDecoder(nn.Module):
         self.hypernetwork = MLP(dim, dim, dim // 8, 3)  # one MLP shared by all queries, as released
         self.query_groups = nn.ParameterDict(
             {name: nn.Parameter(torch.randn(n, dim)) for name, n in config.query_groups.items()})
+        self.group_heads = nn.ModuleDict({name: MLP(dim, dim, dim // 8, 3) for name in config.own_heads})
+
+    def add_group_head(self, name: str) -> None:
+        """Gives a query group its own hypernetwork head, starting as a copy of the shared one."""
+        if name not in self.group_heads:
+            head = MLP(self.dim, self.dim, self.dim // 8, 3).to(self.hypernetwork.layers[0].weight.device)
+            head.load_state_dict(self.hypernetwork.state_dict())
+            self.group_heads[name] = head
 
     def add_query_group(self, name: str, num_queries: int) -> None:
         if name in self.query_groups:
@@ -55,16 +63,17 @@ class QMDecoder(nn.Module):
         out = src.new_full((b, max(len(t) for t in tokens), 4 * g, 4 * g), float("-inf"))
         for group in dict.fromkeys(groups):
             rows = [i for i in range(b) if groups[i] == group]
-            masks = self._decode(src[rows], pe, self.query_groups[group])
+            head = self.group_heads[group] if group in self.group_heads else self.hypernetwork
+            masks = self._decode(src[rows], pe, self.query_groups[group], head)
             for row, sample in enumerate(rows):
                 out[sample, : len(tokens[sample])] = masks[row, tokens[sample]]
         return out
 
-    def _decode(self, src: torch.Tensor, pe: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    def _decode(self, src: torch.Tensor, pe: torch.Tensor, queries: torch.Tensor, head: nn.Module) -> torch.Tensor:
         """All queries of one group for a batch of embeddings -> [B, Q, 4G, 4G]."""
         b, d, g, _ = src.shape
         queries = queries.unsqueeze(0).expand(b, -1, -1)
         hs, keys = self.transformer(src, pe.expand(b, -1, -1, -1), queries)
         upscaled = self.upscaling(keys.transpose(1, 2).reshape(b, d, g, g))  # [B, D/8, 4G, 4G]
-        hyper = self.hypernetwork(hs)  # [B, Q, D/8]
+        hyper = head(hs)  # [B, Q, D/8]
         return (hyper @ upscaled.flatten(2)).view(b, -1, 4 * g, 4 * g)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import SliceInferer
-from monai.transforms import FillHoles, KeepLargestConnectedComponent
+from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
 from .model import DeLightSAM
@@ -34,6 +34,21 @@ class VolumeResult:
     notes: list[str] = field(default_factory=list)
 
 
+def image_reader(path) -> str:
+    """nibabel for NIfTI (ITK's NIfTI reader turns NaN into 0, hiding corrupt volumes), ITK for the rest
+    (NRRD, DICOM series folders)."""
+    return "NibabelReader" if str(path).endswith((".nii", ".nii.gz")) else "ITKReader"
+
+
+def read_volume(path):
+    """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its affine."""
+    return LoadImage(image_only=True, reader=image_reader(path))(str(path))
+
+
+def spacing_of(image) -> tuple[float, float, float]:
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))
+
+
 def slice_axis(spacing) -> int:
     """The acquisition axis: the one with the largest spacing; the last one when spacing is isotropic."""
     spacing = [float(s) for s in spacing]
@@ -47,8 +62,9 @@ def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor
         low, high = intensity["window"]
     elif intensity and "percentiles" in intensity:
         values = volume.flatten()
-        if values.numel() > 2_000_000:  # quantile is exact on a strided subsample, fast on big volumes
-            values = values[:: values.numel() // 1_000_000]
+        if values.numel() > 2_000_000:  # a seeded random subsample: fast, and free of stride aliasing
+            pick = torch.randint(values.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))
+            values = values[pick]
         low, high = torch.quantile(values.float(), torch.tensor(intensity["percentiles"]) / 100).tolist()
     else:
         low, high = volume.min().item(), volume.max().item()
@@ -56,30 +72,51 @@ def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor
     return ((volume.float() - low) * scale).clamp_(0, 255)
 
 
+def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear") -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, C, H, W] -> [B, C, size, size]: longer side resized to ``size``, zero-padded bottom/right (SAM's
+    convention, so nothing is distorted). Returns the resized (unpadded) height and width too.
+    ``mode="nearest"`` for label masks."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if mode == "nearest":
+        x = F.interpolate(images, (nh, nw), mode="nearest-exact")
+    else:
+        x = F.interpolate(images, (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    return F.pad(x, (0, size - nw, 0, size - nh)), (nh, nw)
+
+
+def model_input(grey: torch.Tensor, fitted: tuple[int, int], normalise) -> torch.Tensor:
+    """Fitted grey slices [B, 1|3, S, S] -> the model's input [B, 3, S, S]: normalised, and the padding set
+    to 0 after normalisation, as SAM and the released code pad (a neutral, not a black, border)."""
+    x = normalise(grey.expand(-1, 3, -1, -1))
+    nh, nw = fitted
+    x[..., nh:, :] = 0
+    x[..., :, nw:] = 0
+    return x
+
+
 class SliceNetwork(nn.Module):
     """The 2-D step for ``SliceInferer``: grey slices [b, 1, H, W] -> probabilities [b, S, H, W].
 
     Each slice is resized so that its longer side is the model's input size and padded bottom/right
-    (SAM's convention, so no slice is distorted), replicated to three channels, normalised as the
-    checkpoint expects; the low-resolution logits are cropped to the slice and resized back."""
+    (so no slice is distorted), replicated to three channels and normalised as the checkpoint expects;
+    the logits are brought to the input size, cropped to the slice and resized back, as SAM does."""
 
     def __init__(self, model: DeLightSAM, modality: str) -> None:
         super().__init__()
         self.model, self.modality = model, modality
         self.normalise = get_normalization(model)
+        self.device = next(model.parameters()).device
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         b, _, h, w = slices.shape
         size = self.model.config.img_size
-        scale = size / max(h, w)
-        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-        x = F.interpolate(slices.float(), (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-        x = F.pad(x, (0, size - nw, 0, size - nh)).expand(-1, 3, -1, -1)
-        out = self.model(self.normalise(x), self.modality)
-        low = out.low_res_logits
-        lh, lw = max(1, round(nh * low.shape[-2] / size)), max(1, round(nw * low.shape[-1] / size))
-        logits = F.interpolate(low[..., :lh, :lw], (h, w), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits)
+        grey, (nh, nw) = fit_to_square(slices.float().to(self.device), size)
+        out = self.model(model_input(grey, (nh, nw), self.normalise), self.modality)
+        logits = F.interpolate(out.low_res_logits, (size, size), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits[..., :nh, :nw], (h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits).cpu()
 
 
 def combine(probabilities: torch.Tensor, label_ids: list[int], threshold: float = 0.5) -> torch.Tensor:
@@ -124,7 +161,7 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=(1.0, 1.0, 
     grey = to_grey_levels(x, spec.intensity or DEFAULT_INTENSITY.get(modality))
     in_plane = [n for i, n in enumerate(grey.shape) if i != axis]
     inferer = SliceInferer(spatial_dim=axis, roi_size=in_plane, sw_batch_size=batch_size, overlap=0.0,
-                           progress=progress)
+                           progress=progress, sw_device="cpu", device="cpu")  # SliceNetwork moves slices to the model
     network = SliceNetwork(model, modality)
     probabilities = inferer(grey[None, None], network)[0]  # [S, X, Y, Z]
     label_ids = [s.label for s in spec.structures]

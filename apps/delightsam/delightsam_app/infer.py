@@ -20,9 +20,10 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import strtobool
 
 from delightsam import CheckpointError, load_model
-from delightsam.volume import segment_volume
+from delightsam.volume import image_reader, segment_volume, spacing_of
 
 from .dicom_seg import write_dicom_seg
 from .settings import AppSettings, checkpoint_config
@@ -35,75 +36,76 @@ class DeLightSAMInfer(BasicInferTask):
     def __init__(self, settings: AppSettings, published_dir: str | Path) -> None:
         self.settings = settings
         self.published_dir = Path(published_dir)
-        self.problem, config = self._check_checkpoint(settings.checkpoint)
-        modalities = [m["name"] for m in config["modalities"]] if config else []
-        labels = {s["name"]: s["label"] for m in (config or {}).get("modalities", []) for s in m["structures"]}
-        if self.problem:
-            description = f"De-LightSAM auto-segmentation: NOT AVAILABLE, {self.problem}"
-        else:
-            description = (f"De-LightSAM prompt-free auto-segmentation ({', '.join(modalities)}), "
-                           f"model {config.get('version', '?')} from {settings.checkpoint.name}")
-        super().__init__(
-            path=str(settings.checkpoint) if settings.checkpoint else None,
-            network=None,
-            type=InferType.SEGMENTATION,
-            labels=labels,
-            dimension=3,
-            description=description,
-            config={
-                "modality": [AUTO, *modalities],
-                "cleanup": settings.cleanup,
-                "batch_size": settings.batch_size,
-                "model_filename": self._checkpoint_choices(),
-            },
-        )
+        # Training publishes here; a published model beats the configured one (MONAI Label's convention).
+        self.published = self.published_dir / "delightsam.safetensors"
+        super().__init__(path=None, network=None, type=InferType.SEGMENTATION, labels={}, dimension=3,
+                         description="", config={})
+        self._refresh()
         self._lock = threading.Lock()
         self._cached: tuple[tuple, Any] | None = None
         if settings.threads > 0:
             torch.set_num_threads(settings.threads)
 
     # ---- checkpoints ----------------------------------------------------------------------
-    @staticmethod
-    def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
-        if path is None:
-            return "no checkpoint: put a .safetensors file under models/ or pass --conf checkpoint PATH", None
-        if not path.is_file():
-            return f"checkpoint not found: {path}", None
-        config = checkpoint_config(path)
-        if config is None:
-            return (f"{path} is not a De-LightSAM project checkpoint (convert released weights with "
-                    f"`delightsam convert`)"), None
-        return None, config
+    def served_checkpoint(self) -> Path | None:
+        return self.published if self.published.is_file() else self.settings.checkpoint
 
-    def _checkpoint_choices(self) -> list[str]:
-        """The default checkpoint first, then other versions beside it and those published by training."""
-        if self.settings.checkpoint is None:
-            return []
+    def _refresh(self) -> None:
+        """Labels, description and options from the checkpoint being served (it changes when training publishes)."""
+        path = self.served_checkpoint()
+        self.problem, config = _check_checkpoint(path)
+        modalities = [m["name"] for m in config["modalities"]] if config else []
+        self.labels = {s["name"]: s["label"] for m in (config or {}).get("modalities", []) for s in m["structures"]}
+        if self.problem:
+            self.description = f"De-LightSAM auto-segmentation: NOT AVAILABLE, {self.problem}"
+        else:
+            self.description = (f"De-LightSAM prompt-free auto-segmentation ({', '.join(modalities)}), "
+                                f"model {config.get('version', '?')} from {path.name}")
+        self._config.update({"modality": [AUTO, *modalities], "cleanup": self.settings.cleanup,
+                             "batch_size": self.settings.batch_size, "model_filename": self._choices()})
+
+    def info(self):
+        self._refresh()
+        return super().info()
+
+    def _folders(self) -> list[Path]:
         default = self.settings.checkpoint
-        others = {p.name: p for d in (default.parent, self.published_dir) if d.is_dir() for p in d.glob("*.safetensors")}
-        others.pop(default.name, None)
-        return [default.name, *sorted(others)]
+        return [f for f in (default.parent if default else None, self.published_dir, self.published_dir / "versions") if f]
+
+    def _choices(self) -> list[str]:
+        """The served checkpoint first, then the versions beside it and those that training published."""
+        served = self.served_checkpoint()
+        if served is None:
+            return []
+        others = {p.name for d in self._folders() if d.is_dir() for p in d.glob("*.safetensors")} - {served.name}
+        return [served.name, *sorted(others)]
 
     def _checkpoint_path(self, data: dict) -> Path:
+        served = self.served_checkpoint()
         name = data.get("model_filename")
-        name = name[0] if isinstance(name, list) else name
-        if not name or name == self.settings.checkpoint.name:
-            return self.settings.checkpoint
-        for folder in (self.settings.checkpoint.parent, self.published_dir):
-            if (folder / name).is_file() and Path(name).name == name:
-                return folder / name
-        raise HTTPException(404, f"no checkpoint named {name!r}; available: {', '.join(self._checkpoint_choices())}")
+        name = name[0] if isinstance(name, list) and name else name
+        if not name or name == served.name:
+            return served
+        if isinstance(name, str) and name in self._choices():
+            return next(d / name for d in self._folders() if (d / name).is_file())
+        raise HTTPException(404, f"no checkpoint named {name!r}; available: {', '.join(self._choices())}")
 
     def is_valid(self) -> bool:
         return True  # listed even without a checkpoint, so that /info can say why it is unavailable
 
     def _get_network(self, device, data):
         """The model for this request, reloaded when its file changes (a newly published checkpoint)."""
+        self._refresh()
         if self.problem:
+            served = str(self.served_checkpoint())
+            if self._cached and self._cached[0][1] == served:  # a broken replacement: keep what works
+                logger.error(f"keeping the loaded model: {self.problem}")
+                return self._cached[1]
             raise HTTPException(503, f"the De-LightSAM model is not available: {self.problem}")
         path = self._checkpoint_path(data)
         stat = path.stat()
-        key = (str(device), str(path), stat.st_mtime_ns, stat.st_size, self.settings.img_size)
+        # os.replace gives a published file a new inode, so a same-size, same-mtime republish still counts
+        key = (str(device), str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, self.settings.img_size)
         with self._lock:
             if self._cached and self._cached[0] == key:
                 return self._cached[1]
@@ -122,10 +124,7 @@ class DeLightSAMInfer(BasicInferTask):
 
     # ---- the pipeline -----------------------------------------------------------------------
     def pre_transforms(self, data=None):
-        # nibabel for NIfTI (ITK's NIfTI reader turns NaN into 0, hiding corrupt volumes), ITK for the rest
-        path = str((data or {}).get("image_path", ""))
-        reader = "NibabelReader" if path.endswith((".nii", ".nii.gz")) else "ITKReader"
-        return [LoadImaged(keys="image", reader=reader)]
+        return [LoadImaged(keys="image", reader=image_reader((data or {}).get("image_path", "")))]
 
     def post_transforms(self, data=None):
         return []
@@ -147,10 +146,10 @@ class DeLightSAMInfer(BasicInferTask):
             raise HTTPException(422, f"expected a single-channel 3-D volume, got a {image.dim()}-D image of shape "
                                      f"{list(image.shape)}")
         modality, source = self._choose_modality(data, model.config.modality_names)
-        spacing = np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0) if image.dim() == 3 else (1.0, 1.0, 1.0)
+        spacing = spacing_of(image) if image.dim() == 3 else (1.0, 1.0, 1.0)
         try:
             result = segment_volume(model, image, modality, spacing, batch_size=int(data.get("batch_size", 8)),
-                                    cleanup=bool(data.get("cleanup", False)))
+                                    cleanup=strtobool(str(data.get("cleanup", False))))
         except ValueError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta=dict(image.meta))  # same affine and grid
@@ -192,9 +191,22 @@ class DeLightSAMInfer(BasicInferTask):
         return super().writer(data, extension, dtype)
 
     def __call__(self, request, callbacks=None):
+        request = {"device": self.settings.device, **request}  # --conf device unless the request says
         label_file, result = super().__call__(request, callbacks)
         result["label_names"] = result.get("structures", self.labels)  # this modality's names and ids
         return label_file, result
+
+
+def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
+    """(why the checkpoint cannot be served or None, its configuration)."""
+    if path is None:
+        return "no checkpoint: put a .safetensors file under models/ or pass --conf checkpoint PATH", None
+    if not path.is_file():
+        return f"checkpoint not found: {path}", None
+    config = checkpoint_config(path)
+    if config is None:
+        return f"{path} is not a De-LightSAM project checkpoint (convert released weights with `delightsam convert`)", None
+    return None, config
 
 
 def dicom_modality(path) -> str | None:

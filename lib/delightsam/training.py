@@ -1,0 +1,349 @@
+"""Distillation fine-tuning (MDKD) with segmentation losses: one code path for the MONAI Label train task
+and for ``delightsam train``.
+
+Volumes with labels are cut into 2-D slices along their acquisition axis, fitted to the model's input as
+inference does, and sampled with a preference for slices that hold foreground. Each step: the student's
+forward, the teacher's embedding (from the disk cache when it has it), the losses, one optimiser step on the
+trainable parameters. After each epoch: validation Dice per structure with the same whole-volume inference
+as the app, and, when it beats the best so far, a published checkpoint. Data-parallel over processes with
+torch.distributed (torchrun; gloo on CPUs, nccl on GPUs): every process draws the same global batch and
+trains on its share, and gradients are averaged with all_reduce, so N processes with batch B step like one
+process with batch N*B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.metrics import compute_dice
+
+from .checkpoint import save_model
+from .embedding_cache import EmbeddingCache
+from .losses import DeLightSAMLoss, LossWeights
+from .model import DeLightSAM
+from .normalization import get_normalization
+from .teachers import load_teacher
+from .volume import (DEFAULT_INTENSITY, fit_to_square, model_input, read_volume, segment_volume, slice_axis,
+                     spacing_of, to_grey_levels)
+
+logger = logging.getLogger(__name__)
+TRAINABLE = ("controllers", "modality", "all")
+
+
+@dataclass
+class TrainItem:
+    id: str
+    image: str  # a volume file or a DICOM series folder
+    label: str  # a label map on the image's grid; ids as the modality's structures
+    modality: str
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 5
+    steps_per_epoch: int = 50
+    batch_size: int = 4  # slices per step and process
+    lr: float = 5e-4  # Adam, as released
+    trainable: str = "modality"  # controllers | modality (controllers, queries, own heads) | all
+    teacher: str | None = "lite_medsam"  # None: no distillation
+    teacher_checkpoint: str | None = None
+    teacher_dir: str = "models/teachers"
+    cache_dir: str | None = None  # teacher-embedding cache; None: no cache
+    loss: LossWeights = field(default_factory=LossWeights)
+    foreground_fraction: float = 0.8  # share of sampled slices that hold some foreground
+    seed: int = 0
+    tracking: str = "tensorboard"  # tensorboard | mlflow | none
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        if isinstance(data.get("loss"), dict):
+            data["loss"] = LossWeights(**data["loss"])
+        config = cls(**data)
+        if config.trainable not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
+        return config
+
+
+# ---- the split ------------------------------------------------------------------------------------
+def update_split(path: str | Path, ids: list[str], val_fraction: float = 0.2) -> dict[str, str]:
+    """One train/validation split, kept in a file and extended as labels arrive, never reshuffled.
+    A new id goes to validation when its hash falls under ``val_fraction``; the first two ids are one of
+    each so that both sides exist as early as possible."""
+    path = Path(path)
+    split = json.loads(path.read_text()) if path.exists() else {}
+    for image_id in sorted(ids):
+        if image_id in split:
+            continue
+        if "train" not in split.values():
+            split[image_id] = "train"
+        elif "val" not in split.values():
+            split[image_id] = "val"
+        else:
+            h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            split[image_id] = "val" if h < val_fraction else "train"
+    _atomic_write(path, json.dumps(split, indent=1, sort_keys=True))
+    return split
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---- the data -------------------------------------------------------------------------------------
+class SliceData:
+    """The training volumes as fitted grey slices and structure masks, in memory, with seeded sampling."""
+
+    def __init__(self, items: list[TrainItem], model: DeLightSAM) -> None:
+        self.size = model.config.img_size
+        self.grey, self.fitted, self.masks, self.modality, self.foreground = [], [], [], [], []
+        self.normalise = get_normalization(model)
+        for item in items:
+            grey, fitted, masks = self._slices(item, model)
+            self.grey.append(grey)
+            self.fitted.append(fitted)
+            self.masks.append(masks)
+            self.modality.append(item.modality)
+            self.foreground.append(masks.flatten(1).any(1))
+        self.index = [(v, s) for v, g in enumerate(self.grey) for s in range(g.shape[0])]
+        fg = torch.cat(self.foreground)
+        self.fg_index = [i for i, f in zip(self.index, fg.tolist()) if f]
+        self.bg_index = [i for i, f in zip(self.index, fg.tolist()) if not f]
+        self.max_structures = max(m.shape[1] for m in self.masks)
+
+    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        spec = model.config.modality(item.modality)
+        image, label = read_volume(item.image), read_volume(item.label)
+        if tuple(image.shape) != tuple(label.shape):
+            raise ValueError(f"{item.id}: label shape {list(label.shape)} differs from image shape {list(image.shape)}")
+        axis = slice_axis(spacing_of(image))
+        volume = torch.nan_to_num(image.as_subclass(torch.Tensor).float())
+        grey = to_grey_levels(volume, spec.intensity or DEFAULT_INTENSITY.get(item.modality)).movedim(axis, 0)
+        label = label.as_subclass(torch.Tensor).round().to(torch.int64).movedim(axis, 0)
+        masks = torch.stack([(label == s.label) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
+        grey, fitted = fit_to_square(grey[:, None], self.size)
+        masks, _ = fit_to_square(masks, self.size, mode="nearest")
+        return grey.to(torch.float16), fitted, masks.bool()
+
+    def sample(self, epoch: int, step: int, n: int, seed: int, fg_fraction: float) -> list[tuple[int, int]]:
+        """The same n slices on every process for a given (seed, epoch, step)."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + step)
+        picks = []
+        for _ in range(n):
+            pool = self.fg_index if (self.fg_index and (not self.bg_index or torch.rand(1, generator=g) < fg_fraction)) \
+                else self.bg_index
+            picks.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
+        return picks
+
+    def batch(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """(model input [B, 3, S, S], grey [B, 3, S, S] for the teacher, masks [B, S_max, S, S], modalities),
+        the model input made exactly as inference makes it."""
+        grey = torch.stack([self.grey[v][s] for v, s in picks]).float().expand(-1, 3, -1, -1)
+        inputs = torch.stack([model_input(self.grey[v][s][None].float(), self.fitted[v], self.normalise)[0]
+                              for v, s in picks])
+        masks = torch.zeros(len(picks), self.max_structures, self.size, self.size)
+        for i, (v, s) in enumerate(picks):
+            masks[i, : self.masks[v].shape[1]] = self.masks[v][s].float()
+        return inputs, grey, masks, [self.modality[v] for v, _ in picks]
+
+
+# ---- what trains ----------------------------------------------------------------------------------
+def select_trainable(model: DeLightSAM, modalities: list[str], mode: str) -> list[torch.nn.Parameter]:
+    """Freezes everything, then unfreezes what ``mode`` trains for these modalities.
+
+    controllers: their DC-Encoder controllers (the paper's domain-specific stage);
+    modality: also their query groups and hypernetwork heads (each gets a head of its own), for a new
+        modality or new structures; shared groups (the released one) are refused, since training them
+        would change other modalities' outputs;
+    all: every parameter."""
+    model.requires_grad_(mode == "all")
+    if mode == "all":
+        return [p for p in model.parameters()]
+    specs = [model.config.modality(m) for m in modalities]
+    for spec in specs:
+        model.encoder.controllers[spec.controller].requires_grad_(True)
+        if mode == "modality":
+            sharing = [m.name for m in model.config.modalities if m.query_group == spec.query_group and m.name not in modalities]
+            if sharing:
+                raise ValueError(f"modality {spec.name!r} shares its queries with {sharing}; train its controller "
+                                 f"only (trainable=controllers) or give it a modality of its own")
+            model.give_own_head(spec.query_group)
+            model.decoder.query_groups[spec.query_group].requires_grad_(True)
+            model.decoder.group_heads[spec.query_group].requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
+    """Dice per structure (mean over volumes), with the app's whole-volume inference."""
+    scores: dict[str, list[float]] = {}
+    for item in items:
+        image, label = read_volume(item.image), read_volume(item.label)
+        result = segment_volume(model, image, item.modality, spacing_of(image))
+        predicted = torch.from_numpy(result.labels.astype(np.int64))
+        truth = label.as_subclass(torch.Tensor).round().to(torch.int64)
+        for name, label_id in result.label_names.items():
+            p, t = (predicted == label_id)[None, None].float(), (truth == label_id)[None, None].float()
+            if t.sum() == 0 and p.sum() == 0:
+                continue  # structure absent and not predicted: no evidence either way
+            scores.setdefault(f"{item.modality}/{name}", []).append(float(compute_dice(p, t, ignore_empty=False)))
+    per_structure = {k: float(np.mean(v)) for k, v in sorted(scores.items())}
+    return {"dice": per_structure, "mean_dice": float(np.mean(list(per_structure.values()))) if per_structure else 0.0}
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # every process must join every all_reduce
+        dist.all_reduce(p.grad)
+        p.grad /= world
+
+
+class _Tracker:
+    def __init__(self, kind: str, folder: Path) -> None:
+        self.kind, self.writer = kind, None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / "tensorboard"))
+        elif kind == "mlflow":
+            import mlflow
+
+            mlflow.set_tracking_uri((folder / "mlruns").as_uri())
+            mlflow.start_run()
+            self.writer = mlflow
+
+    def log(self, values: dict, step: int) -> None:
+        if self.kind == "tensorboard":
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        elif self.kind == "mlflow":
+            self.writer.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if self.kind == "tensorboard":
+            self.writer.close()
+        elif self.kind == "mlflow":
+            self.writer.end_run()
+
+
+def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[TrainItem], config: TrainConfig,
+          output_dir: str | Path, publish: Callable[[DeLightSAM, dict], object] | None = None,
+          log: Callable[[str], None] = logger.info) -> dict:
+    """Trains ``model`` in place; returns the run's statistics (also written to output_dir/train_stats.json).
+
+    Resumes from output_dir/train_state.pt when it exists. ``publish(model, metrics)`` is called on the first
+    process whenever the validation Dice beats the best so far (the starting model's included)."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    rank, world = _world()
+    torch.manual_seed(config.seed)
+    modalities = sorted({i.modality for i in train_items})
+    params = select_trainable(model, modalities, config.trainable)
+    model.eval()  # BatchNorm keeps its statistics (as released); the network has no dropout
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    data = SliceData(train_items, model)
+    loss_fn = DeLightSAMLoss(config.loss)
+    teacher = load_teacher(config.teacher, config.teacher_checkpoint, config.teacher_dir) if config.teacher else None
+    cache = EmbeddingCache(config.cache_dir) if (teacher and config.cache_dir) else None
+    grid = model.config.embedding_size
+
+    state_file = output / "train_state.pt"
+    stats = {"start_ts": int(time.time()), "total_epochs": config.epochs, "epoch": 0, "published": [],
+             "train_items": len(train_items), "val_items": len(val_items), "config": json.loads(json.dumps(asdict(config)))}
+    start_epoch = 0
+    if state_file.exists():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = int(state["epoch"])
+        stats.update(json.loads(state["stats"]))
+        log(f"resumed from {state_file} at epoch {start_epoch}")
+    tracker = _Tracker(config.tracking if rank == 0 else "none", output)
+    if rank == 0 and start_epoch == 0:
+        with torch.no_grad():
+            stats["before"] = validate(model, val_items) if val_items else {"mean_dice": 0.0, "dice": {}}
+        stats["best_metric"] = stats["before"]["mean_dice"]
+        log(f"validation Dice before training: {stats['before']['mean_dice']:.4f} {stats['before']['dice']}")
+
+    for epoch in range(start_epoch, config.epochs):
+        began, losses = time.perf_counter(), []
+        for step in range(config.steps_per_epoch):
+            picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
+            inputs, grey, masks, mods = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
+            out = model(inputs, mods)
+            target = None
+            if teacher is not None:
+                target = cache.embed(teacher, grey, grid) if cache else teacher(grey, grid)
+            terms = loss_fn(out, masks, target)
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if world > 1:
+                _average_gradients(params, world)
+            optimizer.step()
+            losses.append({k: float(v) for k, v in terms.items()})
+        seconds = time.perf_counter() - began
+        mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
+        stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=config.steps_per_epoch * config.batch_size * world / seconds)
+        if cache:
+            stats["cache"] = {"hits": cache.hits, "misses": cache.misses}
+        if rank == 0:
+            with torch.no_grad():
+                metrics = validate(model, val_items) if val_items else {"mean_dice": 0.0, "dice": {}}
+            stats["val"] = metrics
+            tracker.log({**{f"loss/{k}": v for k, v in mean_loss.items()}, "val/mean_dice": metrics["mean_dice"],
+                         **{f"val/dice/{k}": v for k, v in metrics["dice"].items()}}, epoch + 1)
+            log(f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss['total']:.4f}, "
+                f"{stats['slices_per_second']:.2f} slices/s, validation Dice {metrics['mean_dice']:.4f} {metrics['dice']}")
+            if publish and metrics["mean_dice"] > stats["best_metric"]:
+                stats["best_metric"] = metrics["mean_dice"]
+                published = publish(model, {"epoch": epoch + 1, **metrics})
+                stats["published"].append(str(published))
+            _save_state(state_file, model, optimizer, epoch + 1, stats)
+            _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
+        if world > 1:
+            dist.barrier()
+    tracker.close()
+    return stats
+
+
+def _save_state(path: Path, model, optimizer, epoch: int, stats: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "stats": json.dumps(stats)}, tmp)
+    os.replace(tmp, path)
+
+
+def publish_version(model: DeLightSAM, metrics: dict, versions_dir: str | Path, served: str | Path | None = None) -> Path:
+    """Writes a new version (checkpoint plus metrics JSON) and, if ``served`` is given, replaces the served
+    checkpoint with it. Both writes are atomic, so inference never reads half a file; old versions stay."""
+    versions = Path(versions_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"delightsam-{stamp}-e{metrics.get('epoch', 0)}"
+    model.config = model.config.replace(version=name)
+    path = save_model(model, versions / f"{name}.safetensors")
+    _atomic_write(versions / f"{name}.json", json.dumps(metrics, indent=1))
+    if served:
+        save_model(model, served)
+    return path
