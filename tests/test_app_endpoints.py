@@ -30,7 +30,7 @@ def _client(studies, conf, tmp):
     settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
     settings.MONAI_LABEL_STUDIES = str(studies)
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
-    settings.MONAI_LABEL_APP_CONF = {"models": "delightsam", **conf}
+    settings.MONAI_LABEL_APP_CONF = {"models": "delightsam", "model_dir": str(tmp / "model"), **conf}
     settings.MONAI_LABEL_SESSION_PATH = str(tmp / "sessions")
     from monailabel.app import app
     from monailabel.interfaces.utils.app import clear_cache

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
+import delightsam
 from conftest import APP_DIR, make_test_checkpoint
 
 SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
@@ -44,6 +45,7 @@ def server(tmp_path_factory, samples):
     log = open(tmp / "server.log", "w")
     proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
                              "--conf", "models", "delightsam", "--conf", "checkpoint", str(checkpoint),
+                             "--conf", "model_dir", str(tmp / "model"),
                              "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
@@ -113,3 +115,57 @@ def test_errors_reach_the_client_and_the_server_goes_on(server):
     assert "Status: 422" in error.value.msg and "cannot read" in error.value.msg
     label_file, params = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)
     assert Path(label_file).stat().st_size > 0 and params["modality"] == "ct"
+
+
+def _wait_training(client, seconds=400):
+    deadline = time.time() + seconds
+    while client.train_status(check_if_running=True):
+        assert time.time() < deadline, "training did not finish"
+        time.sleep(2)
+    return client.train_status()
+
+
+def _ensure_final_label(client, server):
+    if not (server["studies"] / "labels" / "final").is_dir():
+        label_file, params = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)
+        client.save_label("ts_ct_small", label_file, tag="final")
+
+
+def test_train_publishes_and_infer_serves_the_new_model(server):
+    client = MONAILabelClient(server["url"], tmpdir=str(server["tmp"]))
+    _ensure_final_label(client, server)
+    before = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
+    client.train_start("delightsam", {"max_epochs": 1, "steps_per_epoch": 2, "train_batch_size": 2,
+                                      "teacher": "none", "tracking": "none"})
+    status = _wait_training(client)
+    assert status["status"] == "DONE", status
+    after = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
+    assert after != before and after.startswith("delightsam-") and after.endswith("-e1")
+    info = client.info()
+    assert f"{after}.safetensors" in info["models"]["delightsam"]["config"]["model_filename"]
+    assert info["train_stats"]["delightsam"]["epoch"] == 1
+    # the previous version can still be chosen
+    old = client.infer("delightsam", "ts_ct_small", {**SLICER_PARAMS, "model_filename": "delightsam.safetensors"})[1]
+    assert old["model_version"] == after  # the served file now holds the new version
+    versions = list((server["tmp"] / "model" / "versions").glob("delightsam-*"))
+    assert {p.suffix for p in versions} == {".safetensors", ".json"}  # each version with its metrics
+
+
+def test_killing_training_keeps_the_model_and_the_labels(server):
+    client = MONAILabelClient(server["url"], tmpdir=str(server["tmp"]))
+    _ensure_final_label(client, server)
+    label = next((server["studies"] / "labels" / "final").glob("ts_ct_small.*"))
+    label_bytes = label.read_bytes()
+    served = server["tmp"] / "model" / "delightsam.safetensors"
+    version = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
+    client.train_start("delightsam", {"name": "long_run", "max_epochs": 50, "steps_per_epoch": 50,
+                                      "train_batch_size": 2, "teacher": "none", "tracking": "none"})
+    time.sleep(12)  # mid-way: the subprocess has started stepping
+    assert client.train_status(check_if_running=True)
+    client.train_stop()
+    _wait_training(client, 60)
+    assert label.read_bytes() == label_bytes  # the saved label is untouched
+    if served.exists():
+        delightsam.load_model(served)  # whole, loadable
+    label_file, params = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)
+    assert params["model_version"] == version  # nothing half-trained was published

@@ -18,6 +18,7 @@ from monailabel.interfaces.app import MONAILabelApp
 import delightsam
 from delightsam_app.infer import DeLightSAMInfer
 from delightsam_app.settings import AppSettings
+from delightsam_app.train import DeLightSAMTrain
 
 logger = logging.getLogger(__name__)
 MODEL = "delightsam"
@@ -30,17 +31,19 @@ class DeLightSAMApp(MONAILabelApp):
         if unknown:
             raise ValueError(f"unknown model(s) {unknown} in --conf models; this app has: {MODEL}")
         self.settings = AppSettings.from_conf(conf, app_dir)
-        self.model_dir = os.path.join(app_dir, "model")
+        self.model_dir = str(self.settings.model_dir)
+        os.makedirs(self.model_dir, exist_ok=True)
         logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
                          description="Prompt-free De-LightSAM auto-segmentation of CT and MR volumes",
                          version=delightsam.__version__)
 
     def init_infers(self):
-        return {MODEL: DeLightSAMInfer(self.settings, self.model_dir)}
+        self.infer_task = DeLightSAMInfer(self.settings, self.model_dir)
+        return {MODEL: self.infer_task}
 
     def init_trainers(self):
-        return {}
+        return {MODEL: DeLightSAMTrain(self.infer_task, self.model_dir, self.settings.modality)}
 
     def infer(self, request, datastore=None):
         # monailabel answers an unknown model with a bare 500; say what exists instead.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,48 @@ def init(args: argparse.Namespace) -> int:
     return 0
 
 
+def train_command(args: argparse.Namespace) -> int:
+    """Training outside the server over a folder of volumes and a folder of label maps with the same names;
+    the code path of the app's train task. Under torchrun, every process trains on its share of each batch."""
+    import os
+
+    import torch.distributed as dist
+
+    from .teachers import init_trunk_from
+    from .training import LossWeights, TrainConfig, TrainItem, publish_version, train, update_split
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    images = sorted(p for p in Path(args.images).iterdir() if not p.name.startswith("."))
+    items = []
+    for image in images:
+        label = Path(args.labels) / image.name
+        if not label.exists():
+            raise ValueError(f"no label for {image.name} in {args.labels} (labels need the image's file name)")
+        items.append(TrainItem(image.name.split(".")[0], str(image), str(label), args.modality))
+    if not items:
+        raise ValueError(f"no images in {args.images}")
+    output = Path(args.output)
+    split = update_split(output / "split.json", [i.id for i in items], args.val_fraction)
+    model = load_model(args.checkpoint)
+    if args.init_trunk:
+        loaded, skipped = init_trunk_from(model, args.init_trunk)
+        print(f"trunk from {args.init_trunk}: {len(loaded)} tensors loaded, {len(skipped)} kept ({', '.join(skipped)})")
+    config = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         trainable=args.trainable, teacher=None if args.teacher == "none" else args.teacher,
+                         cache_dir=args.cache_dir, seed=args.seed, tracking=args.tracking,
+                         loss=LossWeights(args.distill_weight, args.segmentation_weight, args.patch_weight))
+    stats = train(model, [i for i in items if split[i.id] == "train"], [i for i in items if split[i.id] == "val"],
+                  config, output, publish=lambda m, metrics: publish_version(m, metrics, output / "versions", args.publish),
+                  log=print)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"done: best validation Dice {stats.get('best_metric', 0):.4f} (before {stats['before']['mean_dice']:.4f}), "
+              f"{stats['slices_per_second']:.2f} slices/s; published {stats['published'][-1] if stats['published'] else 'nothing'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     c = model.config
@@ -101,6 +144,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--half", action="store_true")
     p.add_argument("--version", default="untrained")
     p.set_defaults(func=init)
+    p = sub.add_parser("train", help="distillation fine-tuning on a folder of volumes and labels (torchrun-ready)")
+    p.add_argument("--checkpoint", required=True, help="the project checkpoint to start from")
+    p.add_argument("--images", required=True, help="folder of volumes (NIfTI, NRRD)")
+    p.add_argument("--labels", required=True, help="folder of label maps with the images' file names")
+    p.add_argument("--modality", required=True)
+    p.add_argument("--output", required=True, help="run folder: split, state, statistics, versions")
+    p.add_argument("--publish", help="also write each published model here (the served checkpoint)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--steps", type=int, default=25, help="steps per epoch")
+    p.add_argument("--batch-size", type=int, default=4, help="slices per step and process")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--trainable", default="modality", choices=["controllers", "modality", "all"])
+    p.add_argument("--teacher", default="lite_medsam")
+    p.add_argument("--init-trunk", choices=["lite_medsam", "mobile_sam"])
+    p.add_argument("--cache-dir", help="teacher-embedding cache folder (shared by runs)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tracking", default="tensorboard", choices=["tensorboard", "mlflow", "none"])
+    p.add_argument("--distill-weight", type=float, default=1.0)
+    p.add_argument("--segmentation-weight", type=float, default=1.0)
+    p.add_argument("--patch-weight", type=float, default=1.0)
+    p.set_defaults(func=train_command)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=info)

@@ -56,13 +56,13 @@ class EmbeddingCache:
     def embed(self, teacher, grey: torch.Tensor, grid: int) -> torch.Tensor:
         """Teacher embeddings of a batch [B, 3, S, S] -> [B, 256, grid, grid], computing only what is missing."""
         keys = [self.key(teacher.id, grid, image) for image in grey]
-        found = [self.get(k) for k in keys]
-        missing = [i for i, f in enumerate(found) if f is None]
+        found = {k: self.get(k) for k in dict.fromkeys(keys)}
+        missing = [k for k, f in found.items() if f is None]  # a slice twice in a batch is embedded once
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            computed = teacher(grey[missing], grid)
-            for i, embedding in zip(missing, computed):
-                self.put(keys[i], embedding)
-                found[i] = embedding.float()
-        return torch.stack([f.to(grey.device) for f in found])
+            computed = teacher(grey[[keys.index(k) for k in missing]], grid)
+            for k, embedding in zip(missing, computed):
+                self.put(k, embedding)
+                found[k] = embedding.float()
+        return torch.stack([found[k].to(grey.device) for k in keys])

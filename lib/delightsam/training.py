@@ -85,7 +85,7 @@ def update_split(path: str | Path, ids: list[str], val_fraction: float = 0.2) ->
     for image_id in sorted(ids):
         if image_id in split:
             continue
-        if "train" not in split.values():
+        if "train" not in split.values() or val_fraction <= 0:
             split[image_id] = "train"
         elif "val" not in split.values():
             split[image_id] = "val"
@@ -302,7 +302,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             if world > 1:
                 _average_gradients(params, world)
             optimizer.step()
-            losses.append({k: float(v) for k, v in terms.items()})
+            losses.append({k: float(v.detach()) for k, v in terms.items()})
         seconds = time.perf_counter() - began
         mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
         stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=config.steps_per_epoch * config.batch_size * world / seconds)
@@ -316,7 +316,9 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
                          **{f"val/dice/{k}": v for k, v in metrics["dice"].items()}}, epoch + 1)
             log(f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss['total']:.4f}, "
                 f"{stats['slices_per_second']:.2f} slices/s, validation Dice {metrics['mean_dice']:.4f} {metrics['dice']}")
-            if publish and metrics["mean_dice"] > stats["best_metric"]:
+            if publish and not val_items:  # nothing to validate on yet: publish what was trained
+                stats["published"].append(str(publish(model, {"epoch": epoch + 1, "loss": mean_loss["total"]})))
+            elif publish and metrics["mean_dice"] > stats["best_metric"]:
                 stats["best_metric"] = metrics["mean_dice"]
                 published = publish(model, {"epoch": epoch + 1, **metrics})
                 stats["published"].append(str(published))

@@ -21,6 +21,7 @@ class AppSettings:
     batch_size: int  # slices per forward pass
     threads: int  # torch intra-op threads; 0 keeps torch's default
     cleanup: bool  # largest connected component and hole filling per structure
+    model_dir: Path  # published models, their versions, training runs, the split, the embedding cache
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
@@ -34,6 +35,7 @@ class AppSettings:
             batch_size=int(conf.get("batch_size", 8)),
             threads=int(conf.get("threads", 0)),
             cleanup=strtobool(conf.get("cleanup", "false")),
+            model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
         )
 
 
