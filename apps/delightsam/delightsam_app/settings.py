@@ -32,7 +32,7 @@ class AppSettings:
             modality=conf.get("modality", "ct").lower(),
             device=conf.get("device", "cpu"),
             img_size=int(conf["img_size"]) if conf.get("img_size") else None,
-            batch_size=int(conf.get("batch_size", 8)),
+            batch_size=int(conf.get("batch_size", 4)),
             threads=int(conf.get("threads", 0)),
             cleanup=strtobool(conf.get("cleanup", "false")),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
