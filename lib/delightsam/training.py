@@ -6,9 +6,9 @@ inference does, and sampled with a preference for slices that hold foreground. E
 forward, the teacher's embedding (from the disk cache when it has it), the losses, one optimiser step on the
 trainable parameters. After each epoch: validation Dice per structure with the same whole-volume inference
 as the app, and, when it beats the best so far, a published checkpoint. Data-parallel over processes with
-torch.distributed (torchrun; gloo on CPUs, nccl on GPUs): every process draws the same global batch and
-trains on its share, and gradients are averaged with all_reduce, so N processes with batch B step like one
-process with batch N*B.
+DistributedDataParallel (torchrun; gloo on CPUs, nccl on GPUs): every process draws the same global batch
+and trains on its share, and DDP averages the gradients, so N processes with batch B step like one process
+with batch N*B.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.metrics import compute_dice
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import save_model
 from .embedding_cache import EmbeddingCache
@@ -211,14 +212,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # every process must join every all_reduce
-        dist.all_reduce(p.grad)
-        p.grad /= world
-
-
 class _Tracker:
     def __init__(self, kind: str, folder: Path) -> None:
         self.kind, self.writer = kind, None
@@ -262,6 +255,8 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     modalities = sorted({i.modality for i in train_items})
     params = select_trainable(model, modalities, config.trainable)
     model.eval()  # BatchNorm keeps its statistics (as released); the network has no dropout
+    # DDP averages the gradients across processes; other modalities' parameters may go unused in a step
+    network = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
     optimizer = torch.optim.Adam(params, lr=config.lr)
     data = SliceData(train_items, model)
     loss_fn = DeLightSAMLoss(config.loss)
@@ -292,15 +287,13 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         for step in range(config.steps_per_epoch):
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
             inputs, grey, masks, mods = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
-            out = model(inputs, mods)
+            out = network(inputs, mods)
             target = None
             if teacher is not None:
                 target = cache.embed(teacher, grey, grid) if cache else teacher(grey, grid)
             terms = loss_fn(out, masks, target)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
-            if world > 1:
-                _average_gradients(params, world)
             optimizer.step()
             losses.append({k: float(v.detach()) for k, v in terms.items()})
         seconds = time.perf_counter() - began
