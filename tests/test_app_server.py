@@ -141,12 +141,13 @@ def test_train_publishes_and_infer_serves_the_new_model(server):
     assert status["status"] == "DONE", status
     after = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
     assert after != before and after.startswith("delightsam-") and after.endswith("-e1")
+    assert client.info()["models"]["delightsam"]["config"]["model_filename"][0] == "published.safetensors"
     info = client.info()
     assert f"{after}.safetensors" in info["models"]["delightsam"]["config"]["model_filename"]
     assert info["train_stats"]["delightsam"]["epoch"] == 1
-    # the previous version can still be chosen
+    # the configured model can still be chosen
     old = client.infer("delightsam", "ts_ct_small", {**SLICER_PARAMS, "model_filename": "delightsam.safetensors"})[1]
-    assert old["model_version"] == after  # the served file now holds the new version
+    assert old["model_version"] == before
     versions = list((server["tmp"] / "model" / "versions").glob("delightsam-*"))
     assert {p.suffix for p in versions} == {".safetensors", ".json"}  # each version with its metrics
 
@@ -156,11 +157,12 @@ def test_killing_training_keeps_the_model_and_the_labels(server):
     _ensure_final_label(client, server)
     label = next((server["studies"] / "labels" / "final").glob("ts_ct_small.*"))
     label_bytes = label.read_bytes()
-    served = server["tmp"] / "model" / "delightsam.safetensors"
+    served = server["tmp"] / "model" / "published.safetensors"
     version = client.infer("delightsam", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
-    client.train_start("delightsam", {"name": "long_run", "max_epochs": 50, "steps_per_epoch": 50,
+    # an epoch that cannot end before the stop, so nothing may be published
+    client.train_start("delightsam", {"name": "long_run", "max_epochs": 2, "steps_per_epoch": 100000,
                                       "train_batch_size": 2, "teacher": "none", "tracking": "none"})
-    time.sleep(12)  # mid-way: the subprocess has started stepping
+    time.sleep(15)  # mid-way: the subprocess has loaded the data and is stepping
     assert client.train_status(check_if_running=True)
     client.train_stop()
     _wait_training(client, 60)

@@ -3,6 +3,7 @@ and two-process data parallelism (gloo)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -166,11 +167,23 @@ def test_teaching_a_new_modality_leaves_the_old_ones_unchanged(tmp_path, liver):
                                          "decoder.group_heads.ct_contrast.")) for n in trained)
 
 
-def test_shared_queries_cannot_train_per_modality():
-    model = delightsam.DeLightSAM(delightsam.released_config(img_size=256))
-    with pytest.raises(ValueError, match="shares its queries"):
-        select_trainable(model, ["fundus"], "modality")
-    assert len(select_trainable(model, ["fundus"], "controllers")) > 0
+@pytest.mark.parametrize("mode", ["controllers", "modality"])
+def test_a_released_modality_gets_its_own_parts_before_training(mode):
+    # The six released modalities share one controller and one query group: training one must not move the others.
+    model = delightsam.DeLightSAM(delightsam.released_config(img_size=256)).eval()
+    images = torch.randn(2, 3, 256, 256)
+    with torch.no_grad():
+        before = model(images, ["xray", "dermoscopy"]).mask_logits.clone()
+        fundus = model(images[:1], "fundus").mask_logits.clone()
+    params = select_trainable(model, ["fundus"], mode)
+    spec = model.config.modality("fundus")
+    assert spec.controller == "fundus" and model.config.modality("xray").controller == "released"
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)
+        # unchanged up to float noise (kernel choices may differ once parameters stop requiring gradients)
+        torch.testing.assert_close(model(images, ["xray", "dermoscopy"]).mask_logits, before, atol=1e-5, rtol=0)
+        assert (model(images[:1], "fundus").mask_logits - fundus).abs().max() > 1e-2
 
 
 # ---- real learning, resume ---------------------------------------------------------------------------
@@ -191,10 +204,20 @@ def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     assert published and published[-1]["mean_dice"] == stats["best_metric"]
     assert stats["cache"]["misses"] <= 30 < stats["cache"]["hits"]  # 30 slices: each embedded once
     assert list((tmp_path / "run" / "tensorboard").iterdir())
-    # resume: a longer run picks up after epoch 3 instead of starting over
+    # resume: a longer run picks up after epoch 3, with the trained weights, instead of starting over
     config.epochs = 4
-    resumed = train(_liver_model(seed=9), train_items, val_items, config, tmp_path / "run")
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = _liver_model(seed=9)
+    logs = []
+    resumed = train(fresh, train_items, val_items, config, tmp_path / "run", log=logs.append)
     assert resumed["epoch"] == 4 and resumed["before"] == stats["before"]
+    assert any("resumed" in line and "epoch 3" in line for line in logs)
+    assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())  # it went on training
+    # a finished run is not resumed: the next request starts over from the model it is given
+    again = []
+    train(_liver_model(seed=9), train_items, val_items, dataclasses.replace(config, epochs=1, steps_per_epoch=1),
+          tmp_path / "run", log=again.append)
+    assert any("not resuming" in line for line in again)
 
 
 def test_two_processes_with_gloo_step_like_one(tmp_path, liver):

@@ -83,7 +83,10 @@ def train_command(args: argparse.Namespace) -> int:
         label = Path(args.labels) / image.name
         if not label.exists():
             raise ValueError(f"no label for {image.name} in {args.labels} (labels need the image's file name)")
-        items.append(TrainItem(image.name.split(".")[0], str(image), str(label), args.modality))
+        stem = image.name
+        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+            stem = stem.removesuffix(suffix)
+        items.append(TrainItem(stem, str(image), str(label), args.modality))
     if not items:
         raise ValueError(f"no images in {args.images}")
     output = Path(args.output)

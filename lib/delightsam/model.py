@@ -82,6 +82,34 @@ class DeLightSAM(nn.Module):
         self.config = self.encoder.config = config
         return config.modality(name)
 
+    def give_own_parts(self, modality: str) -> None:
+        """Gives a modality its own controller and query group (copies of the shared ones) and its own head,
+        so that training them cannot change any other modality's output."""
+        spec = self.config.modality(modality)
+        others = [m for m in self.config.modalities if m.name != modality]
+        controller, group = spec.controller, spec.query_group
+        if any(m.controller == controller for m in others):
+            controller = self._free_name(modality, set(self.config.controller_names))
+            self.encoder.add_controller(controller, copy_from=spec.controller)
+        if any(m.query_group == group for m in others):
+            group = self._free_name(modality, set(self.config.query_groups))
+            self.decoder.query_groups[group] = nn.Parameter(self.decoder.query_groups[spec.query_group].detach().clone())
+            if spec.query_group in self.decoder.group_heads:
+                self.decoder.add_group_head(group)
+                self.decoder.group_heads[group].load_state_dict(self.decoder.group_heads[spec.query_group].state_dict())
+        modalities = [Modality(m.name, controller, group, m.structures, m.intensity) if m.name == modality else m
+                      for m in self.config.modalities]
+        self.config = self.encoder.config = self.config.replace(
+            modalities=modalities, query_groups={**self.config.query_groups, group: self.config.query_groups[spec.query_group]})
+        self.give_own_head(group)
+
+    @staticmethod
+    def _free_name(base: str, taken: set[str]) -> str:
+        name, i = base, 2
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
     def give_own_head(self, query_group: str) -> None:
         """Lets a query group train a hypernetwork head of its own (see QMDecoder.add_group_head)."""
         if query_group not in self.config.query_groups:

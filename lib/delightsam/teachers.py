@@ -16,6 +16,8 @@ Every file is read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.resources
 from pathlib import Path
 
@@ -55,6 +57,21 @@ class Teacher(nn.Module):
         return F.interpolate(embedding, (grid, grid), mode="bilinear", align_corners=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def weights_id(path: Path) -> str:
+    """A content hash of a weights file (memoised by path, mtime and size), for the embedding cache's keys."""
+    stat = path.stat()
+    return _digest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
 def _weights(path: str | Path | None, name: str, default_dir: Path) -> Path:
     path = Path(path) if path else default_dir / SAM_FILES[name]
     if not path.is_file():
@@ -83,18 +100,18 @@ def load_teacher(name: str, path: str | Path | None = None, models_dir: str | Pa
         weights = Path(path) if path else lite_medsam_weights()
         encoder = build_lite_medsam().image_encoder
         encoder.load_state_dict(_sub_state(weights, "image_encoder."), strict=True)
-        return Teacher(name, encoder, 256, (0, 0, 0), (255, 255, 255), f"{weights.stat().st_size}")
+        return Teacher(name, encoder, 256, (0, 0, 0), (255, 255, 255), weights_id(weights))
     if name in ("sam_vit_b", "sam_vit_l", "sam_vit_h"):
         from segment_anything import sam_model_registry
 
         weights = _weights(path, name, Path(models_dir))
         encoder = sam_model_registry[name.removeprefix("sam_")]().image_encoder
         encoder.load_state_dict(_sub_state(weights, "image_encoder."), strict=True)
-        return Teacher(name, encoder, 1024, SAM_MEAN, SAM_STD, f"{weights.stat().st_size}")
+        return Teacher(name, encoder, 1024, SAM_MEAN, SAM_STD, weights_id(weights))
     if name == "mobile_sam":
         weights = _weights(path, name, Path(models_dir))
         return Teacher(name, MobileSAMEncoder(_sub_state(weights, "image_encoder.")), 1024, SAM_MEAN, SAM_STD,
-                       f"{weights.stat().st_size}")
+                       weights_id(weights))
     raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
 
 

@@ -64,6 +64,7 @@ class TrainConfig:
     foreground_fraction: float = 0.8  # share of sampled slices that hold some foreground
     seed: int = 0
     tracking: str = "tensorboard"  # tensorboard | mlflow | none
+    device: str | None = None  # None: cuda (this process's GPU under torchrun) when available, else cpu
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -166,22 +167,18 @@ def select_trainable(model: DeLightSAM, modalities: list[str], mode: str) -> lis
     """Freezes everything, then unfreezes what ``mode`` trains for these modalities.
 
     controllers: their DC-Encoder controllers (the paper's domain-specific stage);
-    modality: also their query groups and hypernetwork heads (each gets a head of its own), for a new
-        modality or new structures; shared groups (the released one) are refused, since training them
-        would change other modalities' outputs;
-    all: every parameter."""
+    modality: also their query groups and hypernetwork heads, for a new modality or new structures;
+    all: every parameter.
+    In the first two modes a modality that shares a controller or queries with others (as the released
+    modalities do) first gets its own copies, so no other modality's output changes."""
     model.requires_grad_(mode == "all")
     if mode == "all":
         return [p for p in model.parameters()]
-    specs = [model.config.modality(m) for m in modalities]
-    for spec in specs:
+    for name in modalities:
+        model.give_own_parts(name)
+        spec = model.config.modality(name)
         model.encoder.controllers[spec.controller].requires_grad_(True)
         if mode == "modality":
-            sharing = [m.name for m in model.config.modalities if m.query_group == spec.query_group and m.name not in modalities]
-            if sharing:
-                raise ValueError(f"modality {spec.name!r} shares its queries with {sharing}; train its controller "
-                                 f"only (trainable=controllers) or give it a modality of its own")
-            model.give_own_head(spec.query_group)
             model.decoder.query_groups[spec.query_group].requires_grad_(True)
             model.decoder.group_heads[spec.query_group].requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
@@ -251,16 +248,29 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     rank, world = _world()
+    device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
+                                            else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
+    served = {m.name for m in model.config.modalities}
+    skipped = sorted({i.id for i in train_items + val_items if i.modality not in served})
+    if skipped:
+        log(f"skipping {len(skipped)} volume(s) of modalities this model does not serve: {skipped}")
+    train_items = [i for i in train_items if i.modality in served]
+    val_items = [i for i in val_items if i.modality in served]
+    if not train_items:
+        raise ValueError(f"no training volume of a modality this model serves ({', '.join(sorted(served))})")
     modalities = sorted({i.modality for i in train_items})
     params = select_trainable(model, modalities, config.trainable)
-    model.eval()  # BatchNorm keeps its statistics (as released); the network has no dropout
+    model.to(device).eval()  # BatchNorm keeps its statistics (as released); the network has no dropout
     # DDP averages the gradients across processes; other modalities' parameters may go unused in a step
-    network = DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model
+    network = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True) if world > 1 else model)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     data = SliceData(train_items, model)
     loss_fn = DeLightSAMLoss(config.loss)
-    teacher = load_teacher(config.teacher, config.teacher_checkpoint, config.teacher_dir) if config.teacher else None
+    teacher = load_teacher(config.teacher, config.teacher_checkpoint, config.teacher_dir).to(device) if config.teacher else None
     cache = EmbeddingCache(config.cache_dir) if (teacher and config.cache_dir) else None
     grid = model.config.embedding_size
 
@@ -268,25 +278,36 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     stats = {"start_ts": int(time.time()), "total_epochs": config.epochs, "epoch": 0, "published": [],
              "train_items": len(train_items), "val_items": len(val_items), "config": json.loads(json.dumps(asdict(config)))}
     start_epoch = 0
+    signature = json.dumps({"config": {k: v for k, v in stats["config"].items() if k != "epochs"},
+                            "modalities": modalities, "train": sorted(i.id for i in train_items)}, sort_keys=True)
     if state_file.exists():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch = int(state["epoch"])
-        stats.update(json.loads(state["stats"]))
-        log(f"resumed from {state_file} at epoch {start_epoch}")
+        # resume only an unfinished run of the same kind; anything else starts over from the given model
+        if state.get("signature") == signature and int(state["epoch"]) < config.epochs:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch = int(state["epoch"])
+            stats.update(json.loads(state["stats"]), total_epochs=config.epochs)
+            log(f"resumed from {state_file} at epoch {start_epoch}")
+        else:
+            log(f"not resuming {state_file}: that run finished or was of another kind; starting over")
     tracker = _Tracker(config.tracking if rank == 0 else "none", output)
     if rank == 0 and start_epoch == 0:
         with torch.no_grad():
             stats["before"] = validate(model, val_items) if val_items else {"mean_dice": 0.0, "dice": {}}
         stats["best_metric"] = stats["before"]["mean_dice"]
         log(f"validation Dice before training: {stats['before']['mean_dice']:.4f} {stats['before']['dice']}")
+    if world > 1:
+        dist.barrier()  # the others wait here, not inside a collective, while the first process validates
 
+    if config.steps_per_epoch < 1:
+        raise ValueError("steps_per_epoch must be at least 1")
     for epoch in range(start_epoch, config.epochs):
         began, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
             inputs, grey, masks, mods = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
+            inputs, grey, masks = inputs.to(device), grey.to(device), masks.to(device)
             out = network(inputs, mods)
             target = None
             if teacher is not None:
@@ -315,7 +336,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
                 stats["best_metric"] = metrics["mean_dice"]
                 published = publish(model, {"epoch": epoch + 1, **metrics})
                 stats["published"].append(str(published))
-            _save_state(state_file, model, optimizer, epoch + 1, stats)
+            _save_state(state_file, model, optimizer, epoch + 1, stats, signature)
             _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
         if world > 1:
             dist.barrier()
@@ -323,10 +344,10 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     return stats
 
 
-def _save_state(path: Path, model, optimizer, epoch: int, stats: dict) -> None:
+def _save_state(path: Path, model, optimizer, epoch: int, stats: dict, signature: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "stats": json.dumps(stats)}, tmp)
+                "stats": json.dumps(stats), "signature": signature}, tmp)
     os.replace(tmp, path)
 
 
@@ -335,7 +356,7 @@ def publish_version(model: DeLightSAM, metrics: dict, versions_dir: str | Path, 
     checkpoint with it. Both writes are atomic, so inference never reads half a file; old versions stay."""
     versions = Path(versions_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"delightsam-{stamp}-e{metrics.get('epoch', 0)}"
+    name = f"delightsam-{stamp}-{os.urandom(2).hex()}-e{metrics.get('epoch', 0)}"  # unique within a second
     model.config = model.config.replace(version=name)
     path = save_model(model, versions / f"{name}.safetensors")
     _atomic_write(versions / f"{name}.json", json.dumps(metrics, indent=1))

@@ -37,7 +37,7 @@ class DeLightSAMInfer(BasicInferTask):
         self.settings = settings
         self.published_dir = Path(published_dir)
         # Training publishes here; a published model beats the configured one (MONAI Label's convention).
-        self.published = self.published_dir / "delightsam.safetensors"
+        self.published = self.published_dir / "published.safetensors"
         super().__init__(path=None, network=None, type=InferType.SEGMENTATION, labels={}, dimension=3,
                          description="", config={})
         self._refresh()

@@ -6,7 +6,7 @@ MONAI Label runs it in a subprocess (`POST /train/delightsam`); the training its
   split.json                    the train/validation split, extended as labels arrive, never reshuffled
   train/<name>/                 a run: train_state.pt (to resume), train_stats.json, tensorboard/ or mlruns/
   versions/<version>.safetensors  every published model, with <version>.json holding its metrics
-  delightsam.safetensors        the served model (replaced atomically; the infer task hot-reloads it)
+  published.safetensors         the served model (replaced atomically; the infer task hot-reloads it)
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
@@ -54,12 +55,14 @@ class DeLightSAMTrain(TrainTask):
         return json.loads(runs[-1].read_text()) if runs else {}
 
     def _items(self, datastore) -> list[TrainItem]:
+        """Every image with a final label, by its datastore id (a file name stem, or a SeriesInstanceUID)."""
         items = []
-        for entry in datastore.datalist():
-            image_id = Path(entry["image"]).name.split(".")[0]
-            info = datastore.get_image_info(image_id) if hasattr(datastore, "get_image_info") else {}
-            modality = str((info or {}).get("modality") or dicom_modality(entry["image"]) or self.default_modality).lower()
-            items.append(TrainItem(image_id, entry["image"], entry["label"], modality))
+        for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+            image = datastore.get_image_uri(image_id)
+            label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            info = datastore.get_image_info(image_id) or {}
+            modality = str(info.get("modality") or dicom_modality(image) or self.default_modality).lower()
+            items.append(TrainItem(image_id, image, label, modality))
         return items
 
     def __call__(self, request, datastore):
@@ -76,8 +79,10 @@ class DeLightSAMTrain(TrainTask):
             batch_size=int(options["train_batch_size"]), lr=float(options["lr"]), trainable=str(options["trainable"]),
             teacher=None if options["teacher"] == "none" else str(options["teacher"]),
             cache_dir=str(self.model_dir / "embedding_cache") if strtobool(str(options["embedding_cache"])) else None,
-            tracking=str(options["tracking"]))
+            tracking=str(options["tracking"]), device=self.infer_task.settings.device)
         served = self.infer_task.served_checkpoint()
+        if served is None or not served.is_file():
+            raise ValueError(f"no checkpoint to train from ({self.infer_task.problem}); configure one first")
         model = load_model(served)
         logger.info(f"training {served.name} on {sum(v == 'train' for v in split.values())} volumes, validating on "
                     f"{sum(v == 'val' for v in split.values())}; run folder {run_dir}")
