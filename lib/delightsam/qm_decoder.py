@@ -11,7 +11,6 @@ the outputs of the modalities the model already had.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from segment_anything.modeling.common import LayerNorm2d
