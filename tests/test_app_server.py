@@ -117,12 +117,15 @@ def test_errors_reach_the_client_and_the_server_goes_on(server):
     assert Path(label_file).stat().st_size > 0 and params["modality"] == "ct"
 
 
-def _wait_training(client, seconds=400):
+def _wait_training(client, seconds=400, until=("DONE", "ERROR", "STOPPED")):
+    """Polls the train task's full status (a task is SUBMITTED before it is RUNNING) until it reaches ``until``."""
     deadline = time.time() + seconds
-    while client.train_status(check_if_running=True):
-        assert time.time() < deadline, "training did not finish"
-        time.sleep(2)
-    return client.train_status()
+    while True:
+        status = client.train_status()
+        if status.get("status") in until:
+            return status
+        assert time.time() < deadline, f"training stayed {status.get('status')}"
+        time.sleep(1)
 
 
 def _ensure_final_label(client, server):
@@ -162,10 +165,11 @@ def test_killing_training_keeps_the_model_and_the_labels(server):
     # an epoch that cannot end before the stop, so nothing may be published
     client.train_start("delightsam", {"name": "long_run", "max_epochs": 2, "steps_per_epoch": 100000,
                                       "train_batch_size": 2, "teacher": "none", "tracking": "none"})
+    _wait_training(client, 120, until=("RUNNING",))
     time.sleep(15)  # mid-way: the subprocess has loaded the data and is stepping
     assert client.train_status(check_if_running=True)
     client.train_stop()
-    _wait_training(client, 60)
+    _wait_training(client, 60, until=("DONE", "ERROR", "STOPPED"))
     assert label.read_bytes() == label_bytes  # the saved label is untouched
     if served.exists():
         delightsam.load_model(served)  # whole, loadable
