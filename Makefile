@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONF ?=
 
-.PHONY: setup samples test run benchmark clean
+.PHONY: setup samples system test run pacs starter benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,26 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 samples: setup
 	$(PY) scripts/fetch_samples.py
 
-test: setup samples
+# Debian packages of the PACS path and its browser tests (Orthanc with DICOMweb and GDCM, socat, Chromium);
+# installed with apt-get when missing and running as root, else the command to run is printed.
+system: setup
+	$(PY) scripts/pacs.py --install-only
+
+test: setup samples system
 	$(PY) -m pytest -q tests
 
 # The MONAI Label server on the samples with the default model; extra keys: make run CONF="--conf cleanup true"
 run: setup samples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/monailabel start_server --app apps/delightsam \
 	  --studies data/studies --conf models delightsam --host $(HOST) --port $(PORT) $(CONF)
+
+# A local PACS: Orthanc (DICOMweb) with the sample CT and MR studies, and the app on it; OHIF at /ohif/.
+pacs: setup samples system
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/pacs.py --port $(PORT)
+
+# Rebuilds the starter model and its evaluation report in models/delightsam_ct_mr (about 75 minutes on 2 cores).
+starter: setup samples
+	$(PY) scripts/train_starter.py
 
 benchmark: setup
 	$(PY) scripts/benchmark_forward.py

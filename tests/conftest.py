@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -77,3 +78,50 @@ def samples() -> Path:
     if not (DATA / "studies" / "ts_ct_small.nii.gz").exists() or not (DATA / "samples" / "ts_ct_dicom").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_samples.py")], check=True)
     return DATA
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def monailabel_server(tmp: Path, studies: Path, conf: list[str], timeout: float = 240):
+    """A real `monailabel start_server` process with this app on a free loopback port; yields its URL and
+    stops it afterwards. ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs)."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+           "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
+    log_path = tmp / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
+                                 str(studies), "--conf", "models", "delightsam", *conf,
+                                 "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/info/", timeout=5)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

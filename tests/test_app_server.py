@@ -4,11 +4,7 @@ plugin drives it, with monailabel's own client."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -20,15 +16,9 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 import delightsam
-from conftest import APP_DIR, make_test_checkpoint
+from conftest import make_test_checkpoint, monailabel_server
 
 SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,32 +28,9 @@ def server(tmp_path_factory, samples):
     studies.mkdir()
     shutil.copyfile(samples / "studies" / "ts_ct_small.nii.gz", studies / "ts_ct_small.nii.gz")
     checkpoint = make_test_checkpoint(tmp / "models" / "delightsam.safetensors")
-    port = _free_port()
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
-           "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies", str(studies),
-                             "--conf", "models", "delightsam", "--conf", "checkpoint", str(checkpoint),
-                             "--conf", "model_dir", str(tmp / "model"),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/info/", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail(f"the server did not start:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-    yield {"url": url, "tmp": tmp, "studies": studies, "samples": samples}
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with monailabel_server(tmp, studies, ["--conf", "checkpoint", str(checkpoint),
+                                          "--conf", "model_dir", str(tmp / "model")]) as url:
+        yield {"url": url, "tmp": tmp, "studies": studies, "samples": samples}
 
 
 def _same_grid(label_path, image_path):

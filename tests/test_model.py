@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_images, small_model
-from delightsam import DeLightSAM, released_config
+from delightsam import DeLightSAM, DeLightSAMConfig, released_config
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,19 @@ def test_adding_a_modality_leaves_existing_outputs_unchanged():
     # The trunk is shared: the new modality adds its controller and its two queries only.
     added = sum(p.numel() for p in model.parameters()) - params_before
     assert added == 3_144_202 + 2 * 256
+
+
+def test_modalities_can_share_a_controller_and_keep_their_own_queries():
+    model = DeLightSAM(DeLightSAMConfig(img_size=256))
+    model.add_modality("ct", ["liver", "spleen"], controller="radiology")
+    params = sum(p.numel() for p in model.parameters())
+    model.add_modality("mr", [("brain", 1, [2]), ("grey_matter", 2)], controller="radiology")
+    assert model.config.controller_names == ["radiology"]
+    assert sum(p.numel() for p in model.parameters()) - params == 2 * 256  # its two queries, no controller
+    assert model.config.modality("mr").structures[0].target_labels == [1, 2]
+    with torch.no_grad():
+        out = model(random_images(2, 256), ["ct", "mr"])
+    assert [[s.name for s in st] for st in out.structures] == [["liver", "spleen"], ["brain", "grey_matter"]]
 
 
 @pytest.mark.parametrize("size", [256, 512])

@@ -8,13 +8,16 @@ see README.md in this folder.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 from fastapi import HTTPException
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
 import delightsam
+from delightsam_app import ohif, pacs
 from delightsam_app.infer import DeLightSAMInfer
 from delightsam_app.settings import AppSettings
 from delightsam_app.train import DeLightSAMTrain
@@ -36,6 +39,9 @@ class DeLightSAMApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
                          description="Prompt-free De-LightSAM auto-segmentation of CT and MR volumes",
                          version=delightsam.__version__)
+        from monailabel.app import app as server  # the running FastAPI server (already imported by then)
+
+        ohif.serve_error_details(server)
 
     def init_infers(self):
         self.infer_task = DeLightSAMInfer(self.settings, self.model_dir)
@@ -44,12 +50,38 @@ class DeLightSAMApp(MONAILabelApp):
     def init_trainers(self):
         return {MODEL: DeLightSAMTrain(self.infer_task, self.model_dir, self.settings.modality)}
 
+    def _init_dicomweb_datastore(self):
+        datastore = super()._init_dicomweb_datastore()
+        # monailabel lists the series of one QIDO filter (default Modality=CT; QIDO has no "CT or MR"):
+        # list the series of every modality this app serves
+        url = datastore._client.base_url
+        # dicomweb-client retries 5 times over 30 s, also when nothing listens: a PACS that went away would
+        # hold every request (and /info) that long; 3 tries over 0.75 s still ride out a busy moment
+        datastore._client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+        datastore.list_images = pacs.tolerant(functools.partial(pacs.list_series, datastore,
+                                                                self.served_dicom_modalities), url)
+        datastore.get_labeled_images = pacs.tolerant(datastore.get_labeled_images, url)
+        datastore.save_label = pacs.save_label_with_codes(datastore, self.structures_of, datastore.save_label)
+        return datastore
+
+    def structures_of(self, modality: str) -> dict[str, int]:
+        """Structure name -> label id of one modality of the served model ({} if it does not serve it)."""
+        return self.infer_task.structures_of(modality) if hasattr(self, "infer_task") else {}
+
+    def served_dicom_modalities(self) -> list[str]:
+        names = self.infer_task.served_modalities() if hasattr(self, "infer_task") else []
+        return sorted({n.upper() for n in names} & pacs.IMAGE_MODALITIES) or ["CT"]
+
     def infer(self, request, datastore=None):
         # monailabel answers an unknown model with a bare 500; say what exists instead.
         if request.get("model") not in self._infers:
             raise HTTPException(404, f"no model named {request.get('model')!r}; this server has: "
                                      f"{', '.join(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image) and not self.datastore().get_image_uri(image):
-            raise HTTPException(404, f"no image {image!r} in the datastore")
+        if isinstance(image, str) and image and not os.path.exists(image):
+            store = self.datastore()
+            if isinstance(store, DICOMWebDatastore):
+                pacs.fetch_series(store, image, self.served_dicom_modalities())  # then monailabel finds it cached
+            elif not store.get_image_uri(image):
+                raise HTTPException(404, f"no image {image!r} in the datastore")
         return super().infer(request, datastore)

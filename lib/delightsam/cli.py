@@ -83,10 +83,7 @@ def train_command(args: argparse.Namespace) -> int:
         label = Path(args.labels) / image.name
         if not label.exists():
             raise ValueError(f"no label for {image.name} in {args.labels} (labels need the image's file name)")
-        stem = image.name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            stem = stem.removesuffix(suffix)
-        items.append(TrainItem(stem, str(image), str(label), args.modality))
+        items.append(TrainItem(_image_stem(image), str(image), str(label), args.modality))
     if not items:
         raise ValueError(f"no images in {args.images}")
     output = Path(args.output)
@@ -108,6 +105,61 @@ def train_command(args: argparse.Namespace) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def _image_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def evaluation_cases(spec: str):
+    """'ct:IMAGES:LABELS' -> cases: every volume (or DICOM series folder) in IMAGES with the label map of the
+    same name (or NAME.nii.gz for a series folder) in LABELS."""
+    from .evaluation import Case
+
+    modality, sep, rest = spec.partition(":")
+    images, sep2, labels = rest.partition(":")
+    if not (sep and sep2 and modality and images and labels):
+        raise ValueError(f"--data wants MODALITY:IMAGES_DIR:LABELS_DIR, got {spec!r}")
+    cases = []
+    for image in sorted(p for p in Path(images).iterdir() if not p.name.startswith(".")):
+        candidates = [Path(labels) / image.name, Path(labels) / f"{_image_stem(image)}.nii.gz"]
+        label = next((c for c in candidates if c.is_file()), None)
+        if label is None:
+            raise ValueError(f"no label for {image} in {labels} (looked for {', '.join(c.name for c in candidates)})")
+        cases.append(Case(_image_stem(image), str(image), str(label), modality.lower()))
+    if not cases:
+        raise ValueError(f"no volumes in {images}")
+    return cases
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Dice / HD95 per structure and volume, times and overlay figures for one or more checkpoints, and
+    optionally the peers, on folders of labelled volumes: the report's markdown, JSON and PNGs in --output."""
+    from .evaluation import DeLightSAMMethod, GuidedMethod, UNetMethod, evaluate
+
+    methods = [DeLightSAMMethod(Path(c).stem if Path(c).stem != "model" else str(c), load_model(c), args.batch_size)
+               for c in args.checkpoint]
+    config = methods[0].config
+    if args.unet:
+        from .baselines import load_unet
+
+        net, meta = load_unet(args.unet)
+        methods.append(UNetMethod(f"U-Net ({Path(args.unet).name})", net, meta, config))
+    if args.lite_medsam_box:
+        from .baselines import LiteMedSAMBoxNetwork
+
+        methods.append(GuidedMethod("LiteMedSAM + box from the reference (prompted)", config,
+                                    lambda spec: LiteMedSAMBoxNetwork(spec.structures)))
+    cases = [c for spec in args.data for c in evaluation_cases(spec)]
+    for case in cases:
+        config.modality(case.modality)  # an unknown modality fails before hours of work, naming what there is
+    results = evaluate(methods, {"evaluation": cases}, args.output,
+                       context={"recipe": "delightsam " + " ".join(sys.argv[1:])}, progress=not args.no_progress)
+    print(f"wrote {Path(args.output) / 'report.md'} ({len(cases)} volumes, {len(methods)} methods)")
+    return 0 if results else 1
 
 
 def info(args: argparse.Namespace) -> int:
@@ -169,6 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--segmentation-weight", type=float, default=1.0)
     p.add_argument("--patch-weight", type=float, default=1.0)
     p.set_defaults(func=train_command)
+    p = sub.add_parser("evaluate", help="Dice, HD95, times and overlays on labelled volumes, beside peers")
+    p.add_argument("--checkpoint", action="append", required=True, help="a checkpoint to evaluate (repeatable)")
+    p.add_argument("--data", action="append", required=True, metavar="MODALITY:IMAGES_DIR:LABELS_DIR",
+                   help="volumes and their label maps in the model's label ids (repeatable)")
+    p.add_argument("--output", required=True, help="report folder (report.md, report.json, figures/)")
+    p.add_argument("--unet", help="also a U-Net baseline file (scripts/train_starter.py makes one)")
+    p.add_argument("--lite-medsam-box", action="store_true",
+                   help="also LiteMedSAM with a box per slice from the reference label (prompted)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=evaluate_command)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=info)

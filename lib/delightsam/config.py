@@ -39,6 +39,14 @@ class Structure:
     name: str
     label: int
     token: int  # index of the query in the modality's query group
+    # label ids of other structures of the modality that lie inside this one (the brain holds grey and white
+    # matter): its mask is the union, and in a label map the parts are drawn over it
+    parts: list[int] = field(default_factory=list)
+
+    @property
+    def target_labels(self) -> list[int]:
+        """The label ids that make up this structure's mask in a label map."""
+        return [self.label, *self.parts]
 
 
 @dataclass
@@ -152,6 +160,9 @@ class DeLightSAMConfig:
                 raise ValueError(f"modality {m.name!r}: intensity must be {{'window': [low, high]}} or "
                                  f"{{'percentiles': [low, high]}}, got {m.intensity}")
             for s in m.structures:
+                if set(s.parts) - set(labels) or s.label in s.parts:
+                    raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
+                                     f"modality's other structures ({labels})")
                 if not 0 <= s.token < self.query_groups[m.query_group]:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: token {s.token} is outside "
                                      f"query group {m.query_group!r} ({self.query_groups[m.query_group]} queries)")

@@ -63,22 +63,26 @@ class DeLightSAM(nn.Module):
             raise ValueError(f"{len(names)} modalities given for a batch of {images.shape[0]} images")
         return [self.config.modality(n) for n in names]
 
-    def add_modality(self, name: str, structures: Sequence[str | tuple[str, int]], copy_controller_from: str | None = None,
-                     intensity: dict | None = None) -> Modality:
-        """Adds a modality with its own controller and its own query group (one query per structure).
+    def add_modality(self, name: str, structures: Sequence[str | tuple | Structure], copy_controller_from: str | None = None,
+                     intensity: dict | None = None, controller: str | None = None) -> Modality:
+        """Adds a modality with its own query group (one query per structure) and a controller: a new one named
+        after the modality, or ``controller``: shared if one of that name exists (as the released modalities
+        share theirs), else new under that name.
 
         Nothing that existing modalities use changes, so their outputs stay the same. Structures are names
-        (label ids 1, 2, ... in order) or (name, label id) pairs.
+        (label ids 1, 2, ... in order), (name, label id[, parts]) tuples or ``Structure``s (token ignored).
         """
-        if name in self.config.modality_names or name in self.config.controller_names or name in self.config.query_groups:
+        controller = controller or name
+        shared = controller in self.config.controller_names
+        if name in self.config.modality_names or name in self.config.query_groups or (shared and controller == name):
             raise ValueError(f"modality {name!r} exists already")
-        pairs = [(s, i + 1) if isinstance(s, str) else tuple(s) for i, s in enumerate(structures)]
-        modality = Modality(name, name, name, [Structure(n, label, token) for token, (n, label) in enumerate(pairs)],
-                            intensity)
-        config = self.config.replace(query_groups={**self.config.query_groups, name: len(pairs)},
+        specs = [_structure(s, token) for token, s in enumerate(structures)]
+        modality = Modality(name, controller, name, specs, intensity)
+        config = self.config.replace(query_groups={**self.config.query_groups, name: len(specs)},
                                      modalities=[*self.config.modalities, modality])
-        self.encoder.add_controller(name, copy_from=copy_controller_from)
-        self.decoder.add_query_group(name, len(pairs))
+        if not shared:
+            self.encoder.add_controller(controller, copy_from=copy_controller_from)
+        self.decoder.add_query_group(name, len(specs))
         self.config = self.encoder.config = config
         return config.modality(name)
 
@@ -117,3 +121,12 @@ class DeLightSAM(nn.Module):
         self.decoder.add_group_head(query_group)
         if query_group not in self.config.own_heads:
             self.config = self.encoder.config = self.config.replace(own_heads=[*self.config.own_heads, query_group])
+
+
+def _structure(spec, token: int) -> Structure:
+    if isinstance(spec, Structure):
+        return Structure(spec.name, spec.label, token, list(spec.parts))
+    if isinstance(spec, str):
+        return Structure(spec, token + 1, token)
+    name, label, *parts = spec
+    return Structure(name, label, token, list(parts[0]) if parts else [])

@@ -34,8 +34,8 @@ from .losses import DeLightSAMLoss, LossWeights
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .teachers import load_teacher
-from .volume import (DEFAULT_INTENSITY, fit_to_square, model_input, read_volume, segment_volume, slice_axis,
-                     spacing_of, to_grey_levels)
+from .volume import (DEFAULT_INTENSITY, fit_to_square, model_input, read_label, read_volume, segment_volume, slice_axis,
+                     spacing_of, structure_mask, to_grey_levels)
 
 logger = logging.getLogger(__name__)
 TRAINABLE = ("controllers", "modality", "all")
@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     tracking: str = "tensorboard"  # tensorboard | mlflow | none
     device: str | None = None  # None: cuda (this process's GPU under torchrun) when available, else cpu
+    # stop after this much CPU time of this process (all its threads, teacher included), ending the epoch
+    # in progress as usual: a compute budget that other programs on the machine do not shorten
+    max_cpu_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -128,14 +131,13 @@ class SliceData:
 
     def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
         spec = model.config.modality(item.modality)
-        image, label = read_volume(item.image), read_volume(item.label)
-        if tuple(image.shape) != tuple(label.shape):
-            raise ValueError(f"{item.id}: label shape {list(label.shape)} differs from image shape {list(image.shape)}")
+        image = read_volume(item.image)
+        label = read_label(item.label, image)
         axis = slice_axis(spacing_of(image))
         volume = torch.nan_to_num(image.as_subclass(torch.Tensor).float())
         grey = to_grey_levels(volume, spec.intensity or DEFAULT_INTENSITY.get(item.modality)).movedim(axis, 0)
         label = label.as_subclass(torch.Tensor).round().to(torch.int64).movedim(axis, 0)
-        masks = torch.stack([(label == s.label) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
+        masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         grey, fitted = fit_to_square(grey[:, None], self.size)
         masks, _ = fit_to_square(masks, self.size, mode="nearest")
         return grey.to(torch.float16), fitted, masks.bool()
@@ -189,17 +191,31 @@ def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
     """Dice per structure (mean over volumes), with the app's whole-volume inference."""
     scores: dict[str, list[float]] = {}
     for item in items:
-        image, label = read_volume(item.image), read_volume(item.label)
+        image = read_volume(item.image)
+        label = read_label(item.label, image)
         result = segment_volume(model, image, item.modality, spacing_of(image))
         predicted = torch.from_numpy(result.labels.astype(np.int64))
         truth = label.as_subclass(torch.Tensor).round().to(torch.int64)
-        for name, label_id in result.label_names.items():
-            p, t = (predicted == label_id)[None, None].float(), (truth == label_id)[None, None].float()
+        for structure in model.config.modality(item.modality).structures:
+            p = structure_mask(predicted, structure)[None, None].float()
+            t = structure_mask(truth, structure)[None, None].float()
             if t.sum() == 0 and p.sum() == 0:
                 continue  # structure absent and not predicted: no evidence either way
-            scores.setdefault(f"{item.modality}/{name}", []).append(float(compute_dice(p, t, ignore_empty=False)))
+            scores.setdefault(f"{item.modality}/{structure.name}", []).append(float(compute_dice(p, t, ignore_empty=False)))
     per_structure = {k: float(np.mean(v)) for k, v in sorted(scores.items())}
     return {"dice": per_structure, "mean_dice": float(np.mean(list(per_structure.values()))) if per_structure else 0.0}
+
+
+def _out_of_budget(config: TrainConfig, started: float, world: int, device: torch.device) -> bool:
+    """Whether the CPU budget is spent; under DDP every process stops when any one has (no one waits alone)."""
+    if config.max_cpu_seconds is None:
+        return False
+    spent = time.process_time() - started >= config.max_cpu_seconds
+    if world > 1:
+        flag = torch.tensor([float(spent)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        spent = bool(flag.item())
+    return spent
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -302,9 +318,13 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
 
     if config.steps_per_epoch < 1:
         raise ValueError("steps_per_epoch must be at least 1")
+    cpu_start, stop = time.process_time() - stats.get("cpu_seconds", 0.0), False  # a resumed run's spending counts
     for epoch in range(start_epoch, config.epochs):
         began, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
+            if losses and _out_of_budget(config, cpu_start, world, device):
+                stop = True
+                break
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
             inputs, grey, masks, mods = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
             inputs, grey, masks = inputs.to(device), grey.to(device), masks.to(device)
@@ -319,7 +339,10 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             losses.append({k: float(v.detach()) for k, v in terms.items()})
         seconds = time.perf_counter() - began
         mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
-        stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=config.steps_per_epoch * config.batch_size * world / seconds)
+        stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=len(losses) * config.batch_size * world / seconds,
+                     cpu_seconds=time.process_time() - cpu_start, steps=stats.get("steps", 0) + len(losses))
+        if stop:
+            stats["stopped"] = f"CPU budget of {config.max_cpu_seconds:.0f} s spent"
         if cache:
             stats["cache"] = {"hits": cache.hits, "misses": cache.misses}
         if rank == 0:
@@ -336,10 +359,13 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
                 stats["best_metric"] = metrics["mean_dice"]
                 published = publish(model, {"epoch": epoch + 1, **metrics})
                 stats["published"].append(str(published))
-            _save_state(state_file, model, optimizer, epoch + 1, stats, signature)
+            # a run stopped by its budget is finished: the next request starts a new one, not a resumption
+            _save_state(state_file, model, optimizer, config.epochs if stop else epoch + 1, stats, signature)
             _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
         if world > 1:
             dist.barrier()
+        if stop:
+            break
     tracker.close()
     return stats
 

@@ -17,6 +17,7 @@ from monai.inferers import SliceInferer
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
+from .config import Modality, Structure
 from .model import DeLightSAM
 from .normalization import get_normalization
 
@@ -43,6 +44,28 @@ def image_reader(path) -> str:
 def read_volume(path):
     """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its affine."""
     return LoadImage(image_only=True, reader=image_reader(path))(str(path))
+
+
+def read_label(path, image):
+    """A label map read onto ``image``'s voxel grid: a label stored in another axis order or direction (a
+    NIfTI label of a DICOM series, say) is flipped and permuted by the two affines; any other difference of
+    grid is an error that names both."""
+    import nibabel.orientations as orientations
+
+    label = read_volume(path)
+    if tuple(label.shape) == tuple(image.shape) and np.allclose(label.affine, image.affine, atol=1e-3):
+        return label
+    have = orientations.io_orientation(np.asarray(label.affine))
+    want = orientations.io_orientation(np.asarray(image.affine))
+    transform = orientations.ornt_transform(have, want)
+    data = orientations.apply_orientation(np.asarray(label.as_subclass(torch.Tensor)), transform)
+    affine = np.asarray(label.affine) @ orientations.inv_ornt_aff(transform, label.shape)
+    spacing = max(spacing_of(image))
+    if data.shape != tuple(image.shape) or not np.allclose(affine, np.asarray(image.affine), atol=1e-2 * spacing):
+        raise ValueError(f"label {path} is not on the image's grid: shape {list(label.shape)} and affine "
+                         f"{np.round(np.asarray(label.affine), 3).tolist()} vs the image's {list(image.shape)} and "
+                         f"{np.round(np.asarray(image.affine), 3).tolist()}")
+    return torch.from_numpy(np.ascontiguousarray(data))
 
 
 def spacing_of(image) -> tuple[float, float, float]:
@@ -96,35 +119,70 @@ def model_input(grey: torch.Tensor, fitted: tuple[int, int], normalise) -> torch
     return x
 
 
-class SliceNetwork(nn.Module):
-    """The 2-D step for ``SliceInferer``: grey slices [b, 1, H, W] -> probabilities [b, S, H, W].
+class FittedSliceNetwork(nn.Module):
+    """The 2-D step for ``SliceInferer``: slices [b, C, H, W] -> probabilities [b, S, H, W].
 
-    Each slice is resized so that its longer side is the model's input size and padded bottom/right
-    (so no slice is distorted), replicated to three channels and normalised as the checkpoint expects;
-    the logits are brought to the input size, cropped to the slice and resized back, as SAM does."""
+    Channel 0 holds grey levels; further channels (a reference label map, for prompted baselines) are
+    carried along. Each slice is resized so that its longer side is the input size and padded bottom/right
+    (so no slice is distorted); ``logits`` gives square logits at any resolution, which are brought to the
+    input size, cropped to the slice and resized back, as SAM does."""
 
-    def __init__(self, model: DeLightSAM, modality: str) -> None:
+    def __init__(self, size: int, device: torch.device) -> None:
         super().__init__()
-        self.model, self.modality = model, modality
-        self.normalise = get_normalization(model)
-        self.device = next(model.parameters()).device
+        self.size, self.device = size, device
+
+    def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = slices.shape
-        size = self.model.config.img_size
-        grey, (nh, nw) = fit_to_square(slices.float().to(self.device), size)
-        out = self.model(model_input(grey, (nh, nw), self.normalise), self.modality)
-        logits = F.interpolate(out.low_res_logits, (size, size), mode="bilinear", align_corners=False)
+        b, c, h, w = slices.shape
+        slices = slices.float().to(self.device)
+        grey, (nh, nw) = fit_to_square(slices[:, :1], self.size)
+        guide = fit_to_square(slices[:, 1:], self.size, mode="nearest")[0] if c > 1 else None
+        logits = F.interpolate(self.logits(grey, (nh, nw), guide), (self.size, self.size), mode="bilinear",
+                               align_corners=False)
         logits = F.interpolate(logits[..., :nh, :nw], (h, w), mode="bilinear", align_corners=False)
         return torch.sigmoid(logits).cpu()
 
 
-def combine(probabilities: torch.Tensor, label_ids: list[int], threshold: float = 0.5) -> torch.Tensor:
+class SliceNetwork(FittedSliceNetwork):
+    """De-LightSAM on grey slices: replicated to three channels and normalised as the checkpoint expects."""
+
+    def __init__(self, model: DeLightSAM, modality: str) -> None:
+        super().__init__(model.config.img_size, next(model.parameters()).device)
+        self.model, self.modality = model, modality
+        self.normalise = get_normalization(model)
+
+    def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
+        return self.model(model_input(grey, fitted, self.normalise), self.modality).low_res_logits
+
+
+def combine(probabilities: torch.Tensor, label_ids: list[int], threshold: float = 0.5,
+            parts: dict[int, list[int]] | None = None) -> torch.Tensor:
     """[S, ...] probabilities -> label map: the most probable structure above the threshold.
-    Deterministic where structures overlap: the higher probability wins, ties go to the first structure."""
+    Deterministic where structures overlap: the higher probability wins, ties go to the first structure.
+    ``parts`` (structure index -> indices of structures inside it) lets a part above the threshold be drawn
+    over the structure that holds it (grey matter over the brain), whatever their probabilities."""
+    if parts:
+        probabilities = probabilities.clone()
+        for whole, inside in parts.items():
+            covered = (probabilities[inside] > threshold).any(dim=0)
+            probabilities[whole][covered] = 0.0
     best, index = probabilities.max(dim=0)  # max returns the first index among equal values
     ids = torch.tensor(label_ids, dtype=torch.uint8)
     return torch.where(best > threshold, ids[index], torch.zeros((), dtype=torch.uint8))
+
+
+def structure_mask(labels, structure: Structure):
+    """A structure's mask in a label map (array or tensor): its own label and its parts' labels."""
+    if isinstance(labels, torch.Tensor):
+        return torch.isin(labels, torch.tensor(structure.target_labels, dtype=labels.dtype, device=labels.device))
+    return np.isin(labels, structure.target_labels)
+
+
+def part_indices(structures: list[Structure]) -> dict[int, list[int]]:
+    index = {s.label: i for i, s in enumerate(structures)}
+    return {i: [index[p] for p in s.parts] for i, s in enumerate(structures) if s.parts}
 
 
 def clean_up(labels: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
@@ -140,13 +198,15 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=(1.0, 1.0, 
                    threshold: float = 0.5, cleanup: bool = False, progress: bool = False) -> VolumeResult:
     """Label map of a 3-D volume ([X, Y, Z] array or tensor, or [1, X, Y, Z]) on its own grid."""
     spec = model.config.modality(modality)
-    x = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
-    x = x.as_subclass(torch.Tensor)
-    if x.dim() == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.dim() != 3:
-        kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
-        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
+    return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress)
+
+
+@torch.inference_mode()
+def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=(1.0, 1.0, 1.0), batch_size: int = 8,
+                 threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None) -> VolumeResult:
+    """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
+    baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel."""
+    x = _as_volume(volume)
     if len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     finite = torch.isfinite(x)
@@ -158,14 +218,26 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=(1.0, 1.0, 
         x = torch.where(finite, x, x[finite].min())
         notes.append(f"{bad} NaN/infinite voxels were set to the volume's minimum")
     axis = slice_axis(spacing)
-    grey = to_grey_levels(x, spec.intensity or DEFAULT_INTENSITY.get(modality))
-    in_plane = [n for i, n in enumerate(grey.shape) if i != axis]
+    grey = to_grey_levels(x, spec.intensity or DEFAULT_INTENSITY.get(spec.name))[None]
+    if guide is not None:
+        grey = torch.cat([grey, _as_volume(guide).float()[None]])
+    in_plane = [n for i, n in enumerate(x.shape) if i != axis]
     inferer = SliceInferer(spatial_dim=axis, roi_size=in_plane, sw_batch_size=batch_size, overlap=0.0,
-                           progress=progress, sw_device="cpu", device="cpu")  # SliceNetwork moves slices to the model
-    network = SliceNetwork(model, modality)
-    probabilities = inferer(grey[None, None], network)[0]  # [S, X, Y, Z]
+                           progress=progress, sw_device="cpu", device="cpu")  # the network moves slices to its device
+    probabilities = inferer(grey[None], network)[0]  # [S, X, Y, Z]
     label_ids = [s.label for s in spec.structures]
-    labels = combine(probabilities, label_ids, threshold)
+    labels = combine(probabilities, label_ids, threshold, part_indices(spec.structures))
     if cleanup:
         labels = clean_up(labels, label_ids)
-    return VolumeResult(labels.numpy(), modality, axis, {s.name: s.label for s in spec.structures}, bad, notes)
+    return VolumeResult(labels.numpy(), spec.name, axis, {s.name: s.label for s in spec.structures}, bad, notes)
+
+
+def _as_volume(volume) -> torch.Tensor:
+    x = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
+    x = x.as_subclass(torch.Tensor)
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.dim() != 3:
+        kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
+        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
+    return x

@@ -7,19 +7,32 @@ from pathlib import Path
 
 from monailabel.datastore.utils.convert import nifti_to_dicom_seg
 
-# SNOMED CT codes of structures this project segments (SegmentedPropertyTypeCodeSequence).
-SNOMED = {
-    "liver": ("10200004", "Liver"), "spleen": ("78961009", "Spleen"), "kidney": ("64033007", "Kidney"),
-    "left kidney": ("18639004", "Left kidney"), "right kidney": ("9846003", "Right kidney"),
-    "stomach": ("69695003", "Stomach"), "pancreas": ("15776009", "Pancreas"), "brain": ("12738006", "Brain"),
-    "grey matter": ("389080004", "Gray matter"), "gray matter": ("389080004", "Gray matter"),
-    "white matter": ("389083002", "White matter"), "lung": ("39607008", "Lung"),
-}
+# SNOMED CT codes (SegmentedPropertyTypeCodeSequence) come from pydicom's DICOM code dictionary; these are
+# the ones it lacks, and the spellings of this project's structure names that it does not use.
+EXTRA_SNOMED = {"right kidney": ("9846003", "Right kidney"), "left kidney": ("18639004", "Left kidney")}
+ALIASES = {"kidney right": "right kidney", "kidney left": "left kidney", "grey matter": "gray matter"}
+
+
+def snomed(name: str) -> tuple[str, str] | None:
+    """(code, meaning) of a structure name such as "liver", "kidney_right" or "grey_matter"; None if unknown."""
+    from pydicom.sr.codedict import codes
+
+    key = name.lower().replace("_", " ").strip()
+    key = ALIASES.get(key, key)
+    if key in EXTRA_SNOMED:
+        return EXTRA_SNOMED[key]
+    try:
+        code = getattr(codes.SCT, "".join(word.capitalize() for word in key.split()))
+    except AttributeError:
+        return None
+    return code.value, code.meaning
+
+
 ANATOMICAL_STRUCTURE = {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
 
 
 def segment_info(name: str, label: int) -> dict:
-    code, meaning = SNOMED.get(name.lower(), ("91723000", "Anatomical structure"))
+    code, meaning = snomed(name) or ("91723000", "Anatomical structure")
     return {"name": name, "segmentAttribute": {
         "labelID": label, "SegmentLabel": name, "SegmentDescription": name,
         "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": "De-LightSAM",

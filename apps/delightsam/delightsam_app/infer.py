@@ -68,6 +68,17 @@ class DeLightSAMInfer(BasicInferTask):
         self._refresh()
         return super().info()
 
+    def served_modalities(self) -> list[str]:
+        self._refresh()
+        return list(self._config["modality"][1:])
+
+    def structures_of(self, modality: str) -> dict[str, int]:
+        config = checkpoint_config(self.served_checkpoint()) if self.served_checkpoint() else None
+        for m in (config or {}).get("modalities", []):
+            if m["name"] == modality:
+                return {s["name"]: s["label"] for s in m["structures"]}
+        return {}
+
     def _folders(self) -> list[Path]:
         default = self.settings.checkpoint
         return [f for f in (default.parent if default else None, self.published_dir, self.published_dir / "versions") if f]
@@ -210,10 +221,14 @@ def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
 
 
 def dicom_modality(path) -> str | None:
-    """The Modality tag of a DICOM file, or of the first file of a series folder; None for other files."""
+    """The Modality tag of a DICOM file, or of the first file of a series folder, or of the series folder
+    beside a NIfTI made from it (how a DICOMweb datastore caches series); None for other files."""
     if not path:
         return None
     path = Path(str(path))
+    source = path.with_name(path.name.removesuffix(".nii.gz"))
+    if path.name.endswith(".nii.gz") and source.is_dir():
+        path = source
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     for f in files[:5]:
         try:

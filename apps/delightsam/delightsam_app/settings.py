@@ -10,6 +10,7 @@ from monailabel.utils.others.generic import strtobool
 from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[3]
+DEFAULT_MODEL = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"  # the starter bundle
 
 
 @dataclass
@@ -40,14 +41,16 @@ class AppSettings:
 
 
 def resolve_checkpoint(value: str | None, app_dir: Path) -> Path | None:
-    """An explicit path (absolute, or relative to the repository or the app), else the first
-    ``*.safetensors`` under the repository's models/ folder."""
+    """An explicit path (absolute, or relative to the repository or the app), else the starter model, else
+    the first ``*.safetensors`` under the repository's models/ folder."""
     if value:
         path = Path(value).expanduser()
         for candidate in (path, REPO / path, app_dir / path):
             if candidate.exists():
                 return candidate.resolve()
         return path  # reported as missing by the infer task
+    if DEFAULT_MODEL.is_file():
+        return DEFAULT_MODEL
     found = sorted((REPO / "models").rglob("*.safetensors"))
     return found[0].resolve() if found else None
 

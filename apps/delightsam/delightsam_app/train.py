@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
@@ -24,6 +25,7 @@ from delightsam import load_model
 from delightsam.training import TRAINABLE, TrainConfig, TrainItem, publish_version, train, update_split
 from delightsam.teachers import TEACHERS
 
+from . import pacs
 from .infer import dicom_modality
 
 logger = logging.getLogger(__name__)
@@ -56,6 +58,9 @@ class DeLightSAMTrain(TrainTask):
 
     def _items(self, datastore) -> list[TrainItem]:
         """Every image with a final label, by its datastore id (a file name stem, or a SeriesInstanceUID)."""
+        if isinstance(datastore, DICOMWebDatastore):  # the SEGs in the PACS, by segment name
+            found = pacs.training_items(datastore, self.infer_task.structures_of, str(self.model_dir / "pacs_labels"))
+            return [TrainItem(*item) for item in found]
         items = []
         for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
             image = datastore.get_image_uri(image_id)

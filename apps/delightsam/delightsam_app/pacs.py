@@ -1,0 +1,163 @@
+"""The app over a DICOMweb PACS (monailabel's DICOMWebDatastore): which series it lists, and clear errors
+where monailabel would answer a bare 500 (a PACS that does not answer, a series that is a SEG or of another
+modality, a series the PACS cannot send)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Callable
+
+import requests
+from fastapi import HTTPException
+from pydicom import Dataset
+
+logger = logging.getLogger(__name__)
+IMAGE_MODALITIES = {"CT", "MR"}
+
+
+def list_series(datastore, modalities: Callable[[], list[str]]) -> list[str]:
+    """The image series of every served modality (QIDO matches one Modality value per query)."""
+    base = {k: v for k, v in datastore._search_filter.items() if k != "Modality"}
+    uids = set()
+    for modality in modalities():
+        for found in datastore._client.search_for_series(search_filters={**base, "Modality": modality}):
+            uids.add(str(Dataset.from_json(found)["SeriesInstanceUID"].value))
+    return sorted(uids)
+
+
+def tolerant(method: Callable, base_url: str) -> Callable:
+    """``method`` of the datastore, answering [] (and logging why) while the PACS does not answer, so that
+    /info, the datastore listing and everything that calls them go on."""
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except requests.RequestException as e:
+            logger.error(f"the PACS at {base_url} did not answer ({getattr(method, '__name__', 'list_series')}): "
+                         f"{_reason(e)}")
+            return []
+
+    return call
+
+
+def _fail(status: int, message: str) -> HTTPException:
+    logger.error(message)
+    return HTTPException(status, message)
+
+
+def _reason(error: requests.RequestException) -> str:
+    response = getattr(error, "response", None)
+    if response is None:
+        return f"{type(error).__name__}: {str(error)[:200]}"
+    return f"HTTP {response.status_code} {response.reason}: {response.text[:200].strip()}"
+
+
+def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
+    """Checks a series before it is downloaded, downloads it (once; monailabel caches it) and returns its local
+    path, or raises an HTTPException that names the problem. A failed download leaves no partial copy."""
+    pacs = datastore._client.base_url
+    try:
+        found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+    except requests.RequestException as e:
+        raise _fail(502, f"the PACS at {pacs} did not answer the search for series {series_uid}: {_reason(e)}") from e
+    if not found:
+        raise _fail(404, f"no series {series_uid} in the PACS at {pacs}")
+    modality = str(Dataset.from_json(found[0]).get("Modality", "") or "none")
+    if modality == "SEG":
+        raise _fail(422, f"series {series_uid} is a DICOM SEG (a segmentation), not an image: run "
+                         f"auto-segmentation on the image series it refers to")
+    if modality not in modalities:
+        raise _fail(422, f"series {series_uid} has Modality {modality}; De-LightSAM segments "
+                         f"{' and '.join(modalities)} series")
+    image_dir = os.path.join(datastore._datastore.image_path(), series_uid)
+    try:
+        return datastore.get_image_uri(series_uid)
+    except requests.RequestException as e:
+        _forget(datastore, series_uid, image_dir)
+        raise _fail(502, f"the PACS at {pacs} could not send series {series_uid} ({modality}): {_reason(e)}") from e
+    except Exception as e:  # the series came, but is no readable volume (transfer syntax, geometry)
+        _forget(datastore, series_uid, image_dir)
+        raise _fail(422, f"series {series_uid} ({modality}) could not be read as an image volume: "
+                         f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _forget(datastore, series_uid: str, image_dir: str) -> None:
+    """Removes what a failed download left, so that the next request downloads the series again."""
+    shutil.rmtree(image_dir, ignore_errors=True)
+    nifti = os.path.join(datastore._datastore.image_path(), f"{series_uid}.nii.gz")
+    if os.path.exists(nifti):
+        os.unlink(nifti)
+
+
+def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]], save_label):
+    """Wraps the DICOMweb datastore's save_label: a `final` label becomes a DICOM SEG whose segments carry
+    the structures' names and SNOMED CT codes (monailabel pairs label_info with the label's ids in ascending
+    order, by position, and without it names every segment "unknown" with one fixed code)."""
+    import numpy as np
+    from monai.transforms import LoadImage
+
+    from .dicom_seg import segment_info
+
+    def save(image_id, label_filename, label_tag, label_info, label_id=""):
+        modality = str(datastore.get_image_info(image_id).get("Modality") or "")
+        if not modality:
+            found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
+            modality = str(Dataset.from_json(found[0]).get("Modality", "")) if found else ""
+        names = {label: name for name, label in structures(modality.lower()).items()}
+        if names and not str(label_filename).endswith(".bin"):
+            ids = sorted(int(i) for i in np.unique(np.asarray(LoadImage(image_only=True)(label_filename))) if i)
+            label_info = {**(label_info or {}), "label_info": [
+                {**segment_info(names.get(i, f"label {i}"), i), "model_name": "De-LightSAM"} for i in ids]}
+        return save_label(image_id, label_filename, label_tag, label_info, label_id)
+
+    return save
+
+
+def seg_label(seg_dir: str, names_to_ids: dict[str, int], out_path: str) -> str:
+    """A DICOM SEG series folder -> a label map in the model's ids (the SEG numbers its segments 1, 2, ... in
+    its own order; each segment's label names the structure). Segments of unknown names are dropped."""
+    import numpy as np
+    import pydicom
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir))
+    seg = pydicom.dcmread(files[0])
+    image = pydicom_seg.MultiClassReader().read(seg).image
+    numbers = sitk.GetArrayFromImage(image)
+    labels = np.zeros(numbers.shape, np.uint8)
+    for segment in seg.SegmentSequence:
+        label = names_to_ids.get(str(segment.SegmentLabel))
+        if label is None:
+            logger.warning(f"{seg_dir}: segment {segment.SegmentNumber} {segment.SegmentLabel!r} is not a structure "
+                           f"of this model; left out of training")
+            continue
+        labels[numbers == int(segment.SegmentNumber)] = label
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    sitk.WriteImage(out, out_path, True)
+    return out_path
+
+
+def training_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> list[tuple]:
+    """(image id, image path, label path, modality) of every image series with a SEG in the PACS. The SEGs
+    are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name."""
+    from monailabel.datastore.local import LocalDatastore
+    from monailabel.interfaces.datastore import DefaultLabelTag
+
+    datastore.datalist()  # downloads every SEG that refers to a listed series
+    os.makedirs(out_dir, exist_ok=True)
+    items = []
+    for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+        info = datastore.get_image_info(image_id) or {}
+        modality = str(info.get("Modality") or "").lower()
+        seg_uid = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("SeriesInstanceUID")
+        seg_dir = os.path.join(datastore._datastore.label_path(DefaultLabelTag.FINAL), str(seg_uid))
+        image = datastore.get_image_uri(image_id)
+        if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
+            label = seg_label(seg_dir, structures_of(modality), os.path.join(out_dir, f"{image_id}.nii.gz"))
+        else:  # saved through this server and not re-read from the PACS: the label map as it was saved
+            label = LocalDatastore.get_label_uri(datastore, image_id, DefaultLabelTag.FINAL)
+        items.append((image_id, image, label, modality))
+    return items

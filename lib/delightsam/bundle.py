@@ -1,0 +1,34 @@
+"""What a MONAI Bundle's configs need to run De-LightSAM with MONAI's own tools (``python -m monai.bundle run``).
+
+The bundle's configs/inference.json loads the checkpoint with ``delightsam.load_model``, reads volumes with
+MONAI's ``LoadImaged``, runs a ``SupervisedEvaluator`` with ``VolumeInferer`` (the app's whole-volume path)
+and writes label maps with ``SaveImaged``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+
+from .volume import segment_volume
+
+
+class VolumeInferer(Inferer):
+    """inputs [B, 1, X, Y, Z] (MetaTensors with their affines) -> label maps [B, 1, X, Y, Z] on the same grids."""
+
+    def __init__(self, modality: str, batch_size: int = 4, cleanup: bool = False) -> None:
+        self.modality, self.batch_size, self.cleanup = modality, batch_size, cleanup
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
+        outputs = []
+        for i in range(inputs.shape[0]):
+            volume = inputs[i, 0]
+            affine = volume.affine if isinstance(volume, MetaTensor) else torch.eye(4)
+            spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+            result = segment_volume(network, volume, self.modality, spacing, self.batch_size, cleanup=self.cleanup)
+            outputs.append(torch.from_numpy(result.labels)[None])
+        labels = torch.stack(outputs)
+        return MetaTensor(labels, meta=inputs.meta, applied_operations=inputs.applied_operations) \
+            if isinstance(inputs, MetaTensor) else labels

@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""The starter model's recipe: real data from PyPI, the train task's code, an evaluation beside peers.
+
+  make starter      (= python scripts/train_starter.py after `make samples`)
+
+1. Data (scripts/fetch_samples.py): the TotalSegmentator sdist's CTs with their label maps and the MNI152
+   template with its tissue maps (nilearn wheel). The split is by volume and fixed here (SPLIT): no
+   evaluation volume is trained on or used to pick a model.
+2. A De-LightSAM at input 256 with CT and MR modalities sharing one DC-Encoder controller (as the released
+   modalities share theirs; it keeps the file under 30 MB in half precision), the trunk initialised from
+   LiteMedSAM's TinyViT.
+3. Stage 1, distillation only (MSE to LiteMedSAM's embedding), then stage 2, distillation plus the
+   segmentation and patch losses; each stage stops at a CPU-time budget (``training.train``).
+4. The peer: a MONAI 2-D U-Net on the same slices for the same CPU time as both stages together.
+5. ``delightsam.evaluation`` on the held-out volumes: the starter model, the distilled-only model, the U-Net
+   and LiteMedSAM with reference boxes; report, figures and JSON in the bundle's docs/evaluation/.
+6. The starter checkpoint, in half precision, as the bundle's models/model.safetensors.
+
+``--quick`` runs every step with tiny budgets into another folder (the CI test of the recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from delightsam import DeLightSAMConfig, load_model, save_model
+from delightsam.baselines import LiteMedSAMBoxNetwork, load_unet, save_unet, train_unet
+from delightsam.losses import LossWeights
+from delightsam.model import DeLightSAM
+from delightsam.teachers import init_trunk_from
+from delightsam.training import SliceData, TrainConfig, TrainItem, train
+from delightsam.volume import DEFAULT_INTENSITY
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / "models" / "delightsam_ct_mr"
+# (name, label id in this model, TotalSegmentator "total" class id)
+CT_STRUCTURES = [("liver", 1, 5), ("spleen", 2, 1), ("kidney_right", 3, 2), ("kidney_left", 4, 3), ("stomach", 5, 6)]
+# (name, label id, parts): the MNI tissue map's ids (scripts/fetch_samples.py); the brain holds both matters
+MR_STRUCTURES = [("brain", 1, [2, 3]), ("grey_matter", 2, []), ("white_matter", 3, [])]
+# (modality, id, image under data/, label under data/samples/labels/)
+SPLIT = {
+    "train": [("ct", "ts_ct_small", "studies/ts_ct_small.nii.gz", "ts_ct_small.nii.gz"),
+              ("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz")],
+    "evaluation": [("ct", "ts_ct_dicom", "samples/ts_ct_dicom", "ts_ct_dicom.nii.gz")],
+    # the only labelled brain MR available offline is the template trained on: scored, and reported as a
+    # fit to the training volume, never as held-out accuracy
+    "training_fit": [("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz")],
+}
+BUDGETS = {"distill": 300.0, "segment": 2700.0}  # CPU seconds (all threads of the process)
+QUICK_BUDGETS = {"distill": 10.0, "segment": 20.0}
+
+
+def prepare_labels(data: Path, work: Path) -> dict[str, Path]:
+    """Label maps in this model's ids: TotalSegmentator's classes renumbered, other classes dropped."""
+    out = work / "labels"
+    out.mkdir(parents=True, exist_ok=True)
+    mapping = {ts: ours for _, ours, ts in CT_STRUCTURES}
+    paths = {}
+    for cases in SPLIT.values():
+        for modality, case_id, _, label in cases:
+            source, target = data / "samples" / "labels" / label, out / f"{case_id}.nii.gz"
+            if modality == "ct":
+                image = nib.load(source)
+                ts = np.asarray(image.dataobj).astype(np.int64)
+                ours = np.zeros(ts.shape, np.uint8)
+                for ts_id, our_id in mapping.items():
+                    ours[ts == ts_id] = our_id
+                nib.save(nib.Nifti1Image(ours, image.affine, image.header), target)
+            else:
+                shutil.copyfile(source, target)
+            paths[case_id] = target
+    return paths
+
+
+def items(kind: str, data: Path, labels: dict[str, Path]) -> list[TrainItem]:
+    return [TrainItem(case_id, str(data / image), str(labels[case_id]), modality)
+            for modality, case_id, image, _ in SPLIT[kind]]
+
+
+def build_model(version: str) -> DeLightSAM:
+    model = DeLightSAM(DeLightSAMConfig(img_size=256, version=version, description=(
+        "De-LightSAM starter model (CT abdomen, MR brain), trained by scripts/train_starter.py")))
+    model.add_modality("ct", [(n, i) for n, i, _ in CT_STRUCTURES], intensity=DEFAULT_INTENSITY["ct"],
+                       controller="radiology")
+    model.add_modality("mr", MR_STRUCTURES, intensity=DEFAULT_INTENSITY["mr"], controller="radiology")
+    loaded, skipped = init_trunk_from(model, "lite_medsam")
+    print(f"trunk from LiteMedSAM: {len(loaded)} tensors loaded, {len(skipped)} skipped ({', '.join(skipped)})")
+    return model
+
+
+def stage(model: DeLightSAM, train_items, work: Path, name: str, budget: float, loss: LossWeights) -> dict:
+    run = work / name
+    shutil.rmtree(run, ignore_errors=True)  # a rebuild starts over; nothing is resumed from an older recipe
+    config = TrainConfig(epochs=1_000_000, steps_per_epoch=50, batch_size=4, trainable="all", teacher="lite_medsam",
+                         cache_dir=str(work / "embedding_cache"), loss=loss, max_cpu_seconds=budget, tracking="none")
+    stats = train(model, train_items, [], config, run, log=print)
+    print(f"stage {name}: {stats['steps']} steps, {stats['cpu_seconds']:.0f} CPU s, loss {stats['loss']}")
+    return stats
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="where fetch_samples.py put the data")
+    parser.add_argument("--work", type=Path, default=ROOT / "data" / "starter", help="intermediate files")
+    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the MONAI bundle to write the model into")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, held-out set only (the CI test)")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="evaluate the models a previous run left in --work (re-make the report only)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    began = time.time()
+    budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    labels = prepare_labels(args.data, work)
+    train_items = items("train", args.data, labels)
+    timings = {}
+    if not args.skip_training:
+        model = build_model(f"starter-{time.strftime('%Y%m%d')}")
+        t = time.time()
+        stats_distill = stage(model, train_items, work, "distill", budgets["distill"], LossWeights(1.0, 0.0, 0.0))
+        save_model(model, work / "distilled.safetensors")
+        stats_segment = stage(model, train_items, work, "segment", budgets["segment"], LossWeights(1.0, 1.0, 1.0))
+        save_model(model, work / "starter.safetensors")
+        timings["delightsam_training_wall_s"] = time.time() - t
+        t = time.time()
+        cpu = stats_distill["cpu_seconds"] + stats_segment["cpu_seconds"]
+        net, unet_stats = train_unet(SliceData(train_items, model), model, max_cpu_seconds=cpu)
+        save_unet(net, model, work / "unet_baseline.safetensors", unet_stats)
+        timings["unet_training_wall_s"] = time.time() - t
+        (work / "training.json").write_text(json.dumps(
+            {"distill": stats_distill, "segment": stats_segment, "unet": unet_stats, "timings": timings}, indent=1))
+    training = json.loads((work / "training.json").read_text())
+    from delightsam.evaluation import Case, DeLightSAMMethod, GuidedMethod, UNetMethod, evaluate
+
+
+    starter, distilled = load_model(work / "starter.safetensors"), load_model(work / "distilled.safetensors")
+    unet, unet_meta = load_unet(work / "unet_baseline.safetensors")
+    methods = [DeLightSAMMethod("De-LightSAM starter", starter),
+               DeLightSAMMethod("De-LightSAM distilled only (before fine-tuning)", distilled),
+               UNetMethod("MONAI 2-D U-Net, same data and CPU time", unet, unet_meta, starter.config),
+               GuidedMethod("LiteMedSAM + box from the reference (prompted)", starter.config,
+                            lambda spec: LiteMedSAMBoxNetwork(spec.structures))]
+    sets = {"held-out": SPLIT["evaluation"]} if args.quick else {"held-out": SPLIT["evaluation"],
+                                                                  "training fit (not held out)": SPLIT["training_fit"]}
+    cases = {name: [Case(case_id, str(args.data / image), str(labels[case_id]), modality)
+                    for modality, case_id, image, _ in entries] for name, entries in sets.items()}
+    report_dir = args.bundle / "docs" / "evaluation"
+    t = time.time()
+    evaluate(methods, cases, report_dir, context={
+        "split": {k: [c[1] for c in v] for k, v in SPLIT.items()}, "training": training,
+        "recipe": "python scripts/train_starter.py" + (" --quick" if args.quick else "")})
+    timings["evaluation_wall_s"] = time.time() - t
+    target = args.bundle / "models" / "model.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_model(starter, target, half=True)
+    timings["total_wall_s"] = time.time() - began
+    (report_dir / "timings.json").write_text(json.dumps(timings, indent=1))
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and {report_dir}; timings {timings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

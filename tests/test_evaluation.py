@@ -1,0 +1,144 @@
+"""Evaluation: label grids, metrics, structures made of parts, the report and the `delightsam evaluate` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import delightsam
+from delightsam.cli import main as cli
+from delightsam.config import Structure
+from delightsam.evaluation import score
+from delightsam.training import SliceData, TrainConfig, TrainItem, train
+from delightsam.volume import combine, part_indices, read_label, read_volume, structure_mask
+
+BRAIN = [Structure("brain", 1, 0, [2, 3]), Structure("grey_matter", 2, 1), Structure("white_matter", 3, 2)]
+
+
+def _nifti(path, data, affine):
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_a_label_stored_flipped_is_read_onto_the_image_grid(tmp_path):
+    """The TotalSegmentator label of the DICOM CT is stored with y reversed; read as is, it would not lie
+    on the organ (this once made a validation score wrong)."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    label = (rng.random((6, 5, 4)) > 0.5).astype(np.uint8)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    flipped = affine.copy()
+    flipped[1, 1], flipped[1, 3] = -2.0, 2.0 * 4  # y runs the other way, from the other end
+    img = read_volume(_nifti(tmp_path / "image.nii.gz", image, affine))
+    on_grid = read_label(_nifti(tmp_path / "label.nii.gz", label[:, ::-1].copy(), flipped), img)
+    np.testing.assert_array_equal(np.asarray(on_grid), label)
+    shifted = affine.copy()
+    shifted[0, 3] = 10.0
+    with pytest.raises(ValueError, match="not on the image's grid"):
+        read_label(_nifti(tmp_path / "shifted.nii.gz", label, shifted), img)
+
+
+def test_the_sample_dicom_label_lies_on_the_liver(samples):
+    image = read_volume(samples / "samples" / "ts_ct_dicom")
+    label = np.asarray(read_label(samples / "samples" / "labels" / "ts_ct_dicom.nii.gz", image))
+    hu = np.asarray(image)
+    assert 40 < hu[label == 5].mean() < 200  # liver tissue (contrast CT), not fat or air
+
+
+def test_score_dice_hd95_and_absent_structures():
+    reference = np.zeros((20, 20, 5), np.uint8)
+    reference[5:15, 5:15] = 1
+    predicted = np.zeros_like(reference)
+    predicted[5:15, 7:17] = 1
+    predicted[0:2, 0:2] = 3  # structure 3 is not in the reference
+    structures = [Structure("a", 1, 0), Structure("b", 2, 1), Structure("c", 3, 2)]
+    s = score(predicted, reference, structures, (1.0, 1.0, 2.0))
+    assert s["a"]["dice"] == pytest.approx(0.8)  # 2 * 400 / (500 + 500)
+    assert s["a"]["hd95_mm"] == pytest.approx(2.0)
+    assert s["b"]["dice"] is None and s["b"]["hd95_mm"] is None  # absent and not predicted: not scored
+    assert s["c"]["dice"] == 0.0 and s["c"]["reference_voxels"] == 0 and s["c"]["predicted_voxels"] == 20
+
+
+def test_a_structure_is_its_label_and_its_parts():
+    labels = torch.tensor([0, 1, 2, 3, 2])
+    assert structure_mask(labels, BRAIN[0]).tolist() == [False, True, True, True, True]
+    assert structure_mask(labels.numpy(), BRAIN[1]).tolist() == [False, False, True, False, True]
+    # grey matter above the threshold is drawn over the brain that holds it, even when less probable
+    probabilities = torch.tensor([[0.99, 0.99, 0.2], [0.6, 0.1, 0.1], [0.1, 0.7, 0.1]])
+    assert combine(probabilities, [1, 2, 3], parts=part_indices(BRAIN)).tolist() == [2, 3, 0]
+    assert combine(probabilities, [1, 2, 3]).tolist() == [1, 1, 0]  # without parts the brain would win
+    with pytest.raises(ValueError, match="parts"):
+        delightsam.DeLightSAM(delightsam.DeLightSAMConfig(img_size=256)).add_modality(
+            "mr", [("brain", 1, [7]), ("grey_matter", 2)])
+
+
+def test_training_targets_of_a_whole_include_its_parts(tmp_path):
+    label = np.zeros((8, 8, 3), np.uint8)
+    label[2:6, 2:6] = 1
+    label[3:5, 3:5] = 2
+    image = np.random.default_rng(0).normal(size=label.shape).astype(np.float32)
+    affine = np.eye(4)
+    item = TrainItem("x", str(_nifti(tmp_path / "i.nii.gz", image, affine)),
+                     str(_nifti(tmp_path / "l.nii.gz", label, affine)), "mr")
+    model = delightsam.DeLightSAM(delightsam.DeLightSAMConfig(img_size=64))
+    model.add_modality("mr", [("brain", 1, [2]), ("grey_matter", 2)])
+    data = SliceData([item], model)
+    brain, grey = data.masks[0][:, 0], data.masks[0][:, 1]
+    assert int(brain.sum()) == 4 * int(grey.sum()) > 0  # the 4x4 brain square holds the 2x2 grey square
+    assert bool((brain | ~grey).all())
+
+
+def test_training_stops_at_its_cpu_budget(tmp_path, samples):
+    model = delightsam.DeLightSAM(delightsam.DeLightSAMConfig(img_size=64))
+    model.add_modality("ct", [("liver", 5)], intensity={"window": [-160, 240]})
+    item = TrainItem("small", str(samples / "studies" / "ts_ct_small.nii.gz"),
+                     str(samples / "samples" / "labels" / "ts_ct_small.nii.gz"), "ct")
+    config = TrainConfig(epochs=1000, steps_per_epoch=5, batch_size=2, trainable="all", teacher=None,
+                         tracking="none", max_cpu_seconds=3.0)
+    stats = train(model, [item], [], config, tmp_path / "run")
+    assert "CPU budget" in stats["stopped"]
+    assert 1 <= stats["steps"] < 5000 and stats["cpu_seconds"] >= 3.0
+    again = train(model, [item], [], config, tmp_path / "run", log=lambda m: None)
+    assert again["steps"] >= 1  # a budget-stopped run is finished, not resumed at its last epoch
+
+
+def _tiny_checkpoint(path, seed=0):
+    torch.manual_seed(seed)
+    model = delightsam.DeLightSAM(delightsam.DeLightSAMConfig(img_size=64, version=f"tiny{seed}"))
+    model.add_modality("ct", [("liver", 1), ("spleen", 2)], intensity={"window": [-160, 240]})
+    # a biased liver query: the random model predicts "liver" somewhere, so the report has numbers
+    with torch.no_grad():
+        model.decoder.query_groups["ct"][0] += 1.0
+    return delightsam.save_model(model.eval(), path)
+
+
+def test_evaluate_command_writes_a_report_with_figures(tmp_path, samples):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    shutil.copytree(samples / "samples" / "ts_ct_dicom", images / "ts_ct_dicom")
+    raw = nib.load(samples / "samples" / "labels" / "ts_ct_dicom.nii.gz")
+    ours = np.where(np.asarray(raw.dataobj) == 5, 1, np.where(np.asarray(raw.dataobj) == 1, 2, 0)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(ours, raw.affine), labels / "ts_ct_dicom.nii.gz")
+    a, b = _tiny_checkpoint(tmp_path / "a.safetensors", 0), _tiny_checkpoint(tmp_path / "b.safetensors", 1)
+    out = tmp_path / "report"
+    assert cli(["evaluate", "--checkpoint", str(a), "--checkpoint", str(b), "--data", f"ct:{images}:{labels}",
+                "--output", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    entry = report["sets"]["evaluation"][0]
+    assert entry["case"] == "ts_ct_dicom" and set(entry["methods"]) == {"a", "b"}
+    liver = entry["methods"]["a"]["structures"]["liver"]
+    assert liver["reference_voxels"] == int((ours == 1).sum())
+    text = (out / "report.md").read_text()
+    assert "| a |" in text and "| b |" in text and "liver" in text and "spleen" in text
+    assert ("loses" in text) or ("at least as good" in text)
+    figure = out / entry["figure"]
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and figure.stat().st_size > 10_000
+    # bad input names the problem
+    assert cli(["evaluate", "--checkpoint", str(a), "--data", f"xray:{images}:{labels}", "--output", str(out)]) == 2
+    assert cli(["evaluate", "--checkpoint", str(a), "--data", f"ct:{images}:{tmp_path}", "--output", str(out)]) == 2

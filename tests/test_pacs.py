@@ -1,0 +1,356 @@
+"""The PACS path: `scripts/pacs.py` (Orthanc over DICOMweb, in its own loopback-only network namespace, and the
+app on it), REST inference by SeriesInstanceUID, DICOM SEG results and saved labels in Orthanc, errors, and
+OHIF's auto-segment button in headless Chromium (Debian's, driven by Playwright).
+
+Needs Debian's orthanc, orthanc-dicomweb, orthanc-gdcm, socat and chromium (`make pacs` installs them; CI's
+.ci/run too); without them these tests fail in CI and are skipped elsewhere."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+from conftest import REPO
+
+TOOLS = ["/usr/sbin/Orthanc", "/usr/bin/socat", "/usr/bin/chromium",
+         "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so"]
+ARTIFACTS = Path(os.environ.get("DELIGHTSAM_ARTIFACTS", REPO / "test-artifacts"))
+
+
+def _free_port() -> int:
+    from conftest import _free_port as free
+
+    return free()
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory, samples):
+    missing = [t for t in TOOLS if not Path(t).exists()]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"the PACS tests need {missing} (apt-get install orthanc orthanc-dicomweb orthanc-gdcm socat chromium)")
+        pytest.skip(f"no {missing}: `make pacs` installs them")
+    work = tmp_path_factory.mktemp("pacs")
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
+    began = time.time()
+    proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pacs.py"), "--no-install", "--work", str(work),
+                             "--port", str(_free_port()), "--orthanc-port", str(_free_port())],
+                            stdout=open(work / "pacs.out", "w"), stderr=subprocess.STDOUT, env=env)
+    ready = work / "ready.json"
+    while not ready.exists():
+        if proc.poll() is not None or time.time() - began > 300:
+            proc.kill()
+            pytest.fail(f"scripts/pacs.py did not come up:\n{(work / 'pacs.out').read_text()[-3000:]}\n"
+                        f"{(work / 'monailabel.log').read_text()[-3000:] if (work / 'monailabel.log').exists() else ''}")
+        time.sleep(1)
+    info = json.loads(ready.read_text())
+    info.update(work=work, startup_s=time.time() - began, timings={})
+    yield info
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "pacs_timings.json").write_text(json.dumps({"startup_s": info["startup_s"], **info["timings"]}, indent=1))
+
+
+def _infer(pacs, series: str, output: str = "image", **params):
+    return requests.post(f"{pacs['app']}/infer/delightsam", params={"image": series, "output": output},
+                         files={"params": (None, json.dumps(params))}, timeout=600)
+
+
+def _qido(pacs, **query):
+    return requests.get(f"{pacs['orthanc']}/dicom-web/series", params=query, timeout=30).json() or []
+
+
+def _read_label(content: bytes, suffix: str, tmp: Path):
+    import SimpleITK as sitk
+
+    path = tmp / f"label{suffix}"
+    path.write_bytes(content)
+    return sitk.ReadImage(str(path))
+
+
+def test_the_pacs_holds_two_studies_and_the_app_lists_ct_and_mr(pacs):
+    assert {s["00080060"]["Value"][0] for s in _qido(pacs)} >= {"CT", "MR"}
+    stats = requests.get(f"{pacs['app']}/datastore/", params={"output": "stats"}, timeout=30).json()
+    assert stats["total"] == 2  # the CT and the MR series, no SEG
+
+
+def test_infer_by_series_uid_takes_the_modality_from_the_series(pacs, tmp_path):
+    import SimpleITK as sitk
+
+    for kind, structures in (("ct", {"liver", "spleen"}), ("mr", {"brain"})):
+        began = time.time()
+        reply = _infer(pacs, pacs["series"][kind]["series"], "all", result_extension=".nrrd", result_dtype="uint8")
+        pacs["timings"][f"rest_first_infer_{kind}_s"] = time.time() - began
+        assert reply.status_code == 200, reply.text
+        parts = _multipart(reply)
+        params = json.loads(parts["params"])
+        assert params["modality"] == kind and params["modality_source"] == "DICOM Modality tag"
+        label = _read_label(parts["image"], ".nrrd", tmp_path)
+        files = pacs["series"][kind]["files"]
+        assert label.GetSize()[2] == files and label.GetPixelID() == sitk.sitkUInt8
+        present = {n for n, i in params["structures"].items() if (sitk.GetArrayFromImage(label) == i).any()}
+        assert structures <= present, present
+    began = time.time()
+    assert _infer(pacs, pacs["series"]["ct"]["series"], "json").status_code == 200
+    pacs["timings"]["rest_warm_infer_ct_s"] = time.time() - began
+
+
+def _multipart(reply) -> dict[str, bytes]:
+    from requests_toolbelt.multipart import decoder
+
+    parts = {}
+    for part in decoder.MultipartDecoder.from_response(reply).parts:
+        disposition = part.headers[b"Content-Disposition"].decode()
+        name = disposition.split("name=")[1].split(";")[0].strip('"')
+        parts[name] = part.content if name != "params" else part.content.decode()
+    return parts
+
+
+def _seg_of(pacs, series_uid: str) -> pydicom.Dataset:
+    study = _qido(pacs, SeriesInstanceUID=series_uid)[0]["0020000D"]["Value"][0]
+    reply = requests.get(f"{pacs['orthanc']}/dicom-web/studies/{study}/series/{series_uid}",
+                         headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=60)
+    from requests_toolbelt.multipart import decoder
+
+    return pydicom.dcmread(io.BytesIO(decoder.MultipartDecoder.from_response(reply).parts[0].content))
+
+
+def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp_path):
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    ct = pacs["series"]["ct"]["series"]
+    reply = _infer(pacs, ct, "image", result_extension=".nii.gz", result_dtype="uint8")
+    label_path = tmp_path / "final.nii.gz"
+    label_path.write_bytes(reply.content)
+    before = {s["0020000E"]["Value"][0] for s in _qido(pacs, Modality="SEG")}
+    began = time.time()
+    saved = requests.put(f"{pacs['app']}/datastore/label", params={"image": ct, "tag": "final"},
+                         files={"label": ("final.nii.gz", label_path.read_bytes()),
+                                "params": (None, json.dumps({"label_info": [{"name": "whatever"}]}))}, timeout=300)
+    pacs["timings"]["save_final_seg_s"] = time.time() - began
+    assert saved.status_code == 200, saved.text
+    new = {s["0020000E"]["Value"][0] for s in _qido(pacs, Modality="SEG")} - before
+    assert len(new) == 1
+    seg = _seg_of(pacs, new.pop())
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+    segments = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
+    assert segments.get("liver") == "10200004" and segments.get("spleen", "78961009") == "78961009"
+    # voxel for voxel: the SEG read back equals the label that was saved
+    decoded = pydicom_seg.MultiClassReader().read(seg).image
+    expected = sitk.ReadImage(str(label_path))
+    decoded = sitk.Resample(decoded, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    got, want = sitk.GetArrayFromImage(decoded), sitk.GetArrayFromImage(expected)
+    names = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
+    ids = json.loads(requests.get(f"{pacs['app']}/info/", timeout=30).text)["models"]["delightsam"]["labels"]
+    remapped = np.zeros_like(got)
+    for number, name in names.items():
+        remapped[got == number] = ids[name]
+    np.testing.assert_array_equal(remapped, want)
+    # the train task sees it: the datastore counts the series as labelled
+    time.sleep(6)  # the datastore's DICOMweb listing cache (MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=5)
+    stats = requests.get(f"{pacs['app']}/datastore/", params={"output": "stats"}, timeout=60).json()
+    assert stats["completed"] >= 1
+    # and trains on it: the SEG, read back from the PACS, becomes a label map in the model's ids
+    from monailabel.client import MONAILabelClient
+
+    client = MONAILabelClient(pacs["app"], tmpdir=str(tmp_path))
+    client.train_start("delightsam", {"max_epochs": 1, "steps_per_epoch": 1, "train_batch_size": 1,
+                                      "teacher": "none", "tracking": "none", "val_split": 0})
+    deadline = time.time() + 600
+    while (status := client.train_status()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+        assert time.time() < deadline, status
+        time.sleep(2)
+    assert status["status"] == "DONE", status
+    assert client.info()["train_stats"]["delightsam"]["train_items"] == 1
+    trained_on = sitk.ReadImage(str(pacs["work"] / "model" / "pacs_labels" / f"{ct}.nii.gz"))
+    trained_on = sitk.Resample(trained_on, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(trained_on), want)
+
+
+def _upload_variant(pacs, tmp_path, name: str, change) -> str:
+    """Four slices of the CT series with new UIDs and one change, uploaded to Orthanc; returns the series UID."""
+    from pydicom.uid import generate_uid
+
+    study, series = generate_uid(entropy_srcs=["test-study", name]), generate_uid(entropy_srcs=["test", name])
+    for i, f in enumerate(sorted((pacs["work"] / "series" / "ct").glob("*.dcm"))[:4]):
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series  # a study of its own: the viewer's stays clean
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["test", name, str(i)])
+        change(ds)
+        out = io.BytesIO()
+        ds.save_as(out, write_like_original=False)
+        reply = requests.post(f"{pacs['orthanc']}/instances", data=out.getvalue(),
+                              headers={"Content-Type": "application/dicom"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+    return series
+
+
+def test_bad_series_get_clear_errors_and_the_server_goes_on(pacs, tmp_path):
+    def not_ct_or_mr(ds):
+        ds.Modality = "PT"
+
+    def unsupported_syntax(ds):
+        from pydicom.encaps import encapsulate
+
+        # JPEG-LS lossless in name, raw bytes inside: a series the PACS stores but cannot decode or send
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].is_undefined_length = True
+
+    cases = {
+        "pet": (_upload_variant(pacs, tmp_path, "pet", not_ct_or_mr), 422, "has Modality PT"),
+        "syntax": (_upload_variant(pacs, tmp_path, "syntax", unsupported_syntax), None, "could not"),
+    }
+    seg = {s["0020000E"]["Value"][0] for s in _qido(pacs, Modality="SEG")}
+    if seg:
+        cases["seg"] = (next(iter(seg)), 422, "is a DICOM SEG")
+    for name, (series, status, text) in cases.items():
+        reply = _infer(pacs, series, "json")
+        print(name, reply.status_code, reply.text)
+        assert reply.status_code >= 400, (name, reply.text)
+        if status:
+            assert reply.status_code == status, (name, reply.text)
+        assert text in reply.json()["detail"], (name, reply.text)
+        assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
+    log = (pacs["work"] / "monailabel.log").read_text()
+    assert "has Modality PT" in log  # the server's log says it too
+
+
+class Viewer:
+    """OHIF in headless Chromium (Debian's, through Playwright), with every failed request recorded."""
+
+    def __init__(self, playwright, pacs) -> None:
+        self.pacs, self.failed = pacs, []
+        self.context = playwright.chromium.launch_persistent_context(
+            str(pacs["work"] / f"chromium-{time.time_ns()}"), executable_path="/usr/bin/chromium", headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"], viewport={"width": 1600, "height": 900})
+        # the panel's server address (it would guess port 8000 of the page's host)
+        self.context.add_cookies([{"name": "MONAILABEL_SERVER_URL", "value": pacs["app"] + "/", "url": pacs["app"]}])
+        self.page = self.context.new_page()
+        self.page.on("response", lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 and _counts(r.url) else None)
+        self.page.on("requestfailed", lambda r: self.failed.append(f"failed {r.url}") if _counts(r.url) else None)
+
+    def open_study(self, study: str, shots: str, images: bool = True) -> None:
+        page = self.page
+        page.goto(f"{self.pacs['app']}/ohif/", wait_until="domcontentloaded")
+        page.locator(f'[data-cy="studyRow-{study}"]').wait_for(state="visible", timeout=120_000)
+        page.screenshot(path=str(ARTIFACTS / f"{shots}_01_study_list.png"))
+        page.locator(f'[data-cy="{study}"]').first.click()
+        page.locator(f'[data-cy="mode-monai-label-{study}"]').click()
+        page.wait_for_url("**/ohif/monai-label?StudyInstanceUIDs=*")
+        page.locator('[data-cy="viewport-pane"] canvas').first.wait_for(state="visible", timeout=120_000)
+        if images:
+            page.wait_for_function("""() => { const e = document.querySelector('[data-cy="viewport-overlay-bottom-right"]');
+                                              return e && /\\d/.test(e.innerText || ''); }""", timeout=120_000)
+            page.wait_for_load_state("networkidle")
+        page.wait_for_timeout(1500)
+        banner = page.locator('[data-cy="confirm-and-hide-button"]')
+        if banner.count():
+            banner.click()
+
+    def run_auto_segmentation(self):
+        page = self.page
+        page.locator(".monaiLabelPanel table.settingsTable button.actionButton").click()  # Connect
+        tab_label = page.locator("label.tab-label", has_text="Auto-Segmentation")
+        tab_label.wait_for(state="visible", timeout=60_000)
+        tab_label.click()
+        tab = page.locator("div.tab", has=tab_label)
+        tab.locator(".modelSelector select.selectBox").select_option("delightsam")
+        with page.expect_response(lambda r: "/infer/delightsam" in r.url, timeout=600_000) as infer:
+            tab.locator('button.actionButton[title="Run Segmentation"]').click()
+        return infer.value
+
+
+def test_ohif_auto_segment_button_draws_the_label(pacs):
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        viewer = Viewer(p, pacs)
+        try:
+            began = time.time()
+            viewer.open_study(pacs["series"]["ct"]["study"], "ohif_ct")
+            pacs["timings"]["ui_open_study_s"] = time.time() - began
+            viewport = viewer.page.locator('[data-cy="viewport-pane"]').first
+            before, after = ARTIFACTS / "ohif_ct_02_viewer.png", ARTIFACTS / "ohif_ct_03_auto_segmentation.png"
+            viewport.screenshot(path=str(before))
+            began = time.time()
+            assert viewer.run_auto_segmentation().status == 200
+            viewer.page.get_by_text("Running Segmentation - Successful").wait_for(state="visible", timeout=120_000)
+            pacs["timings"]["ui_infer_s"] = time.time() - began
+            viewer.page.wait_for_timeout(2000)
+            viewport.screenshot(path=str(after))
+            viewer.page.screenshot(path=str(ARTIFACTS / "ohif_ct_04_page.png"))
+        finally:
+            viewer.context.close()
+    changed = _changed_fraction(before, after)
+    assert changed > 0.02, changed  # the label overlay is drawn over the organs
+    assert not viewer.failed, viewer.failed
+
+
+def test_ohif_toast_says_why_a_run_failed(pacs, tmp_path):
+    """A series whose pixels the PACS cannot send: the toast carries the server's reason."""
+    from playwright.sync_api import sync_playwright
+
+    def undecodable(ds):
+        from pydicom.encaps import encapsulate
+
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"  # JPEG-LS in name, raw bytes inside
+        ds.PixelData = encapsulate([ds.PixelData])
+        ds["PixelData"].is_undefined_length = True
+
+    series = _upload_variant(pacs, tmp_path, "toast", undecodable)
+    study = _qido(pacs, SeriesInstanceUID=series)[0]["0020000D"]["Value"][0]
+    with sync_playwright() as p:
+        viewer = Viewer(p, pacs)
+        try:
+            viewer.open_study(study, "ohif_error", images=False)
+            assert viewer.run_auto_segmentation().status >= 400
+            toast = viewer.page.get_by_text("Failed to Run Segmentation:")
+            toast.wait_for(state="visible", timeout=60_000)
+            text = toast.inner_text()
+            viewer.page.screenshot(path=str(ARTIFACTS / "ohif_error_02_toast.png"))
+        finally:
+            viewer.context.close()
+    assert series in text and "could not" in text, text
+    assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
+
+
+def _counts(url: str) -> bool:
+    """Requests whose failure matters (not the fonts an offline page cannot fetch, not OHIF's optional probes)."""
+    harmless = ("fonts.googleapis", "fonts.gstatic", "android-chrome", "/train/?check_if_running", "favicon")
+    return url.startswith("http://127.0.0.1") and not any(h in url for h in harmless)
+
+
+def _changed_fraction(before: Path, after: Path) -> float:
+    from PIL import Image
+
+    a = np.asarray(Image.open(before).convert("RGB"), dtype=np.int32)
+    b = np.asarray(Image.open(after).convert("RGB"), dtype=np.int32)
+    return float((np.abs(a - b).sum(axis=-1) > 40).mean())
+
+
+def test_orthanc_going_away_gives_a_clear_error_and_the_server_goes_on(pacs):
+    os.killpg(pacs["orthanc_pid"], signal.SIGTERM)
+    time.sleep(3)
+    reply = _infer(pacs, pacs["series"]["mr"]["series"] + ".9", "json")  # a series it has not cached
+    assert reply.status_code == 502 and "did not answer" in reply.json()["detail"], reply.text
+    assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
