@@ -165,7 +165,8 @@ def main() -> int:
     save_model(starter, target, half=True)
     timings["total_wall_s"] = time.time() - began
     if args.skip_training:  # the training's own times, from the run that trained
-        timings = {**training["timings"], **timings, "total_wall_s_of_this_evaluation_run": timings.pop("total_wall_s")}
+        this_run = timings.pop("total_wall_s")
+        timings = {**training["timings"], **timings, "total_wall_s_of_this_evaluation_run": this_run}
     (report_dir / "timings.json").write_text(json.dumps(timings, indent=1))
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and {report_dir}; timings {timings}")
     return 0
