@@ -122,6 +122,31 @@ def _multipart(reply) -> dict[str, bytes]:
     return parts
 
 
+def test_dicom_seg_output_names_and_codes_its_segments(pacs, tmp_path):
+    """output=dicom_seg: monailabel wants label_info from the client; with the app's segment attributes the SEG
+    that comes back references the series and names and codes each structure."""
+    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
+    from delightsam_app.dicom_seg import segment_info
+
+    import SimpleITK as sitk
+
+    ct = pacs["series"]["ct"]["series"]
+    first = _infer(pacs, ct, "all", result_extension=".nrrd", result_dtype="uint8")
+    parts = _multipart(first)
+    present = set(np.unique(sitk.GetArrayFromImage(_read_label(parts["image"], ".nrrd", tmp_path))).tolist()) - {0}
+    # monailabel pairs label_info with the ids present in the label, in ascending order, by position
+    structures = json.loads(parts["params"])["structures"]
+    info = [segment_info(name, i) for name, i in sorted(structures.items(), key=lambda kv: kv[1]) if i in present]
+    reply = _infer(pacs, ct, "dicom_seg", label_info=info)
+    assert reply.status_code == 200, reply.text[:500]
+    seg = pydicom.dcmread(io.BytesIO(reply.content))
+    assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+    codes = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
+    known = {"liver": "10200004", "spleen": "78961009", "kidney_right": "9846003", "kidney_left": "18639004",
+             "stomach": "69695003"}
+    assert codes and all(known[name] == code for name, code in codes.items()), codes
+
+
 def _seg_of(pacs, series_uid: str) -> pydicom.Dataset:
     study = _qido(pacs, SeriesInstanceUID=series_uid)[0]["0020000D"]["Value"][0]
     reply = requests.get(f"{pacs['orthanc']}/dicom-web/studies/{study}/series/{series_uid}",
