@@ -72,7 +72,7 @@ def test_the_run_command_serves_the_starter_model(tmp_path, samples):
     for name in ("ts_ct.nii.gz", "mni152_t1.nii.gz"):
         shutil.copyfile(samples / "studies" / name, studies / name)
     with monailabel_server(tmp_path, studies, ["--conf", "model_dir", str(tmp_path / "model")]) as url:
-        client = MONAILabelClient(url)
+        client = MONAILabelClient(url, tmpdir=str(tmp_path))  # not /tmp: the server deletes its result file of the same name there
         model = client.info()["models"]["delightsam"]
         assert "NOT AVAILABLE" not in model["description"]
         for image, modality in (("ts_ct", "ct"), ("mni152_t1", "mr")):
