@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -165,23 +166,27 @@ def wait_for(url: str, process: subprocess.Popen, what: str, log: Path, timeout:
             time.sleep(0.5)
 
 
-def start_orthanc(work: Path, port: int) -> tuple[list[subprocess.Popen], str]:
-    """Orthanc in a loopback-only network namespace, reachable on 127.0.0.1:port through socat."""
+def start_orthanc(work: Path, port: int, processes: list[subprocess.Popen]) -> str:
+    """Orthanc in a loopback-only network namespace, reachable on 127.0.0.1:port through socat. Each process
+    joins ``processes`` as soon as it starts, so that a failed start stops it too."""
     storage, sock, log = work / "orthanc-db", work / "orthanc.sock", work / "orthanc.log"
+    if any(c in str(sock.resolve()) for c in ",:!\"\'; "):
+        raise SystemExit(f"--work {work}: socat addresses cannot carry , : ! quotes ; or spaces; choose another folder")
     storage.mkdir(parents=True, exist_ok=True)
     sock.unlink(missing_ok=True)
     config = work / "orthanc.json"
     config.write_text(CONFIG.read_text().replace("@STORAGE@", str(storage.resolve())).replace("@PORT@", str(port)))
-    inside = (f"ip link set lo up && socat UNIX-LISTEN:{sock},fork,unlink-early TCP:127.0.0.1:8042 & "
-              f"exec {ORTHANC} {config}")
+    inside = (f"ip link set lo up && socat UNIX-LISTEN:{sock.resolve()},fork,unlink-early TCP:127.0.0.1:8042 & "
+              f"exec {ORTHANC} {shlex.quote(str(config.resolve()))}")
     with open(log, "w") as out:
-        orthanc = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sh", "-c", inside],
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        bridge = subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork", f"UNIX-CONNECT:{sock}"],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        processes.append(subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sh", "-c", inside],
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+                                           f"UNIX-CONNECT:{sock.resolve()}"],
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/system", orthanc, "Orthanc", log, timeout=60)
-    return [orthanc, bridge], url
+    wait_for(f"{url}/system", processes[-2], "Orthanc", log, timeout=60)
+    return url
 
 
 def upload(orthanc_url: str, folder: Path) -> int:
@@ -193,7 +198,7 @@ def upload(orthanc_url: str, folder: Path) -> int:
 
 
 # ---- the app --------------------------------------------------------------------------------------
-def start_app(work: Path, orthanc_url: str, port: int, conf: list[str]) -> tuple[subprocess.Popen, str]:
+def start_app(work: Path, orthanc_url: str, port: int, conf: list[str], processes: list[subprocess.Popen]) -> str:
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",  # monailabel runs `python`
            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(work / "dicomweb-cache"),
@@ -202,14 +207,14 @@ def start_app(work: Path, orthanc_url: str, port: int, conf: list[str]) -> tuple
            "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "CT"})}  # the app lists MR too (main.py)
     log = work / "monailabel.log"
     with open(log, "w") as out:
-        app = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "delightsam"),
+        processes.append(subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "delightsam"),
                                 "--studies", f"{orthanc_url}/dicom-web", "--conf", "models", "delightsam",
                                 "--conf", "model_dir", str(work / "model"), *conf,
                                 "--host", "127.0.0.1", "--port", str(port)],
-                               stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                               stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True))
     url = f"http://127.0.0.1:{port}"
-    wait_for(f"{url}/info/", app, "MONAI Label", log, timeout=240)
-    return app, url
+    wait_for(f"{url}/info/", processes[-1], "MONAI Label", log, timeout=240)
+    return url
 
 
 def stop(processes: list[subprocess.Popen]) -> None:
@@ -254,21 +259,21 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)  # also when started in the background, where SIGINT is ignored
     try:
-        orthanc, orthanc_url = start_orthanc(args.work, args.orthanc_port)
-        processes += orthanc
+        orthanc_url = start_orthanc(args.work, args.orthanc_port, processes)
+        orthanc = processes[0]
         for kind, info in series.items():
             stored = upload(orthanc_url, args.work / "series" / kind)
             print(f"Orthanc holds the {info['modality']} series {info['series']} ({stored} files)", flush=True)
-        app, url = start_app(args.work, orthanc_url, args.port, [a for kv in args.conf for a in ("--conf", *kv)])
-        processes.append(app)
+        url = start_app(args.work, orthanc_url, args.port, [a for kv in args.conf for a in ("--conf", *kv)], processes)
+        app = processes[-1]
         (args.work / "ready.json").write_text(json.dumps({"app": url, "orthanc": orthanc_url, "series": series,
-                                                          "orthanc_pid": orthanc[0].pid}))
+                                                          "orthanc_pid": orthanc.pid}))
         print(f"\nOHIF viewer: {url}/ohif/   (MONAI Label mode: {url}/ohif/monai-label?StudyInstanceUIDs="
               f"{series['ct']['study']})\nOrthanc: {orthanc_url}/app/explorer.html   DICOMweb: {orthanc_url}/dicom-web\n"
               f"Logs: {args.work}/orthanc.log, {args.work}/monailabel.log. Ctrl-C stops both.", flush=True)
         warned = False
         while app.poll() is None:  # if Orthanc goes away the app stays up and says so on each request
-            if orthanc[0].poll() is not None and not warned:
+            if orthanc.poll() is not None and not warned:
                 print(f"Orthanc exited (see {args.work}/orthanc.log); the app goes on without its PACS", file=sys.stderr)
                 warned = True
             time.sleep(1)

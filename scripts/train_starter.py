@@ -110,12 +110,16 @@ def stage(model: DeLightSAM, train_items, work: Path, name: str, budget: float, 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="where fetch_samples.py put the data")
-    parser.add_argument("--work", type=Path, default=ROOT / "data" / "starter", help="intermediate files")
-    parser.add_argument("--bundle", type=Path, default=BUNDLE, help="the MONAI bundle to write the model into")
+    parser.add_argument("--work", type=Path, help="intermediate files (default data/starter, data/starter-quick)")
+    parser.add_argument("--bundle", type=Path, help="the MONAI bundle to write the model into (default the shipped "
+                                                    "one; with --quick data/starter-quick/bundle)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, held-out set only (the CI test)")
     parser.add_argument("--skip-training", action="store_true",
                         help="evaluate the models a previous run left in --work (re-make the report only)")
     args = parser.parse_args()
+    quick = ROOT / "data" / "starter-quick"  # a quick run never overwrites the shipped model by default
+    args.work = args.work or (quick if args.quick else ROOT / "data" / "starter")
+    args.bundle = args.bundle or (quick / "bundle" if args.quick else BUNDLE)
     torch.manual_seed(0)
     began = time.time()
     budgets = QUICK_BUDGETS if args.quick else BUDGETS

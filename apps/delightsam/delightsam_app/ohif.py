@@ -8,8 +8,11 @@ import logging
 from pathlib import Path
 
 import monailabel
+from fastapi import Depends
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
+from monailabel.config import settings
+from monailabel.endpoints.user.auth import RBAC
 
 logger = logging.getLogger(__name__)
 OHIF = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif"
@@ -36,7 +39,7 @@ def serve_error_details(server) -> bool:
         logger.warning("OHIF's MONAI Label panel script was not found; its error toasts stay generic")
         return False
     name, script = found
-    path = f"/ohif/{name}"
+    path = f"{settings.MONAI_LABEL_API_STR}/ohif/{name}"
     if any(getattr(r, "path", None) == path for r in server.router.routes):
         return True
     body = script.encode("utf-8", errors="surrogateescape")
@@ -44,5 +47,7 @@ def serve_error_details(server) -> bool:
     async def panel_script():
         return Response(body, media_type="application/javascript")
 
-    server.router.routes.insert(0, APIRoute(path, panel_script, methods=["GET"], include_in_schema=False))
+    # the same access rule as monailabel's own /ohif/ route
+    server.router.routes.insert(0, APIRoute(path, panel_script, methods=["GET"], include_in_schema=False,
+                                            dependencies=[Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))]))
     return True

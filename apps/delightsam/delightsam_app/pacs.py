@@ -7,16 +7,25 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
+from collections import defaultdict
 from typing import Callable
 
 import requests
+import retrying
+from cachetools import TTLCache, cached
 from fastapi import HTTPException
+from monailabel.config import settings
 from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 IMAGE_MODALITIES = {"CT", "MR"}
+# what dicomweb-client raises when the PACS does not answer, or keeps answering "busy" after its retries
+PACS_ERRORS = (requests.RequestException, retrying.RetryError)
 
 
+@cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY),
+        key=lambda datastore, modalities: (id(datastore), tuple(modalities())))
 def list_series(datastore, modalities: Callable[[], list[str]]) -> list[str]:
     """The image series of every served modality (QIDO matches one Modality value per query)."""
     base = {k: v for k, v in datastore._search_filter.items() if k != "Modality"}
@@ -33,7 +42,7 @@ def tolerant(method: Callable, base_url: str) -> Callable:
     def call(*args, **kwargs):
         try:
             return method(*args, **kwargs)
-        except requests.RequestException as e:
+        except PACS_ERRORS as e:
             logger.error(f"the PACS at {base_url} did not answer ({getattr(method, '__name__', 'list_series')}): "
                          f"{_reason(e)}")
             return []
@@ -46,11 +55,19 @@ def _fail(status: int, message: str) -> HTTPException:
     return HTTPException(status, message)
 
 
-def _reason(error: requests.RequestException) -> str:
+def _reason(error: Exception) -> str:
+    if isinstance(error, retrying.RetryError):  # the last attempt's answer
+        response = error.last_attempt.value
+        if isinstance(response, requests.Response):
+            return f"HTTP {response.status_code} {response.reason} after retries: {response.text[:200].strip()}"
+        return f"no answer after retries: {str(response)[:200]}"
     response = getattr(error, "response", None)
     if response is None:
         return f"{type(error).__name__}: {str(error)[:200]}"
     return f"HTTP {response.status_code} {response.reason}: {response.text[:200].strip()}"
+
+
+_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
 def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
@@ -59,7 +76,7 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
     pacs = datastore._client.base_url
     try:
         found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
-    except requests.RequestException as e:
+    except PACS_ERRORS as e:
         raise _fail(502, f"the PACS at {pacs} did not answer the search for series {series_uid}: {_reason(e)}") from e
     if not found:
         raise _fail(404, f"no series {series_uid} in the PACS at {pacs}")
@@ -71,11 +88,20 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
         raise _fail(422, f"series {series_uid} has Modality {modality}; De-LightSAM segments "
                          f"{' and '.join(modalities)} series")
     image_dir = os.path.join(datastore._datastore.image_path(), series_uid)
+    with _locks[series_uid]:  # concurrent requests for one series share one download
+        return _download(datastore, series_uid, modality, image_dir)
+
+
+def _download(datastore, series_uid: str, modality: str, image_dir: str) -> str:
+    pacs = datastore._client.base_url
     try:
         return datastore.get_image_uri(series_uid)
-    except requests.RequestException as e:
+    except PACS_ERRORS as e:
         _forget(datastore, series_uid, image_dir)
         raise _fail(502, f"the PACS at {pacs} could not send series {series_uid} ({modality}): {_reason(e)}") from e
+    except OSError as e:  # disk full, permissions: not the series' fault
+        _forget(datastore, series_uid, image_dir)
+        raise _fail(500, f"series {series_uid} could not be stored in the cache: {e}") from e
     except Exception as e:  # the series came, but is no readable volume (transfer syntax, geometry)
         _forget(datastore, series_uid, image_dir)
         raise _fail(422, f"series {series_uid} ({modality}) could not be read as an image volume: "
@@ -105,7 +131,11 @@ def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]]
             found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
             modality = str(Dataset.from_json(found[0]).get("Modality", "")) if found else ""
         names = {label: name for name, label in structures(modality.lower()).items()}
-        if names and not str(label_filename).endswith(".bin"):
+        if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
+            from monailabel.datastore.utils.convert import binary_to_image
+
+            label_filename = binary_to_image(datastore.get_image_uri(image_id), label_filename)
+        if names:
             ids = sorted(int(i) for i in np.unique(np.asarray(LoadImage(image_only=True)(label_filename))) if i)
             label_info = {**(label_info or {}), "label_info": [
                 {**segment_info(names.get(i, f"label {i}"), i), "model_name": "De-LightSAM"} for i in ids]}
@@ -114,9 +144,10 @@ def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]]
     return save
 
 
-def seg_label(seg_dir: str, names_to_ids: dict[str, int], out_path: str) -> str:
-    """A DICOM SEG series folder -> a label map in the model's ids (the SEG numbers its segments 1, 2, ... in
-    its own order; each segment's label names the structure). Segments of unknown names are dropped."""
+def seg_label(seg_dir: str, names_to_ids: dict[str, int], image_path: str, out_path: str) -> str | None:
+    """A DICOM SEG series folder -> a label map in the model's ids on the image's grid (the SEG numbers its
+    segments 1, 2, ... in its own order, each named after its structure, and may hold only the slices that
+    have some). Segments of unknown names are dropped; None when none is left."""
     import numpy as np
     import pydicom
     import pydicom_seg
@@ -134,8 +165,12 @@ def seg_label(seg_dir: str, names_to_ids: dict[str, int], out_path: str) -> str:
                            f"of this model; left out of training")
             continue
         labels[numbers == int(segment.SegmentNumber)] = label
+    if not labels.any():
+        logger.warning(f"{seg_dir}: no segment names a structure of this model; not used for training")
+        return None
     out = sitk.GetImageFromArray(labels)
     out.CopyInformation(image)
+    out = sitk.Resample(out, sitk.ReadImage(image_path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     sitk.WriteImage(out, out_path, True)
     return out_path
 
@@ -156,7 +191,9 @@ def training_items(datastore, structures_of: Callable[[str], dict[str, int]], ou
         seg_dir = os.path.join(datastore._datastore.label_path(DefaultLabelTag.FINAL), str(seg_uid))
         image = datastore.get_image_uri(image_id)
         if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
-            label = seg_label(seg_dir, structures_of(modality), os.path.join(out_dir, f"{image_id}.nii.gz"))
+            label = seg_label(seg_dir, structures_of(modality), image, os.path.join(out_dir, f"{image_id}.nii.gz"))
+            if label is None:
+                continue
         else:  # saved through this server and not re-read from the PACS: the label map as it was saved
             label = LocalDatastore.get_label_uri(datastore, image_id, DefaultLabelTag.FINAL)
         items.append((image_id, image, label, modality))
