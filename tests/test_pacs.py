@@ -373,6 +373,28 @@ def _changed_fraction(before: Path, after: Path) -> float:
     return float((np.abs(a - b).sum(axis=-1) > 40).mean())
 
 
+def test_a_pacs_that_never_answers_times_out():
+    """A PACS that accepts a connection and then says nothing does not hold a request for ever."""
+    import socket
+    import threading
+
+    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
+    from delightsam_app.pacs import TimeoutAdapter
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    session = requests.Session()
+    session.mount("http://", TimeoutAdapter((2.0, 1.0)))
+    began = time.time()
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        session.get(f"http://127.0.0.1:{listener.getsockname()[1]}/dicom-web/series")
+    assert time.time() - began < 10
+    listener.close()
+
+
 def test_orthanc_going_away_gives_a_clear_error_and_the_server_goes_on(pacs):
     os.killpg(pacs["orthanc_pid"], signal.SIGTERM)
     time.sleep(3)

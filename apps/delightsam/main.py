@@ -55,9 +55,7 @@ class DeLightSAMApp(MONAILabelApp):
         # monailabel lists the series of one QIDO filter (default Modality=CT; QIDO has no "CT or MR"):
         # list the series of every modality this app serves
         url = datastore._client.base_url
-        # dicomweb-client retries 5 times over 30 s, also when nothing listens: a PACS that went away would
-        # hold every request (and /info) that long; 3 tries over 0.75 s still ride out a busy moment
-        datastore._client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+        pacs.limit_waiting(datastore._client)  # a PACS that went away or hangs must not hold every request
         datastore.list_images = pacs.tolerant(functools.partial(pacs.list_series, datastore,
                                                                 self.served_dicom_modalities), url)
         datastore.get_labeled_images = pacs.tolerant(datastore.get_labeled_images, url)

@@ -36,6 +36,30 @@ def list_series(datastore, modalities: Callable[[], list[str]]) -> list[str]:
     return sorted(uids)
 
 
+class TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """dicomweb-client sends its requests with no timeout: a PACS that accepts a connection and never answers
+    would hold a request (and /info) for ever. This gives each one a connect and a read timeout."""
+
+    def __init__(self, timeout: tuple[float, float], **kwargs) -> None:
+        self.timeout = timeout
+        super().__init__(**kwargs)
+
+    def send(self, request, **kwargs):
+        if kwargs.get("timeout") is None:
+            kwargs["timeout"] = self.timeout
+        return super().send(request, **kwargs)
+
+
+def limit_waiting(client, timeout: tuple[float, float] = (5.0, 300.0)) -> None:
+    """At most 3 tries over 0.75 s (dicomweb-client's own: 5 over 30 s, also when nothing listens) and
+    ``timeout`` (connect, read) seconds per request; a series download streams, so the read timeout is
+    the longest silence, not the whole transfer."""
+    client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
+    adapter = TimeoutAdapter(timeout)
+    client._session.mount("http://", adapter)
+    client._session.mount("https://", adapter)
+
+
 def tolerant(method: Callable, base_url: str) -> Callable:
     """``method`` of the datastore, answering [] (and logging why) while the PACS does not answer, so that
     /info, the datastore listing and everything that calls them go on."""
@@ -76,6 +100,10 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
     pacs = datastore._client.base_url
     try:
         found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+    except requests.HTTPError as e:
+        if e.response is not None and e.response.status_code < 500:  # it answered, and refused (a malformed UID)
+            raise _fail(400, f"the PACS at {pacs} refused the search for series {series_uid}: {_reason(e)}") from e
+        raise _fail(502, f"the PACS at {pacs} failed the search for series {series_uid}: {_reason(e)}") from e
     except PACS_ERRORS as e:
         raise _fail(502, f"the PACS at {pacs} did not answer the search for series {series_uid}: {_reason(e)}") from e
     if not found:
