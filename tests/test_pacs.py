@@ -21,17 +21,11 @@ import pydicom
 import pytest
 import requests
 
-from conftest import REPO
+from conftest import REPO, _free_port
 
 TOOLS = ["/usr/sbin/Orthanc", "/usr/bin/socat", "/usr/bin/chromium",
          "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so"]
 ARTIFACTS = Path(os.environ.get("DELIGHTSAM_ARTIFACTS", REPO / "test-artifacts"))
-
-
-def _free_port() -> int:
-    from conftest import _free_port as free
-
-    return free()
 
 
 @pytest.fixture(scope="module")

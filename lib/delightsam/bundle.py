@@ -7,12 +7,11 @@ and writes label maps with ``SaveImaged``.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from .volume import segment_volume
+from .volume import segment_volume, spacing_of
 
 
 class VolumeInferer(Inferer):
@@ -25,8 +24,7 @@ class VolumeInferer(Inferer):
         outputs = []
         for i in range(inputs.shape[0]):
             volume = inputs[i, 0]
-            affine = volume.affine if isinstance(volume, MetaTensor) else torch.eye(4)
-            spacing = tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+            spacing = spacing_of(volume) if isinstance(volume, MetaTensor) else (1.0, 1.0, 1.0)
             result = segment_volume(network, volume, self.modality, spacing, self.batch_size, cleanup=self.cleanup)
             outputs.append(torch.from_numpy(result.labels)[None])
         labels = torch.stack(outputs)
