@@ -33,7 +33,8 @@ import SimpleITK as sitk
 import torch
 
 import delightsam
-from delightsam.volume import SliceNetwork, to_grey_levels
+from delightsam.geometry import to_grey_levels
+from delightsam.volume import SliceNetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -149,7 +150,7 @@ def per_volume(data: Path, checkpoint: Path, tmp: Path, batch: int) -> list[dict
             timings = []
             for _ in range(2):  # the first request also loads the model
                 start = time.perf_counter()
-                reply = requests.post(f"{url}/infer/delightsam?image={name}&output=image",
+                reply = requests.post(f"{url}/infer/delightsam_ct?image={name}&output=image",
                                       data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})})
                 reply.raise_for_status()
                 timings.append(time.perf_counter() - start)

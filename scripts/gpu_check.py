@@ -18,7 +18,7 @@ import torch
 
 import delightsam
 from delightsam.training import TrainConfig, TrainItem, train
-from delightsam.volume import read_volume, segment_volume, spacing_of
+from delightsam.volume import read_volume, segment_volume
 
 
 def per_slice_ms(model, size: int, batch: int, device: str) -> float:
@@ -52,7 +52,7 @@ def main() -> int:
     labels = {}
     for name, model in (("cpu", cpu), ("cuda", gpu)):
         began = time.perf_counter()
-        labels[name] = segment_volume(model, image, "ct", spacing_of(image), batch_size=16).labels
+        labels[name] = segment_volume(model, image, "ct", batch_size=16).labels
         result[f"segment_volume_{name}_s"] = time.perf_counter() - began
     result["label_agreement_cpu_vs_cuda"] = float((labels["cpu"] == labels["cuda"]).mean())
     for size in (256, 512, 1024):

@@ -41,7 +41,8 @@ ORTHANC = "/usr/sbin/Orthanc"
 CONFIG = Path(__file__).with_name("orthanc") / "orthanc.json"
 PACKAGES = {"orthanc": ORTHANC, "orthanc-dicomweb": "/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
             "orthanc-gdcm": "/usr/share/orthanc/plugins/libOrthancGdcm.so", "socat": "/usr/bin/socat",
-            "chromium": "/usr/bin/chromium"}
+            "chromium": "/usr/bin/chromium",
+            "dicom3tools": "/usr/bin/dciodvfy"}  # the DICOM IOD validator that the tests run on every SEG
 
 
 # ---- installs -------------------------------------------------------------------------------------

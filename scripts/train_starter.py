@@ -38,7 +38,7 @@ from delightsam.losses import LossWeights
 from delightsam.model import DeLightSAM
 from delightsam.teachers import init_trunk_from
 from delightsam.training import SliceData, TrainConfig, TrainItem, train
-from delightsam.volume import DEFAULT_INTENSITY
+from delightsam.geometry import DEFAULT_INTENSITY
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "delightsam_ct_mr"
@@ -90,8 +90,8 @@ def build_model(version: str) -> DeLightSAM:
     model = DeLightSAM(DeLightSAMConfig(img_size=256, version=version, description=(
         "De-LightSAM starter model (CT abdomen, MR brain), trained by scripts/train_starter.py")))
     model.add_modality("ct", [(n, i) for n, i, _ in CT_STRUCTURES], intensity=DEFAULT_INTENSITY["ct"],
-                       controller="radiology")
-    model.add_modality("mr", MR_STRUCTURES, intensity=DEFAULT_INTENSITY["mr"], controller="radiology")
+                       controller="radiology", title="CT abdomen")
+    model.add_modality("mr", MR_STRUCTURES, intensity=DEFAULT_INTENSITY["mr"], controller="radiology", title="MR brain")
     loaded, skipped = init_trunk_from(model, "lite_medsam")
     print(f"trunk from LiteMedSAM: {len(loaded)} tensors loaded, {len(skipped)} skipped ({', '.join(skipped)})")
     return model

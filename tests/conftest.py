@@ -125,3 +125,16 @@ def monailabel_server(tmp: Path, studies: Path, conf: list[str], timeout: float 
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def dciodvfy_errors(path) -> list[str]:
+    """The errors that dciodvfy (the DICOM IOD validator of Debian's dicom3tools) finds in a DICOM file."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("dciodvfy"):
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy is missing (apt-get install dicom3tools; `make system` installs it)")
+        pytest.skip("no dciodvfy: `make system` installs dicom3tools")
+    found = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (found.stdout + found.stderr).splitlines() if line.startswith("Error")]

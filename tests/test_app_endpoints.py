@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from requests_toolbelt.multipart import decoder
 
-from conftest import APP_DIR, make_test_checkpoint
+from conftest import APP_DIR, REPO, dciodvfy_errors, make_test_checkpoint
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 
@@ -52,30 +52,40 @@ def env(tmp_path_factory, samples):
     return {"client": client, "tmp": tmp, "studies": studies, "checkpoint": checkpoint, "samples": samples}
 
 
-def _infer(client, params=None, **query):
+def _infer(client, params=None, model="delightsam_ct", **query):
     query.setdefault("output", "json")
-    url = "/infer/delightsam?" + "&".join(f"{k}={v}" for k, v in query.items())
+    url = f"/infer/{model}?" + "&".join(f"{k}={v}" for k, v in query.items())
     return client.post(url, data={"params": json.dumps(params or {})})
 
 
-def test_info_lists_the_model_its_labels_and_options(env):
+def test_info_lists_a_model_per_modality_with_its_own_labels(env):
     info = env["client"].get("/info/").json()
-    model = info["models"]["delightsam"]
-    assert model["type"] == "segmentation" and model["dimension"] == 3
-    assert model["labels"] == {"liver": 1, "spleen": 2, "kidney": 3, "brain": 4}
-    assert model["config"]["modality"] == ["auto", "ct", "mr"]
-    assert model["config"]["model_filename"] == ["delightsam.safetensors", "delightsam-v2.safetensors"]
-    assert "v1" in model["description"] and "NOT AVAILABLE" not in model["description"]
+    assert set(info["models"]) == {"delightsam_ct", "delightsam_mr"}
+    ct, mr = info["models"]["delightsam_ct"], info["models"]["delightsam_mr"]
+    assert ct["type"] == mr["type"] == "segmentation" and ct["dimension"] == 3
+    assert ct["labels"] == {"liver": 1, "spleen": 2, "kidney": 3} and mr["labels"] == {"brain": 4}
+    for model in (ct, mr):  # no id means two structures within a model
+        assert len(set(model["labels"].values())) == len(model["labels"])
+        assert set(model["label_colors"]) == set(model["labels"])
+    assert ct["label_colors"]["liver"] == [221, 130, 101]  # 3D Slicer's GenericAnatomyColors
+    assert "modality" not in ct["config"]
+    assert ct["config"]["model_filename"] == ["delightsam.safetensors", "delightsam-v2.safetensors"]
+    assert "v1" in ct["description"] and "NOT AVAILABLE" not in ct["description"]
+    assert list(info["trainers"]) == ["delightsam"]
 
 
 def test_infer_returns_a_label_on_the_input_grid(env):
-    reply = env["client"].post("/infer/delightsam?image=ts_ct_small", data={"params": json.dumps(NRRD_UINT8)})
+    reply = env["client"].post("/infer/delightsam_ct?image=ts_ct_small", data={"params": json.dumps(NRRD_UINT8)})
     assert reply.status_code == 200, reply.text
     parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
     by_name = {p.headers[b"Content-Disposition"].decode().split('name="')[1].split('"')[0]: p for p in parts}
     params = json.loads(by_name["params"].content)
-    assert params["modality"] == "ct" and params["modality_source"] == "app default"
+    assert params["modality"] == "ct" and params["plane"] == "axial"
     assert params["label_names"] == {"liver": 1, "spleen": 2, "kidney": 3}
+    assert params["label_colors"]["spleen"] == [157, 108, 162]
+    # the datastore records the modality the image was segmented as (training reads it)
+    info = env["client"].get("/datastore/image/info", params={"image": "ts_ct_small"}).json()
+    assert info["modality"] == "ct"
     label_file = env["tmp"] / "label.nrrd"
     label_file.write_bytes(by_name["image"].content)
     label = sitk.ReadImage(str(label_file))
@@ -88,15 +98,17 @@ def test_infer_returns_a_label_on_the_input_grid(env):
     assert set(np.unique(sitk.GetArrayFromImage(label))) <= {0, 1, 2, 3}
 
 
-def test_modality_from_request_and_from_dicom_tag(env):
-    reply = _infer(env["client"], {"modality": "mr"}, image="ts_mr_small")
-    assert reply.json()["modality"] == "mr" and reply.json()["modality_source"] == "request"
-    assert reply.json()["label_names"] == {"brain": 4}
+def test_the_model_is_the_modality_and_a_dicom_tag_must_agree(env):
+    reply = _infer(env["client"], model="delightsam_mr", image="ts_mr_small")
+    assert reply.json()["modality"] == "mr" and reply.json()["label_names"] == {"brain": 4}
     # A DICOM series (server-side path, as after a session upload of a zipped series): tag CT.
     series = env["samples"] / "samples" / "ts_ct_dicom"
     reply = _infer(env["client"], NRRD_UINT8, image=str(series))
     assert reply.status_code == 200, reply.text
-    assert reply.json()["modality"] == "ct" and reply.json()["modality_source"] == "DICOM Modality tag"
+    assert reply.json()["modality"] == "ct"
+    reply = _infer(env["client"], NRRD_UINT8, model="delightsam_mr", image=str(series))
+    assert reply.status_code == 422
+    assert "is CT by its DICOM Modality tag" in reply.json()["detail"] and "use delightsam_ct" in reply.json()["detail"]
 
 
 def test_nifti_output_and_cleanup(env):
@@ -117,8 +129,27 @@ def test_nifti_output_and_cleanup(env):
     assert max(ndimage.label(raw == i)[1] for i in np.unique(raw[raw > 0])) > 1
 
 
+def test_a_4d_file_holding_one_3d_volume_is_accepted(env):
+    """A NIfTI of shape [X, Y, Z, 1] (as some tools write a 3-D volume) is segmented; its label has its grid."""
+    image = nib.load(env["studies"] / "ts_ct_small.nii.gz")
+    path = env["tmp"] / "singleton.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., None], image.affine), path)
+    reply = env["client"].post("/infer/delightsam_ct?output=image", data={"params": json.dumps({"result_extension": ".nii.gz"})},
+                               files={"file": (path.name, open(path, "rb"), "application/octet-stream")})
+    assert reply.status_code == 200, reply.text
+    out = env["tmp"] / "singleton_label.nii.gz"
+    out.write_bytes(reply.content)
+    assert nib.load(out).shape == image.shape  # a 3-D label on the volume's grid
+    np.testing.assert_allclose(nib.load(out).affine, image.affine, atol=1e-4)
+    three_d = _infer(env["client"], {"result_extension": ".nii.gz"}, image="ts_ct_small", output="image")
+    (env["tmp"] / "three_d.nii.gz").write_bytes(three_d.content)
+    expected = np.asarray(nib.load(env["tmp"] / "three_d.nii.gz").dataobj)
+    assert expected.any()  # the comparison is not of two empty maps
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), expected)
+
+
 def _upload(client, path, name):
-    return client.post("/infer/delightsam?output=json", data={"params": "{}"},
+    return client.post("/infer/delightsam_ct?output=json", data={"params": "{}"},
                        files={"file": (name, open(path, "rb"), "application/octet-stream")})
 
 
@@ -146,8 +177,9 @@ def test_bad_uploads_get_clear_errors_and_the_server_goes_on(env, kind, pattern)
 
 def test_unknown_modality_model_image_and_checkpoint(env):
     client = env["client"]
-    reply = _infer(client, {"modality": "xray"}, image="ts_ct_small")
-    assert reply.status_code == 422 and "modality 'xray'" in reply.json()["detail"] and "ct, mr" in reply.json()["detail"]
+    reply = _infer(client, model="delightsam_xray", image="ts_ct_small")
+    assert reply.status_code == 404 and "no model named 'delightsam_xray'" in reply.json()["detail"]
+    assert "delightsam_ct, delightsam_mr" in reply.json()["detail"]
     reply = client.post("/infer/segmentation_spleen?image=ts_ct_small&output=json", data={"params": "{}"})
     assert reply.status_code == 404 and "no model named 'segmentation_spleen'" in reply.json()["detail"]
     reply = _infer(client, image="no_such_image")
@@ -168,7 +200,6 @@ def test_a_published_checkpoint_is_hot_reloaded(env):
     assert _infer(env["client"], image="ts_ct_small").json()["model_version"] == "v1"
     backup = checkpoint.read_bytes()
     try:
-        time.sleep(0.01)
         make_test_checkpoint(checkpoint, seed=2, version="v3")  # written aside, then renamed over the old one
         assert _infer(env["client"], image="ts_ct_small").json()["model_version"] == "v3"
         # A corrupt replacement does not take the server down: the loaded model keeps serving.
@@ -184,39 +215,69 @@ def test_without_a_checkpoint_the_server_starts_and_says_why(env):
     tmp.mkdir()
     client = _client(env["studies"], {"checkpoint": str(tmp / "missing.safetensors")}, tmp)
     try:
-        model = client.get("/info/").json()["models"]["delightsam"]
+        model = client.get("/info/").json()["models"]["delightsam"]  # no checkpoint: one model that says why
         assert "NOT AVAILABLE" in model["description"] and "missing.safetensors" in model["description"]
-        reply = _infer(client, image="ts_ct_small")
+        reply = _infer(client, model="delightsam", image="ts_ct_small")
         assert reply.status_code == 503 and "not available" in reply.json()["detail"]
     finally:
         _client(env["studies"], {"checkpoint": str(env["checkpoint"])}, env["tmp"])  # restore for other tests
 
 
-def test_dicom_seg_output_references_the_source_series(env):
-    import pydicom
-    import pydicom_seg
+@pytest.fixture(scope="module")
+def series_with_uids(env):
+    """The sample CT series with the Study and Series Instance UIDs its anonymisation removed (as `make pacs`
+    uploads it)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from pacs import prepare_ct
 
-    series = env["samples"] / "samples" / "ts_ct_dicom"
+    out = env["tmp"] / "ct_series"
+    prepare_ct(env["samples"] / "samples" / "ts_ct_dicom", out)
+    return out
+
+
+def test_dicom_seg_output_is_a_valid_seg_of_the_source_series(env, series_with_uids):
+    import highdicom as hd
+    import pydicom
+
+    series = series_with_uids
     reply = _infer(env["client"], {"result_extension": ".dcm"}, image=str(series), output="image")
     assert reply.status_code == 200, reply.text
-    seg = pydicom.dcmread(io.BytesIO(reply.content))
-    source = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
-    assert seg.Modality == "SEG"
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-    assert seg.StudyInstanceUID == source.StudyInstanceUID
-    names = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
-    assert names and set(names) <= {"liver", "spleen", "kidney"}
+    seg_path = env["tmp"] / "seg.dcm"
+    seg_path.write_bytes(reply.content)
+    assert dciodvfy_errors(seg_path) == []
+    seg = pydicom.dcmread(seg_path)
+    sources = {f: pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series.iterdir())}
+    first = next(iter(sources.values()))
+    assert seg.Modality == "SEG" and seg.StudyInstanceUID == first.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    referenced = {r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == {d.SOPInstanceUID for d in sources.values()} and "" not in referenced
+    # segments numbered 1..N in the order of the model's ids, each with its name and SNOMED CT code
     codes = {"liver": "10200004", "spleen": "78961009", "kidney": "64033007"}
-    assert all(codes[n] == c for n, c in names.items())
-    # voxel for voxel the same as the NRRD label of the same request
+    numbers = [int(s.SegmentNumber) for s in seg.SegmentSequence]
+    names = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert numbers == list(range(1, len(numbers) + 1)) and names
+    assert names == sorted(names, key=lambda n: {"liver": 1, "spleen": 2, "kidney": 3}[n])
+    assert all(codes[str(s.SegmentLabel)] == s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence)
+    # voxel for voxel the same as the NRRD label of the same request, segment numbers mapped back to ids by name
     nrrd = _infer(env["client"], NRRD_UINT8, image=str(series), output="image")
     path = env["tmp"] / "series_label.nrrd"
     path.write_bytes(nrrd.content)
-    expected = sitk.ReadImage(str(path))
-    decoded = pydicom_seg.MultiClassReader().read(seg).image
-    assert decoded.GetSize() == expected.GetSize()
-    np.testing.assert_allclose(decoded.GetOrigin(), expected.GetOrigin(), atol=1e-3)
-    np.testing.assert_array_equal(sitk.GetArrayFromImage(decoded), sitk.GetArrayFromImage(expected))
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # [slices, rows, columns]
+    ids = {"liver": 1, "spleen": 2, "kidney": 3}
+    by_position = sorted(sources.values(), key=lambda d: float(d.ImagePositionPatient[2]))
+    pixels = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
+        source_sop_instance_uids=[d.SOPInstanceUID for d in by_position], combine_segments=True)
+    decoded = np.zeros_like(pixels)
+    for number, name in zip(numbers, names):
+        decoded[pixels == number] = ids[name]
+    np.testing.assert_array_equal(decoded, expected)
+
+
+def test_dicom_seg_of_a_series_without_uids_is_refused(env):
+    series = env["samples"] / "samples" / "ts_ct_dicom"  # anonymised: empty Study and Series Instance UIDs
+    reply = _infer(env["client"], {"result_extension": ".dcm"}, image=str(series), output="image")
+    assert reply.status_code == 422 and "no StudyInstanceUID and SeriesInstanceUID" in reply.json()["detail"]
 
 
 def test_dicom_seg_needs_a_dicom_input(env):

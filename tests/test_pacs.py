@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import requests
 
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, dciodvfy_errors
 
 TOOLS = ["/usr/sbin/Orthanc", "/usr/bin/socat", "/usr/bin/chromium",
          "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so"]
@@ -61,8 +61,8 @@ def pacs(tmp_path_factory, samples):
     (ARTIFACTS / "pacs_timings.json").write_text(json.dumps({"startup_s": info["startup_s"], **info["timings"]}, indent=1))
 
 
-def _infer(pacs, series: str, output: str = "image", **params):
-    return requests.post(f"{pacs['app']}/infer/delightsam", params={"image": series, "output": output},
+def _infer(pacs, series: str, output: str = "image", model: str = "delightsam_ct", **params):
+    return requests.post(f"{pacs['app']}/infer/{model}", params={"image": series, "output": output},
                          files={"params": (None, json.dumps(params))}, timeout=600)
 
 
@@ -89,12 +89,13 @@ def test_infer_by_series_uid_takes_the_modality_from_the_series(pacs, tmp_path):
 
     for kind, structures in (("ct", {"liver", "spleen"}), ("mr", {"brain"})):
         began = time.time()
-        reply = _infer(pacs, pacs["series"][kind]["series"], "all", result_extension=".nrrd", result_dtype="uint8")
+        reply = _infer(pacs, pacs["series"][kind]["series"], "all", f"delightsam_{kind}", result_extension=".nrrd",
+                       result_dtype="uint8")
         pacs["timings"][f"rest_first_infer_{kind}_s"] = time.time() - began
         assert reply.status_code == 200, reply.text
         parts = _multipart(reply)
         params = json.loads(parts["params"])
-        assert params["modality"] == kind and params["modality_source"] == "DICOM Modality tag"
+        assert params["modality"] == kind
         label = _read_label(parts["image"], ".nrrd", tmp_path)
         files = pacs["series"][kind]["files"]
         assert label.GetSize()[2] == files and label.GetPixelID() == sitk.sitkUInt8
@@ -103,6 +104,8 @@ def test_infer_by_series_uid_takes_the_modality_from_the_series(pacs, tmp_path):
     began = time.time()
     assert _infer(pacs, pacs["series"]["ct"]["series"], "json").status_code == 200
     pacs["timings"]["rest_warm_infer_ct_s"] = time.time() - began
+    wrong = _infer(pacs, pacs["series"]["ct"]["series"], "json", "delightsam_mr")  # the series' tag says CT
+    assert wrong.status_code == 422 and "use delightsam_ct" in wrong.json()["detail"], wrong.text
 
 
 def _multipart(reply) -> dict[str, bytes]:
@@ -133,8 +136,11 @@ def test_dicom_seg_output_names_and_codes_its_segments(pacs, tmp_path):
     info = [segment_info(name, i) for name, i in sorted(structures.items(), key=lambda kv: kv[1]) if i in present]
     reply = _infer(pacs, ct, "dicom_seg", label_info=info)
     assert reply.status_code == 200, reply.text[:500]
+    (tmp_path / "output.dcm").write_bytes(reply.content)
+    assert dciodvfy_errors(tmp_path / "output.dcm") == []
     seg = pydicom.dcmread(io.BytesIO(reply.content))
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(seg.SegmentSequence) + 1))
     codes = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
     known = {"liver": "10200004", "spleen": "78961009", "kidney_right": "9846003", "kidney_left": "18639004",
              "stomach": "69695003"}
@@ -168,7 +174,10 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp
     new = {s["0020000E"]["Value"][0] for s in _qido(pacs, Modality="SEG")} - before
     assert len(new) == 1
     seg = _seg_of(pacs, new.pop())
+    seg.save_as(tmp_path / "saved.dcm")
+    assert dciodvfy_errors(tmp_path / "saved.dcm") == []
     assert seg.Modality == "SEG" and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == ct
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == list(range(1, len(seg.SegmentSequence) + 1))
     segments = {s.SegmentLabel: s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence}
     assert segments.get("liver") == "10200004" and segments.get("spleen", "78961009") == "78961009"
     # voxel for voxel: the SEG read back equals the label that was saved
@@ -177,15 +186,16 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp
     decoded = sitk.Resample(decoded, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     got, want = sitk.GetArrayFromImage(decoded), sitk.GetArrayFromImage(expected)
     names = {s.SegmentNumber: s.SegmentLabel for s in seg.SegmentSequence}
-    ids = json.loads(requests.get(f"{pacs['app']}/info/", timeout=30).text)["models"]["delightsam"]["labels"]
+    ids = json.loads(requests.get(f"{pacs['app']}/info/", timeout=30).text)["models"]["delightsam_ct"]["labels"]
     remapped = np.zeros_like(got)
     for number, name in names.items():
         remapped[got == number] = ids[name]
     np.testing.assert_array_equal(remapped, want)
     # the train task sees it: the datastore counts the series as labelled
-    time.sleep(6)  # the datastore's DICOMweb listing cache (MONAI_LABEL_DICOMWEB_CACHE_EXPIRY=5)
-    stats = requests.get(f"{pacs['app']}/datastore/", params={"output": "stats"}, timeout=60).json()
-    assert stats["completed"] >= 1
+    deadline = time.time() + 60  # until the datastore's DICOMweb listing cache expires (5 s here)
+    while requests.get(f"{pacs['app']}/datastore/", params={"output": "stats"}, timeout=60).json()["completed"] < 1:
+        assert time.time() < deadline, "the saved SEG never counted as a label"
+        time.sleep(0.5)
     # and trains on it: the SEG, read back from the PACS, becomes a label map in the model's ids
     from monailabel.client import MONAILabelClient
 
@@ -197,7 +207,10 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp
         assert time.time() < deadline, status
         time.sleep(2)
     assert status["status"] == "DONE", status
-    assert client.info()["train_stats"]["delightsam"]["train_items"] == 1
+    stats = client.info()["train_stats"]["delightsam"]
+    assert stats["train_items"] == 1
+    # it trains the structures the SEG names; the others are unknown to it, not absent
+    assert set(stats["data"]["trained"][ct]["structures"]) == set(segments) and stats["data"]["refused"] == {}
     trained_on = sitk.ReadImage(str(pacs["work"] / "model" / "pacs_labels" / f"{ct}.nii.gz"))
     trained_on = sitk.Resample(trained_on, expected, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(trained_on), want)
@@ -280,7 +293,7 @@ class Viewer:
             page.wait_for_function("""() => { const e = document.querySelector('[data-cy="viewport-overlay-bottom-right"]');
                                               return e && /\\d/.test(e.innerText || ''); }""", timeout=120_000)
             page.wait_for_load_state("networkidle")
-        page.wait_for_timeout(1500)
+        page.locator(".monaiLabelPanel").wait_for(state="visible", timeout=60_000)
         banner = page.locator('[data-cy="confirm-and-hide-button"]')
         if banner.count():
             banner.click()
@@ -292,13 +305,34 @@ class Viewer:
         tab_label.wait_for(state="visible", timeout=60_000)
         tab_label.click()
         tab = page.locator("div.tab", has=tab_label)
-        tab.locator(".modelSelector select.selectBox").select_option("delightsam")
+        tab.locator(".modelSelector select.selectBox").select_option("delightsam_ct")
         with page.expect_response(lambda r: "/infer/delightsam" in r.url, timeout=600_000) as infer:
             tab.locator('button.actionButton[title="Run Segmentation"]').click()
         return infer.value
 
 
-def test_ohif_auto_segment_button_draws_the_label(pacs):
+# what OHIF holds after a run: its segments (index -> name) and the voxels of each index in its labelmap
+DRAWN = """() => {
+  const service = window.services.segmentationService;
+  const segmentation = service.getSegmentation('1');
+  const segments = {};
+  for (const s of Object.values(segmentation.segments || {})) { if (s) segments[s.segmentIndex] = s.label; }
+  const data = service.getLabelmapVolume('1').voxelManager.getCompleteScalarDataArray();
+  const counts = {};
+  for (let i = 0; i < data.length; i++) { const v = data[i]; if (v) counts[v] = (counts[v] || 0) + 1; }
+  return {segments, counts};
+}"""
+
+
+DRAWN_ANY = """() => { const v = window.services.segmentationService.getLabelmapVolume('1');
+  return !!v && v.voxelManager.getCompleteScalarDataArray().some((x) => x > 0); }"""
+
+
+def test_ohif_auto_segment_button_draws_the_label(pacs, tmp_path):
+    """OHIF's auto-segment button with delightsam_ct: the organs are drawn under their own names, with the
+    voxel counts of the server's label (names from the model's own labels in /info, never another
+    modality's)."""
+    import SimpleITK as sitk
     from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -315,14 +349,28 @@ def test_ohif_auto_segment_button_draws_the_label(pacs):
             assert viewer.run_auto_segmentation().status == 200
             viewer.page.get_by_text("Running Segmentation - Successful").wait_for(state="visible", timeout=120_000)
             pacs["timings"]["ui_infer_s"] = time.time() - began
-            viewer.page.wait_for_timeout(2000)
-            viewport.screenshot(path=str(after))
+            viewer.page.wait_for_function(DRAWN_ANY, timeout=60_000)  # the labelmap holds the result
+            deadline = time.time() + 30
+            while True:  # until the viewport shows it (the overlay is drawn over the organs)
+                viewport.screenshot(path=str(after))
+                if _changed_fraction(before, after) > 0.02 or time.time() > deadline:
+                    break
             viewer.page.screenshot(path=str(ARTIFACTS / "ohif_ct_04_page.png"))
+            drawn = viewer.page.evaluate(DRAWN)
         finally:
             viewer.context.close()
     changed = _changed_fraction(before, after)
     assert changed > 0.02, changed  # the label overlay is drawn over the organs
     assert not viewer.failed, viewer.failed
+    # the same series through REST: voxels per structure name
+    reply = _infer(pacs, pacs["series"]["ct"]["series"], "all", result_extension=".nrrd", result_dtype="uint8")
+    parts = _multipart(reply)
+    labels = sitk.GetArrayFromImage(_read_label(parts["image"], ".nrrd", tmp_path))
+    expected = {name: int((labels == i).sum()) for name, i in json.loads(parts["params"])["structures"].items()}
+    expected = {name: n for name, n in expected.items() if n}
+    painted = {drawn["segments"][index]: n for index, n in drawn["counts"].items()}
+    assert painted == expected, (painted, expected, drawn["segments"])
+    assert "liver" in painted  # not a comparison of two empty maps
 
 
 def test_ohif_toast_says_why_a_run_failed(pacs, tmp_path):
@@ -391,7 +439,18 @@ def test_a_pacs_that_never_answers_times_out():
 
 def test_orthanc_going_away_gives_a_clear_error_and_the_server_goes_on(pacs):
     os.killpg(pacs["orthanc_pid"], signal.SIGTERM)
-    time.sleep(3)
-    reply = _infer(pacs, pacs["series"]["mr"]["series"] + ".9", "json")  # a series it has not cached
+    deadline = time.time() + 30
+    while _answers(pacs["orthanc"]):  # until Orthanc is gone
+        assert time.time() < deadline, "Orthanc did not stop"
+        time.sleep(0.2)
+    reply = _infer(pacs, pacs["series"]["mr"]["series"] + ".9", "json", "delightsam_mr")  # a series it has not cached
     assert reply.status_code == 502 and "did not answer" in reply.json()["detail"], reply.text
     assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(f"{url}/system", timeout=2)
+        return True
+    except requests.RequestException:
+        return False

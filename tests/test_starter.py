@@ -73,10 +73,13 @@ def test_the_run_command_serves_the_starter_model(tmp_path, samples):
         shutil.copyfile(samples / "studies" / name, studies / name)
     with monailabel_server(tmp_path, studies, ["--conf", "model_dir", str(tmp_path / "model")]) as url:
         client = MONAILabelClient(url, tmpdir=str(tmp_path))  # not /tmp: the server deletes its result file of the same name there
-        model = client.info()["models"]["delightsam"]
-        assert "NOT AVAILABLE" not in model["description"]
+        models = client.info()["models"]
+        assert set(models) == {"delightsam_ct", "delightsam_mr"}
+        assert models["delightsam_ct"]["description"].startswith("CT abdomen")
+        assert models["delightsam_mr"]["description"].startswith("MR brain")
         for image, modality in (("ts_ct", "ct"), ("mni152_t1", "mr")):
-            label_file, params = client.infer("delightsam", image, {"modality": modality, "result_extension": ".nii.gz"})
+            assert models[f"delightsam_{modality}"]["labels"] == CARD[modality]
+            label_file, params = client.infer(f"delightsam_{modality}", image, {"result_extension": ".nii.gz"})
             labels = np.asarray(read_volume(label_file))
             counts = {name: int((labels == label).sum()) for name, label in CARD[modality].items()}
             assert all(n > 100 for n in counts.values()), (modality, counts)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_test_checkpoint
+from conftest import REPO, make_test_checkpoint
 from delightsam import load_model
-from delightsam.volume import combine, segment_volume, slice_axis, to_grey_levels
+from delightsam.geometry import acquisition_plane, to_grey_levels
+from delightsam.volume import combine, read_label, read_volume, segment_volume
 
 
 @pytest.fixture(scope="module")
@@ -17,26 +17,39 @@ def model(tmp_path_factory):
     return load_model(make_test_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors"))
 
 
-def test_label_map_is_on_the_input_grid(model, samples):
-    image = nib.load(samples / "studies" / "ts_ct_small.nii.gz")
-    result = segment_volume(model, image.get_fdata(), "ct", image.header.get_zooms())
-    assert result.labels.shape == image.shape and result.labels.dtype == np.uint8
-    assert set(np.unique(result.labels)) <= {0, 1, 2, 3}
-    assert result.label_names == {"liver": 1, "spleen": 2, "kidney": 3}
+@pytest.fixture(scope="module")
+def starter():
+    return load_model(REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors")
+
+
+def test_label_map_is_on_the_input_grid_and_finds_the_liver(starter, samples):
+    """The shipped model on a real CT, read with its affine: a uint8 label map of the input's shape, the liver
+    where the reference has it (a training volume: this checks the path, not accuracy)."""
+    image = read_volume(samples / "studies" / "ts_ct_small.nii.gz")
+    result = segment_volume(starter, image, "ct")
+    assert result.labels.shape == tuple(image.shape) and result.labels.dtype == np.uint8
+    assert result.label_names == {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4, "stomach": 5}
+    assert result.plane == "axial" and result.slice_axis == 2
+    reference = np.asarray(read_label(samples / "samples" / "labels" / "ts_ct_small.nii.gz", image)) == 5
+    liver = result.labels == 1
+    assert 2 * (liver & reference).sum() / (liver.sum() + reference.sum()) > 0.5
 
 
 def test_slices_follow_the_acquisition_axis():
-    assert slice_axis((0.57, 0.57, 5.0)) == 2
-    assert slice_axis((5.0, 0.8, 0.8)) == 0
-    assert slice_axis((1.0, 1.0, 1.0)) == 2
+    assert acquisition_plane(np.diag([0.57, 0.57, 5.0, 1])) == ("axial", 2)
+    assert acquisition_plane(np.diag([5.0, 0.8, 0.8, 1])) == ("sagittal", 0)
+    assert acquisition_plane(np.diag([0.8, 5.0, 0.8, 1])) == ("coronal", 1)
+    # isotropic: axial, whichever stored axis runs along S-I
+    assert acquisition_plane(np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])) == ("axial", 1)
 
 
-def test_each_slice_is_segmented_on_its_own(model):
+def test_each_slice_is_segmented_on_its_own(starter, samples):
     # Slicing along the right axis: a volume's slice gives the same labels as that slice alone.
-    volume = np.random.default_rng(0).normal(0, 200, (40, 48, 6)).astype(np.float32)
-    full = segment_volume(model, volume, "ct", (1, 1, 3)).labels
-    single = segment_volume(model, volume[:, :, 2:3], "ct", (1, 1, 3)).labels
-    np.testing.assert_array_equal(full[:, :, 2:3], single)
+    image = read_volume(samples / "studies" / "ts_ct_small.nii.gz")
+    full = segment_volume(starter, image, "ct").labels
+    single = segment_volume(starter, image[:, :, 15:16], "ct", affine=image.affine).labels
+    assert (full[:, :, 15] == 1).sum() > 100  # the liver is in that slice
+    np.testing.assert_array_equal(full[:, :, 15:16], single)
 
 
 def test_overlapping_structures_resolve_deterministically():

@@ -2,8 +2,10 @@
 
     monailabel start_server --app apps/delightsam --studies data/studies --conf models delightsam
 
---conf keys (all optional but `models`): checkpoint, modality, device, img_size, batch_size, threads, cleanup;
-see README.md in this folder.
+Every modality of the served checkpoint is a model of its own (`delightsam_ct`, `delightsam_mr`, ...);
+`--conf models delightsam` (or `all`) serves them all, `--conf models delightsam_ct` only that one. Other --conf
+keys (all optional): checkpoint, modality, device, img_size, batch_size, threads, cleanup, model_dir; see
+README.md in this folder.
 """
 
 from __future__ import annotations
@@ -18,23 +20,21 @@ from monailabel.interfaces.app import MONAILabelApp
 
 import delightsam
 from delightsam_app import ohif, pacs
-from delightsam_app.infer import DeLightSAMInfer
+from delightsam_app.infer import PREFIX, DeLightSAMInfer, UnavailableInfer, task_name
+from delightsam_app.served import ServedModel
 from delightsam_app.settings import AppSettings
 from delightsam_app.train import DeLightSAMTrain
 
 logger = logging.getLogger(__name__)
-MODEL = "delightsam"
 
 
 class DeLightSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        models = [m.strip() for m in conf.get("models", MODEL).split(",") if m.strip()]
-        unknown = [m for m in models if m not in (MODEL, "all")]
-        if unknown:
-            raise ValueError(f"unknown model(s) {unknown} in --conf models; this app has: {MODEL}")
+        self.requested = [m.strip() for m in conf.get("models", PREFIX).split(",") if m.strip()]
         self.settings = AppSettings.from_conf(conf, app_dir)
         self.model_dir = str(self.settings.model_dir)
         os.makedirs(self.model_dir, exist_ok=True)
+        self.served = ServedModel(self.settings, self.model_dir)
         logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
                          description="Prompt-free De-LightSAM auto-segmentation of CT and MR volumes",
@@ -44,11 +44,25 @@ class DeLightSAMApp(MONAILabelApp):
         ohif.serve_error_details(server)
 
     def init_infers(self):
-        self.infer_task = DeLightSAMInfer(self.settings, self.model_dir)
-        return {MODEL: self.infer_task}
+        """One task per modality of the checkpoint (as --conf models selects); without a readable checkpoint,
+        one task per requested name that says why it is unavailable."""
+        available = {task_name(m): m for m in self.served.modalities()}
+        if any(r in (PREFIX, "all") for r in self.requested):
+            chosen = list(available)
+        else:
+            chosen = self.requested
+        if self.served.problem:
+            names = [r for r in chosen if r != "all"] or [PREFIX]
+            logger.error(f"De-LightSAM is not available: {self.served.problem}")
+            return {name: UnavailableInfer(self.served, name.removeprefix(f"{PREFIX}_")) for name in names}
+        unknown = [r for r in chosen if r not in available]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown} in --conf models; this checkpoint serves: "
+                             f"{', '.join([PREFIX, *available])}")
+        return {name: DeLightSAMInfer(self.served, available[name]) for name in chosen}
 
     def init_trainers(self):
-        return {MODEL: DeLightSAMTrain(self.infer_task, self.model_dir, self.settings.modality)}
+        return {PREFIX: DeLightSAMTrain(self.served, self.model_dir, self.settings.modality)}
 
     def _init_dicomweb_datastore(self):
         datastore = super()._init_dicomweb_datastore()
@@ -59,16 +73,12 @@ class DeLightSAMApp(MONAILabelApp):
         datastore.list_images = pacs.tolerant(functools.partial(pacs.list_series, datastore,
                                                                 self.served_dicom_modalities), url)
         datastore.get_labeled_images = pacs.tolerant(datastore.get_labeled_images, url)
-        datastore.save_label = pacs.save_label_with_codes(datastore, self.structures_of, datastore.save_label)
+        datastore.save_label = pacs.save_label_with_codes(datastore, self.served.structures_of, datastore.save_label)
         return datastore
 
-    def structures_of(self, modality: str) -> dict[str, int]:
-        """Structure name -> label id of one modality of the served model ({} if it does not serve it)."""
-        return self.infer_task.structures_of(modality) if hasattr(self, "infer_task") else {}
-
     def served_dicom_modalities(self) -> list[str]:
-        names = self.infer_task.served_modalities() if hasattr(self, "infer_task") else []
-        return sorted({n.upper() for n in names} & pacs.IMAGE_MODALITIES) or ["CT"]
+        self.served.refresh()
+        return sorted({n.upper() for n in self.served.modalities()} & pacs.IMAGE_MODALITIES) or ["CT"]
 
     def infer(self, request, datastore=None):
         # monailabel answers an unknown model with a bare 500; say what exists instead.
@@ -76,10 +86,24 @@ class DeLightSAMApp(MONAILabelApp):
             raise HTTPException(404, f"no model named {request.get('model')!r}; this server has: "
                                      f"{', '.join(self._infers)}")
         image = request.get("image")
-        if isinstance(image, str) and image and not os.path.exists(image):
-            store = self.datastore()
+        store = datastore or self.datastore()
+        stored = isinstance(image, str) and bool(image) and not os.path.exists(image)
+        if stored:
             if isinstance(store, DICOMWebDatastore):
                 pacs.fetch_series(store, image, self.served_dicom_modalities())  # then monailabel finds it cached
             elif not store.get_image_uri(image):
                 raise HTTPException(404, f"no image {image!r} in the datastore")
-        return super().infer(request, datastore)
+        result = super().infer(request, datastore)
+        if stored and not isinstance(store, DICOMWebDatastore):
+            self._record_modality(store, image, self._infers[request["model"]].modality, result["params"])
+        return result
+
+    @staticmethod
+    def _record_modality(store, image_id: str, modality: str, params: dict) -> None:
+        """The modality a datastore image was segmented as, in its image info: training reads it from there."""
+        before = (store.get_image_info(image_id) or {}).get("modality")
+        if before != modality:
+            store.update_image_info(image_id, {"modality": modality})
+            if before:
+                params.setdefault("notes", []).append(f"the image's recorded modality changed from {before} to "
+                                                      f"{modality}")

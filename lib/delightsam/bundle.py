@@ -11,7 +11,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from .volume import segment_volume, spacing_of
+from .volume import segment_volume
 
 
 class VolumeInferer(Inferer):
@@ -24,8 +24,7 @@ class VolumeInferer(Inferer):
         outputs = []
         for i in range(inputs.shape[0]):
             volume = inputs[i, 0]
-            spacing = spacing_of(volume) if isinstance(volume, MetaTensor) else (1.0, 1.0, 1.0)
-            result = segment_volume(network, volume, self.modality, spacing, self.batch_size, cleanup=self.cleanup)
+            result = segment_volume(network, volume, self.modality, batch_size=self.batch_size, cleanup=self.cleanup)
             outputs.append(torch.from_numpy(result.labels)[None])
         labels = torch.stack(outputs)
         return MetaTensor(labels, meta=inputs.meta, applied_operations=inputs.applied_operations) \

@@ -52,7 +52,7 @@ def init(args: argparse.Namespace) -> int:
     """An untrained model with the given modalities and structures: the starting point of training."""
     from .config import DeLightSAMConfig
     from .model import DeLightSAM
-    from .volume import DEFAULT_INTENSITY
+    from .geometry import DEFAULT_INTENSITY
 
     torch.manual_seed(args.seed)
     model = DeLightSAM(DeLightSAMConfig(img_size=args.img_size, version=args.version,

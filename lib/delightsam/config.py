@@ -57,9 +57,11 @@ class Modality:
     controller: str
     query_group: str
     structures: list[Structure]
-    # How a volume's intensities become the 0..255 grey levels the model sees (see volume.py):
+    # How a volume's intensities become the 0..255 grey levels the model sees (see geometry.py):
     # {"window": [low, high]} (CT, in HU), {"percentiles": [low, high]} (MR), or None (min-max).
     intensity: dict | None = None
+    # what the viewers list as this modality's auto-segmentation model, e.g. "CT abdomen"; "" for the name
+    title: str = ""
 
 
 @dataclass
@@ -185,7 +187,7 @@ class DeLightSAMConfig:
 def _modality_from_dict(data: dict) -> Modality:
     structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
-                    structures=structures, intensity=data.get("intensity"))
+                    structures=structures, intensity=data.get("intensity"), title=data.get("title", ""))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from .config import DeLightSAMConfig, Modality, Structure
 from .model import DeLightSAM
-from .volume import (DEFAULT_INTENSITY, FittedSliceNetwork, read_label, read_volume, segment_volume, segment_with,
-                     slice_axis, spacing_of, structure_mask, to_grey_levels)
+from .geometry import grey_volume, orient, spacing_of
+from .volume import FittedSliceNetwork, read_label, read_volume, segment_volume, segment_with, structure_mask
 
 
 @dataclass
@@ -39,7 +39,7 @@ class DeLightSAMMethod:
         self.config = model.config
 
     def segment(self, image, label: np.ndarray, modality: str) -> np.ndarray:
-        return segment_volume(self.model, image, modality, spacing_of(image), self.batch_size).labels
+        return segment_volume(self.model, image, modality, batch_size=self.batch_size).labels
 
 
 class UNetMethod:
@@ -51,7 +51,7 @@ class UNetMethod:
 
         spec = self.config.modality(modality)
         network = UNetSliceNetwork(self.net, self.meta["offsets"][modality], len(spec.structures), self.meta["img_size"])
-        return segment_with(network, image, spec, spacing_of(image), batch_size=4).labels
+        return segment_with(network, image, spec, batch_size=4).labels
 
 
 class GuidedMethod:
@@ -64,7 +64,7 @@ class GuidedMethod:
         spec = self.config.modality(modality)
         if modality not in self.networks:
             self.networks[modality] = self.factory(spec)
-        return segment_with(self.networks[modality], image, spec, spacing_of(image), batch_size=4, guide=label).labels
+        return segment_with(self.networks[modality], image, spec, batch_size=4, guide=label).labels
 
 
 def score(predicted: np.ndarray, reference: np.ndarray, structures: list[Structure], spacing) -> dict:
@@ -97,48 +97,35 @@ def _rgb(grey: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     return rgb
 
 
-def _dominant_sign(affine: np.ndarray, axis: int) -> float:
-    column = affine[:3, axis]
-    return float(np.sign(column[np.argmax(np.abs(column))]))
-
-
 def overlay(image, reference: np.ndarray, predictions: dict[str, np.ndarray], spec: Modality, path: Path,
             columns: int = 5) -> Path:
     """A PNG montage: a row for the image, one for the reference, one per method; a column per slice
-    (evenly spread over the slices that hold reference foreground)."""
+    (evenly spread over the slices that hold reference foreground). The slices are those the model sees
+    (``geometry.orient``), which are laid out as a radiologist reads them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    volume = image.as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else torch.as_tensor(image)
-    spacing = spacing_of(image)
-    axis = slice_axis(spacing)
-    grey = to_grey_levels(torch.nan_to_num(volume.float()), spec.intensity or DEFAULT_INTENSITY.get(spec.name)).numpy()
-    fg = np.nonzero(np.moveaxis(reference, axis, 0).reshape(reference.shape[axis], -1).any(1))[0]
-    pool = fg if len(fg) else np.arange(reference.shape[axis])
+    oriented = orient(image)
+    grey = grey_volume(oriented, spec)[0].numpy()
+    reference = oriented.to_layout(reference).numpy()
+    fg = np.nonzero(reference.reshape(-1, reference.shape[2]).any(0))[0]
+    pool = fg if len(fg) else np.arange(reference.shape[2])
     picks = np.unique(pool[np.linspace(0, len(pool) - 1, min(columns, len(pool))).round().astype(int)])
-    rows = [("image", None), ("reference", reference), *predictions.items()]
+    rows = [("image", None), ("reference", reference),
+            *((name, oriented.to_layout(labels).numpy()) for name, labels in predictions.items())]
     fig, axes = plt.subplots(len(rows), len(picks), figsize=(2.4 * len(picks), 2.4 * len(rows)), squeeze=False)
-    in_plane = [i for i in range(3) if i != axis]
-    affine = np.asarray(image.affine) if hasattr(image, "affine") else np.eye(4)
-    # radiological display from the (RAS+) affine: the patient's right (+x) on the left of the picture,
-    # anterior or superior (+y, +z) up; rows of the picture run along the second in-plane axis
-    flip_x = _dominant_sign(affine, in_plane[0]) > 0
-    origin = "lower" if _dominant_sign(affine, in_plane[1]) > 0 else "upper"
-    aspect = spacing[in_plane[1]] / spacing[in_plane[0]]
+    aspect = oriented.spacing[0] / oriented.spacing[1]  # mm per row over mm per column
     for r, (title, labels) in enumerate(rows):
         for c, z in enumerate(picks):
-            g = np.take(grey, z, axis=axis)
-            lab = None if labels is None else np.take(labels, z, axis=axis)
-            picture = np.transpose(_rgb(g, lab), (1, 0, 2))
             ax = axes[r, c]
-            ax.imshow(picture[:, ::-1] if flip_x else picture, aspect=aspect, origin=origin)
+            ax.imshow(_rgb(grey[..., z], None if labels is None else labels[..., z]), aspect=aspect)
             ax.set_xticks([]), ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(title if len(title) < 28 else title[:26] + "…", fontsize=7)
             if r == 0:
-                ax.set_title(f"slice {z}", fontsize=7)
+                ax.set_title(f"{oriented.plane} slice {z}", fontsize=7)
     legend = ", ".join(f"{s.label}={s.name}" for s in spec.structures)
     fig.suptitle(f"{path.stem}  (labels: {legend})", fontsize=8)
     fig.tight_layout()

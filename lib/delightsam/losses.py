@@ -26,19 +26,28 @@ class DeLightSAMLoss(nn.Module):
         # per sample and channel (batch=False), so the loss of a sample does not depend on its batch
         self.dice_focal = DiceFocalLoss(sigmoid=True, batch=False, reduction="mean")
 
-    def forward(self, out: DeLightSAMOutput, masks: torch.Tensor, teacher: torch.Tensor | None = None) -> dict:
+    def forward(self, out: DeLightSAMOutput, masks: torch.Tensor, teacher: torch.Tensor | None = None,
+                known: torch.Tensor | None = None) -> dict:
         """masks: [B, S_max, H, W] in {0, 1} at the model's input size; channels beyond a sample's structures
-        are ignored. teacher: [B, 256, G, G] or None (no distillation)."""
+        are ignored. teacher: [B, 256, G, G] or None (no distillation). known: [B, S_max] whether each mask is
+        known (a structure the user did not label is not trained as absent): unknown masks add no segmentation
+        loss, and a sample with one adds no patch loss (its union of masks would miss that structure)."""
         terms = {}
-        seg = []
+        seg, complete = [], []
         for i, structures in enumerate(out.structures):
             n = len(structures)
-            seg.append(self.dice_focal(out.mask_logits[i : i + 1, :n], masks[i : i + 1, :n]))
-        terms["segmentation"] = torch.stack(seg).mean()
+            channels = torch.arange(n, device=masks.device) if known is None else known[i, :n].nonzero()[:, 0]
+            complete.append(len(channels) == n)
+            if len(channels):
+                seg.append(self.dice_focal(out.mask_logits[i : i + 1, channels], masks[i : i + 1, channels]))
+        zero = out.mask_logits.sum() * 0
+        terms["segmentation"] = torch.stack(seg).mean() if seg else zero
         grid = out.patch_logits.shape[-1]
         union = masks.amax(dim=1, keepdim=True)
         target = F.adaptive_max_pool2d(union, grid)
-        terms["patch"] = F.binary_cross_entropy_with_logits(out.patch_logits, target)
+        per_sample = F.binary_cross_entropy_with_logits(out.patch_logits, target, reduction="none").flatten(1).mean(1)
+        weights = torch.tensor(complete, dtype=per_sample.dtype, device=per_sample.device)
+        terms["patch"] = (per_sample * weights).sum() / weights.sum() if weights.any() else zero
         if teacher is not None and self.weights.distill:
             terms["distill"] = F.mse_loss(out.image_embeddings, teacher)
         terms["total"] = sum(getattr(self.weights, k) * v for k, v in terms.items())

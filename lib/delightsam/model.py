@@ -6,6 +6,8 @@ prompt. ``mask_logits`` come at the input resolution, one channel per structure 
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -64,7 +66,7 @@ class DeLightSAM(nn.Module):
         return [self.config.modality(n) for n in names]
 
     def add_modality(self, name: str, structures: Sequence[str | tuple | Structure], copy_controller_from: str | None = None,
-                     intensity: dict | None = None, controller: str | None = None) -> Modality:
+                     intensity: dict | None = None, controller: str | None = None, title: str = "") -> Modality:
         """Adds a modality with its own query group (one query per structure) and a controller: a new one named
         after the modality, or ``controller``: shared if one of that name exists (as the released modalities
         share theirs), else new under that name.
@@ -77,7 +79,7 @@ class DeLightSAM(nn.Module):
         if name in self.config.modality_names or name in self.config.query_groups or (shared and controller == name):
             raise ValueError(f"modality {name!r} exists already")
         specs = [_structure(s, token) for token, s in enumerate(structures)]
-        modality = Modality(name, controller, name, specs, intensity)
+        modality = Modality(name, controller, name, specs, intensity, title)
         config = self.config.replace(query_groups={**self.config.query_groups, name: len(specs)},
                                      modalities=[*self.config.modalities, modality])
         if not shared:
@@ -101,7 +103,7 @@ class DeLightSAM(nn.Module):
             if spec.query_group in self.decoder.group_heads:
                 self.decoder.add_group_head(group)
                 self.decoder.group_heads[group].load_state_dict(self.decoder.group_heads[spec.query_group].state_dict())
-        modalities = [Modality(m.name, controller, group, m.structures, m.intensity) if m.name == modality else m
+        modalities = [dataclasses.replace(m, controller=controller, query_group=group) if m.name == modality else m
                       for m in self.config.modalities]
         self.config = self.encoder.config = self.config.replace(
             modalities=modalities, query_groups={**self.config.query_groups, group: self.config.query_groups[spec.query_group]})

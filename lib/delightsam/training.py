@@ -34,8 +34,8 @@ from .losses import DeLightSAMLoss, LossWeights
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .teachers import load_teacher
-from .volume import (DEFAULT_INTENSITY, fit_to_square, model_input, read_label, read_volume, segment_volume, slice_axis,
-                     spacing_of, structure_mask, to_grey_levels)
+from .geometry import fit_to_square, grey_volume, model_input, orient
+from .volume import read_label, read_volume, segment_volume, structure_mask
 
 logger = logging.getLogger(__name__)
 TRAINABLE = ("controllers", "modality", "all")
@@ -45,8 +45,30 @@ TRAINABLE = ("controllers", "modality", "all")
 class TrainItem:
     id: str
     image: str  # a volume file or a DICOM series folder
-    label: str  # a label map on the image's grid; ids as the modality's structures
+    label: str  # a label map on the image's grid
     modality: str
+    # voxel value in the label file -> the modality's label id (other values are background); None: the file's
+    # values are the modality's label ids
+    values: dict[int, int] | None = None
+    # the structures that the label speaks for (a structure a user did not send is unknown, not absent, and is
+    # not trained); None: all of the modality's structures
+    known: list[str] | None = None
+
+
+def item_label(item: TrainItem, image) -> torch.Tensor:
+    """An item's label on the image's grid, in the modality's label ids."""
+    label = read_label(item.label, image).as_subclass(torch.Tensor).round().to(torch.int64).clamp_(min=0)
+    if item.values is None:
+        return label
+    table = torch.zeros(max(int(label.max()), *item.values) + 1, dtype=torch.int64)
+    for value, label_id in item.values.items():
+        table[value] = label_id
+    return table[label]
+
+
+def known_structures(item: TrainItem, spec) -> torch.Tensor:
+    """[S] whether the item's label speaks for each of the modality's structures."""
+    return torch.tensor([item.known is None or s.name in item.known for s in spec.structures])
 
 
 @dataclass
@@ -114,15 +136,24 @@ class SliceData:
 
     def __init__(self, items: list[TrainItem], model: DeLightSAM) -> None:
         self.size = model.config.img_size
-        self.grey, self.fitted, self.masks, self.modality, self.foreground = [], [], [], [], []
+        self.grey, self.fitted, self.masks, self.modality, self.foreground, self.known = [], [], [], [], [], []
+        self.refused: dict[str, str] = {}  # volumes that could not be read, and why
         self.normalise = get_normalization(model)
         for item in items:
-            grey, fitted, masks = self._slices(item, model)
+            try:
+                grey, fitted, masks = self._slices(item, model)
+            except (ValueError, RuntimeError, OSError) as e:  # an unreadable file, a label off the image's grid
+                self.refused[item.id] = f"cannot be read for training: {str(e).strip().splitlines()[0][:300]}"
+                logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
+                continue
             self.grey.append(grey)
             self.fitted.append(fitted)
             self.masks.append(masks)
             self.modality.append(item.modality)
+            self.known.append(known_structures(item, model.config.modality(item.modality)))
             self.foreground.append(masks.flatten(1).any(1))
+        if not self.grey:
+            raise ValueError("no training volume could be read: " + "; ".join(f"{k}: {v}" for k, v in self.refused.items()))
         self.index = [(v, s) for v, g in enumerate(self.grey) for s in range(g.shape[0])]
         fg = torch.cat(self.foreground)
         self.fg_index = [i for i, f in zip(self.index, fg.tolist()) if f]
@@ -130,13 +161,13 @@ class SliceData:
         self.max_structures = max(m.shape[1] for m in self.masks)
 
     def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+        """A volume's slices as inference cuts them (``geometry``: its plane's layout, grey levels, NaN policy,
+        fitting), and the structure masks of its label on the same slices."""
         spec = model.config.modality(item.modality)
         image = read_volume(item.image)
-        label = read_label(item.label, image)
-        axis = slice_axis(spacing_of(image))
-        volume = torch.nan_to_num(image.as_subclass(torch.Tensor).float())
-        grey = to_grey_levels(volume, spec.intensity or DEFAULT_INTENSITY.get(item.modality)).movedim(axis, 0)
-        label = label.as_subclass(torch.Tensor).round().to(torch.int64).movedim(axis, 0)
+        oriented = orient(image)
+        grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
+        label = oriented.to_layout(item_label(item, image)).movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         grey, fitted = fit_to_square(grey[:, None], self.size)
         masks, _ = fit_to_square(masks, self.size, mode="nearest")
@@ -152,16 +183,19 @@ class SliceData:
             picks.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
         return picks
 
-    def batch(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-        """(model input [B, 3, S, S], grey [B, 3, S, S] for the teacher, masks [B, S_max, S, S], modalities),
-        the model input made exactly as inference makes it."""
+    def batch(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str],
+                                                           torch.Tensor]:
+        """(model input [B, 3, S, S], grey [B, 3, S, S] for the teacher, masks [B, S_max, S, S], modalities,
+        known [B, S_max]: whether each mask is known), the model input made exactly as inference makes it."""
         grey = torch.stack([self.grey[v][s] for v, s in picks]).float().expand(-1, 3, -1, -1)
         inputs = torch.stack([model_input(self.grey[v][s][None].float(), self.fitted[v], self.normalise)[0]
                               for v, s in picks])
         masks = torch.zeros(len(picks), self.max_structures, self.size, self.size)
+        known = torch.zeros(len(picks), self.max_structures, dtype=torch.bool)
         for i, (v, s) in enumerate(picks):
             masks[i, : self.masks[v].shape[1]] = self.masks[v][s].float()
-        return inputs, grey, masks, [self.modality[v] for v, _ in picks]
+            known[i, : self.masks[v].shape[1]] = self.known[v]
+        return inputs, grey, masks, [self.modality[v] for v, _ in picks], known
 
 
 # ---- what trains ----------------------------------------------------------------------------------
@@ -190,20 +224,28 @@ def select_trainable(model: DeLightSAM, modalities: list[str], mode: str) -> lis
 def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
     """Dice per structure (mean over volumes), with the app's whole-volume inference."""
     scores: dict[str, list[float]] = {}
+    skipped = {}
     for item in items:
-        image = read_volume(item.image)
-        label = read_label(item.label, image)
-        result = segment_volume(model, image, item.modality, spacing_of(image))
+        try:
+            image = read_volume(item.image)
+            truth = item_label(item, image)
+            result = segment_volume(model, image, item.modality)
+        except (ValueError, RuntimeError, OSError) as e:
+            skipped[item.id] = str(e).strip().splitlines()[0][:300]
+            continue
         predicted = torch.from_numpy(result.labels.astype(np.int64))
-        truth = label.as_subclass(torch.Tensor).round().to(torch.int64)
-        for structure in model.config.modality(item.modality).structures:
+        spec = model.config.modality(item.modality)
+        for structure, known in zip(spec.structures, known_structures(item, spec).tolist()):
+            if not known:
+                continue
             p = structure_mask(predicted, structure)[None, None].float()
             t = structure_mask(truth, structure)[None, None].float()
             if t.sum() == 0 and p.sum() == 0:
                 continue  # structure absent and not predicted: no evidence either way
             scores.setdefault(f"{item.modality}/{structure.name}", []).append(float(compute_dice(p, t, ignore_empty=False)))
     per_structure = {k: float(np.mean(v)) for k, v in sorted(scores.items())}
-    return {"dice": per_structure, "mean_dice": float(np.mean(list(per_structure.values()))) if per_structure else 0.0}
+    return {"dice": per_structure, "mean_dice": float(np.mean(list(per_structure.values()))) if per_structure else 0.0,
+            **({"skipped": skipped} if skipped else {})}
 
 
 def _out_of_budget(config: TrainConfig, started: float, world: int, device: torch.device) -> bool:
@@ -256,11 +298,13 @@ class _Tracker:
 
 def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[TrainItem], config: TrainConfig,
           output_dir: str | Path, publish: Callable[[DeLightSAM, dict], object] | None = None,
-          log: Callable[[str], None] = logger.info) -> dict:
+          log: Callable[[str], None] = logger.info, data_report: dict | None = None) -> dict:
     """Trains ``model`` in place; returns the run's statistics (also written to output_dir/train_stats.json).
 
     Resumes from output_dir/train_state.pt when it exists. ``publish(model, metrics)`` is called on the first
-    process whenever the validation Dice beats the best so far (the starting model's included)."""
+    process whenever the validation Dice beats the best so far (the starting model's included). ``data_report``
+    (what the caller made of its data: volumes refused and why, segments that matched no structure) goes into
+    the statistics as it is."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     rank, world = _world()
@@ -292,10 +336,13 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
 
     state_file = output / "train_state.pt"
     stats = {"start_ts": int(time.time()), "total_epochs": config.epochs, "epoch": 0, "published": [],
-             "train_items": len(train_items), "val_items": len(val_items), "config": json.loads(json.dumps(asdict(config)))}
+             "train_items": len(train_items), "val_items": len(val_items), "config": json.loads(json.dumps(asdict(config))),
+             "data": data_report or {}}
     start_epoch = 0
     signature = json.dumps({"config": {k: v for k, v in stats["config"].items() if k != "epochs"},
-                            "modalities": modalities, "train": sorted(i.id for i in train_items)}, sort_keys=True)
+                            "modalities": modalities, "train": sorted(i.id for i in train_items),
+                            "labels": {i.id: [i.label, sorted((i.values or {}).items()), i.known] for i in train_items}},
+                           sort_keys=True)
     if state_file.exists():
         state = torch.load(state_file, map_location="cpu", weights_only=True)
         # resume only an unfinished run of the same kind; anything else starts over from the given model
@@ -303,7 +350,8 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch = int(state["epoch"])
-            stats.update(json.loads(state["stats"]), total_epochs=config.epochs)
+            stats.update(json.loads(state["stats"]), total_epochs=config.epochs, data=data_report or {},
+                         train_items=len(train_items), val_items=len(val_items))
             log(f"resumed from {state_file} at epoch {start_epoch}")
         else:
             log(f"not resuming {state_file}: that run finished or was of another kind; starting over")
@@ -319,6 +367,10 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     if config.steps_per_epoch < 1:
         raise ValueError("steps_per_epoch must be at least 1")
     cpu_start, stop = time.process_time() - stats.get("cpu_seconds", 0.0), False  # a resumed run's spending counts
+    stats["data"] = {**stats["data"], "refused": {**stats["data"].get("refused", {}), **data.refused}}
+    stats["phase"] = "training"
+    if rank == 0:  # the data is loaded and the steps begin: clients (and tests) can see it
+        _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
     for epoch in range(start_epoch, config.epochs):
         began, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
@@ -326,13 +378,13 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
                 stop = True
                 break
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
-            inputs, grey, masks, mods = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
-            inputs, grey, masks = inputs.to(device), grey.to(device), masks.to(device)
+            inputs, grey, masks, mods, known = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
+            inputs, grey, masks, known = inputs.to(device), grey.to(device), masks.to(device), known.to(device)
             out = network(inputs, mods)
             target = None
             if teacher is not None:
                 target = cache.embed(teacher, grey, grid) if cache else teacher(grey, grid)
-            terms = loss_fn(out, masks, target)
+            terms = loss_fn(out, masks, target, known)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
@@ -367,6 +419,9 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         if stop:
             break
     tracker.close()
+    stats["phase"] = "finished"
+    if rank == 0:
+        _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
     return stats
 
 

@@ -1,38 +1,40 @@
 """Prompt-free segmentation of a whole 3-D volume, slice by slice.
 
 One code path for everything that segments volumes (the MONAI Label app, evaluation, training's
-validation): intensities become 0..255 grey levels per modality (a CT window, MR percentiles), slices
-are taken along the acquisition axis and run through the 2-D network in batches by MONAI's
-``SliceInferer``, and the per-structure probabilities become one label map on the input grid.
+validation): the volume goes through ``geometry`` (its plane's canonical layout, grey levels per modality,
+the NaN policy), the slices run through the 2-D network in batches by MONAI's ``SliceInferer``, and the
+per-structure probabilities become one label map, brought back to the input's own grid.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import ITKReader
 from monai.inferers import SliceInferer
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
 from .config import Modality, Structure
+from .geometry import as_volume, fit_to_square, grey_volume, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
-
-# Used when a checkpoint's modality does not say (soft-tissue CT window; MedSAM-style MR percentiles).
-DEFAULT_INTENSITY = {"ct": {"window": [-160.0, 240.0]}, "mr": {"percentiles": [0.5, 99.5]}}
 
 
 @dataclass
 class VolumeResult:
     labels: np.ndarray  # uint8, the input's shape, label ids of the modality's structures (0 = background)
     modality: str
-    slice_axis: int
+    slice_axis: int  # the stored axis the slices ran along
     label_names: dict[str, int]
     non_finite_voxels: int = 0  # voxels that were NaN/inf and were treated as the volume's minimum
     notes: list[str] = field(default_factory=list)
+    plane: str = "axial"  # the acquisition plane the slices were cut in
 
 
 def image_reader(path) -> str:
@@ -41,9 +43,57 @@ def image_reader(path) -> str:
     return "NibabelReader" if str(path).endswith((".nii", ".nii.gz")) else "ITKReader"
 
 
+@dataclass
+class DicomSeries:
+    folder: str
+    name: str  # the series identifier as MONAI's ITKReader names it (its ``series_name``)
+    files: list[str]
+
+
+def dicom_series(folder) -> DicomSeries:
+    """The DICOM series in ``folder`` or below it (a zipped series unpacks into a folder of its own) with the
+    most files. Several series of that size, or none, is an error that says so."""
+    import itk
+
+    found = []
+    for root, _, files in sorted(os.walk(folder)):
+        if not any(_looks_like_dicom(Path(root) / f) for f in files[:20]):
+            continue  # a folder of something else: ITK would only warn
+        names = itk.GDCMSeriesFileNames.New()
+        names.SetUseSeriesDetails(True)  # exactly as MONAI's ITKReader, so that its series_name matches
+        names.AddSeriesRestriction("0008|0021")
+        names.SetDirectory(root)
+        found += [DicomSeries(root, uid, [str(f) for f in names.GetFileNames(uid)]) for uid in names.GetSeriesUIDs()]
+    found = sorted((s for s in found if s.files), key=lambda s: -len(s.files))
+    if not found:
+        raise ValueError(f"no DICOM series in {Path(folder).name!r} or the folders inside it")
+    if len(found) > 1 and len(found[1].files) == len(found[0].files):
+        tied = [f"{Path(s.folder).relative_to(folder)}: {s.name.split('.')[-1][:12]}" for s in found
+                if len(s.files) == len(found[0].files)]
+        raise ValueError(f"{Path(folder).name!r} holds {len(tied)} DICOM series of {len(found[0].files)} files each "
+                         f"({'; '.join(tied)}): send one series at a time")
+    return found[0]
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM" or path.suffix.lower() == ".dcm"
+    except OSError:
+        return False
+
+
 def read_volume(path):
-    """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its affine."""
-    return LoadImage(image_only=True, reader=image_reader(path))(str(path))
+    """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its (RAS) affine. A folder is read as
+    the largest DICOM series in it or below it."""
+    if Path(path).is_dir():
+        series = dicom_series(path)
+        image = LoadImage(image_only=True, reader=ITKReader(series_name=series.name))(series.folder)
+    else:
+        image = LoadImage(image_only=True, reader=image_reader(path))(str(path))
+    if image.dim() == 4 and 1 in (image.shape[0], image.shape[-1]):  # one 3-D volume in a 4-D file
+        image = image[0] if image.shape[0] == 1 else image[..., 0]
+    return image
 
 
 def read_label(path, image):
@@ -66,57 +116,6 @@ def read_label(path, image):
                          f"{np.round(np.asarray(label.affine), 3).tolist()} vs the image's {list(image.shape)} and "
                          f"{np.round(np.asarray(image.affine), 3).tolist()}")
     return torch.from_numpy(np.ascontiguousarray(data))
-
-
-def spacing_of(image) -> tuple[float, float, float]:
-    return tuple(float(s) for s in np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))
-
-
-def slice_axis(spacing) -> int:
-    """The acquisition axis: the one with the largest spacing; the last one when spacing is isotropic."""
-    spacing = [float(s) for s in spacing]
-    widest = max(spacing)
-    return max(i for i, s in enumerate(spacing) if np.isclose(s, widest, rtol=1e-3))
-
-
-def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor:
-    """Volume intensities -> float 0..255 as the model expects of each channel."""
-    if intensity and "window" in intensity:
-        low, high = intensity["window"]
-    elif intensity and "percentiles" in intensity:
-        values = volume.flatten()
-        if values.numel() > 2_000_000:  # a seeded random subsample: fast, and free of stride aliasing
-            pick = torch.randint(values.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))
-            values = values[pick]
-        low, high = torch.quantile(values.float(), torch.tensor(intensity["percentiles"]) / 100).tolist()
-    else:
-        low, high = volume.min().item(), volume.max().item()
-    scale = 255.0 / max(high - low, 1e-6)
-    return ((volume.float() - low) * scale).clamp_(0, 255)
-
-
-def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear") -> tuple[torch.Tensor, tuple[int, int]]:
-    """[B, C, H, W] -> [B, C, size, size]: longer side resized to ``size``, zero-padded bottom/right (SAM's
-    convention, so nothing is distorted). Returns the resized (unpadded) height and width too.
-    ``mode="nearest"`` for label masks."""
-    h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if mode == "nearest":
-        x = F.interpolate(images, (nh, nw), mode="nearest-exact")
-    else:
-        x = F.interpolate(images, (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-    return F.pad(x, (0, size - nw, 0, size - nh)), (nh, nw)
-
-
-def model_input(grey: torch.Tensor, fitted: tuple[int, int], normalise) -> torch.Tensor:
-    """Fitted grey slices [B, 1|3, S, S] -> the model's input [B, 3, S, S]: normalised, and the padding set
-    to 0 after normalisation, as SAM and the released code pad (a neutral, not a black, border)."""
-    x = normalise(grey.expand(-1, 3, -1, -1))
-    nh, nw = fitted
-    x[..., nh:, :] = 0
-    x[..., :, nw:] = 0
-    return x
 
 
 class FittedSliceNetwork(nn.Module):
@@ -185,59 +184,63 @@ def part_indices(structures: list[Structure]) -> dict[int, list[int]]:
     return {i: [index[p] for p in s.parts] for i, s in enumerate(structures) if s.parts}
 
 
-def clean_up(labels: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
-    """Per structure: keep the largest connected component, fill holes (MONAI transforms, 3-D)."""
-    x = labels.unsqueeze(0)
-    x = KeepLargestConnectedComponent(applied_labels=label_ids, independent=True)(x)
-    x = FillHoles(applied_labels=label_ids)(x)
-    return torch.as_tensor(x).squeeze(0).to(torch.uint8)
+def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
+    """Per structure mask (a whole with its parts, see ``structure_mask``): keep the largest connected
+    component and fill its holes (MONAI transforms, 3-D). Wholes are drawn first and their parts over them, so
+    a part enclosed by its whole (white matter in the brain) is never filled over. A hole is filled only where
+    nothing was labelled, by the smallest structure that encloses it (white matter's hole goes to the white
+    matter, not to the grey matter around both)."""
+    out = torch.zeros_like(labels)
+    cleaned = {}
+    for s in structures:
+        mask = structure_mask(labels, s)
+        if mask.any():
+            x = KeepLargestConnectedComponent(applied_labels=[1])(mask[None].to(torch.uint8))
+            cleaned[s.label] = (mask, torch.as_tensor(FillHoles(applied_labels=[1])(x))[0].bool())
+    wholes = [s for s in structures if s.parts and s.label in cleaned]
+    others = sorted((s for s in structures if not s.parts and s.label in cleaned), key=lambda s: int(cleaned[s.label][1].sum()))
+    for s in wholes:
+        mask, filled = cleaned[s.label]
+        out[filled & (mask | (labels == 0))] = s.label
+    taken = torch.zeros_like(labels, dtype=torch.bool)
+    for s in others:
+        mask, filled = cleaned[s.label]
+        claim = filled & (mask | ((labels == 0) & ~taken))
+        out[claim] = s.label
+        taken |= claim
+    return out
 
 
 @torch.inference_mode()
-def segment_volume(model: DeLightSAM, volume, modality: str, spacing=(1.0, 1.0, 1.0), batch_size: int = 8,
-                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False) -> VolumeResult:
-    """Label map of a 3-D volume ([X, Y, Z] array or tensor, or [1, X, Y, Z]) on its own grid."""
+def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
+                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None) -> VolumeResult:
+    """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
+    or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm)."""
     spec = model.config.modality(modality)
-    return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress)
+    return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
+                        affine=affine)
 
 
 @torch.inference_mode()
-def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=(1.0, 1.0, 1.0), batch_size: int = 8,
-                 threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None) -> VolumeResult:
+def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
+                 threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
+                 affine=None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel."""
-    x = _as_volume(volume)
-    if len(spacing) != 3:
+    if spacing is not None and len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
-    finite = torch.isfinite(x)
-    bad = int((~finite).sum())
-    if bad == x.numel():
-        raise ValueError("the volume has no finite voxel (all NaN or infinite)")
-    notes = []
-    if bad:
-        x = torch.where(finite, x, x[finite].min())
-        notes.append(f"{bad} NaN/infinite voxels were set to the volume's minimum")
-    axis = slice_axis(spacing)
-    grey = to_grey_levels(x, spec.intensity or DEFAULT_INTENSITY.get(spec.name))[None]
+    oriented = orient(volume, affine, spacing)
+    grey, bad = grey_volume(oriented, spec)
+    notes = [f"{bad} NaN/infinite voxels were set to the volume's minimum"] if bad else []
+    stack = grey[None]
     if guide is not None:
-        grey = torch.cat([grey, _as_volume(guide).float()[None]])
-    in_plane = [n for i, n in enumerate(x.shape) if i != axis]
-    inferer = SliceInferer(spatial_dim=axis, roi_size=in_plane, sw_batch_size=batch_size, overlap=0.0,
+        stack = torch.cat([stack, oriented.to_layout(as_volume(guide)).float()[None]])
+    rows, columns, _ = grey.shape
+    inferer = SliceInferer(spatial_dim=2, roi_size=[rows, columns], sw_batch_size=batch_size, overlap=0.0,
                            progress=progress, sw_device="cpu", device="cpu")  # the network moves slices to its device
-    probabilities = inferer(grey[None], network)[0]  # [S, X, Y, Z]
-    label_ids = [s.label for s in spec.structures]
-    labels = combine(probabilities, label_ids, threshold, part_indices(spec.structures))
+    probabilities = inferer(stack[None], network)[0]  # [S, rows, columns, slices]
+    labels = combine(probabilities, [s.label for s in spec.structures], threshold, part_indices(spec.structures))
     if cleanup:
-        labels = clean_up(labels, label_ids)
-    return VolumeResult(labels.numpy(), spec.name, axis, {s.name: s.label for s in spec.structures}, bad, notes)
-
-
-def _as_volume(volume) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(volume) if not isinstance(volume, torch.Tensor) else volume)
-    x = x.as_subclass(torch.Tensor)
-    if x.dim() == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.dim() != 3:
-        kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
-        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
-    return x
+        labels = clean_up(labels, spec.structures)
+    return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
+                        {s.name: s.label for s in spec.structures}, bad, notes, oriented.plane)

@@ -1,49 +1,133 @@
-"""DICOM SEG output for DICOM series input, with monailabel's own converter (pydicom-seg path; the dcmqi
-path needs a binary that monailabel downloads at run time)."""
+"""DICOM SEG: label maps of DICOM series written as SEG objects with highdicom, and the segments of SEGs read
+back in the model's label ids.
+
+Segment numbers run 1..N (the IOD requires it; viewers map segments by number), in the order of the model's
+label ids; each segment carries its structure's name, SNOMED CT code and GenericAnatomyColors colour, so a SEG
+is mapped to and from the model's ids by name and code, never by number.
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
-from monailabel.datastore.utils.convert import nifti_to_dicom_seg
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
 
-# SNOMED CT codes (SegmentedPropertyTypeCodeSequence) come from pydicom's DICOM code dictionary; these are
-# the ones it lacks, and the spellings of this project's structure names that it does not use.
-EXTRA_SNOMED = {"right kidney": ("9846003", "Right kidney"), "left kidney": ("18639004", "Left kidney")}
-ALIASES = {"kidney right": "right kidney", "kidney left": "left kidney", "grey matter": "gray matter"}
+from . import anatomy
 
-
-def snomed(name: str) -> tuple[str, str] | None:
-    """(code, meaning) of a structure name such as "liver", "kidney_right" or "grey_matter"; None if unknown."""
-    from pydicom.sr.codedict import codes
-
-    key = name.lower().replace("_", " ").strip()
-    key = ALIASES.get(key, key)
-    if key in EXTRA_SNOMED:
-        return EXTRA_SNOMED[key]
-    try:
-        code = getattr(codes.SCT, "".join(word.capitalize() for word in key.split()))
-    except AttributeError:
-        return None
-    return code.value, code.meaning
-
-
+ANATOMICAL_STRUCTURE_CODE = Code("123037004", "SCT", "Anatomical Structure")
 ANATOMICAL_STRUCTURE = {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
 
 
 def segment_info(name: str, label: int) -> dict:
-    code, meaning = snomed(name) or ("91723000", "Anatomical structure")
-    return {"name": name, "segmentAttribute": {
+    """monailabel's (dcmqi's) description of a segment holding the voxels of value ``label``."""
+    code, meaning = anatomy.snomed(name) or anatomy.FALLBACK_CODE
+    return {"name": name, "color": list(anatomy.colour(name)), "segmentAttribute": {
         "labelID": label, "SegmentLabel": name, "SegmentDescription": name,
         "SegmentAlgorithmType": "AUTOMATIC", "SegmentAlgorithmName": "De-LightSAM",
         "SegmentedPropertyCategoryCodeSequence": ANATOMICAL_STRUCTURE,
         "SegmentedPropertyTypeCodeSequence": {"CodeValue": code, "CodingSchemeDesignator": "SCT", "CodeMeaning": meaning},
+        "recommendedDisplayRGBValue": list(anatomy.colour(name)),
     }}
 
 
-def write_dicom_seg(series_dir: Path, label_file: str, present: dict[str, int]) -> str:
-    """A DICOM SEG that references the series' instances, one segment per structure present in the label.
-    ``present``: structure name -> label id, for the ids that occur in the label map."""
-    # monailabel pairs label_info with the label's ids in ascending order, by position
-    info = [segment_info(name, label) for name, label in sorted(present.items(), key=lambda kv: kv[1])]
-    return nifti_to_dicom_seg(str(series_dir), label_file, info, use_itk=False)
+def source_images(files) -> list[pydicom.Dataset]:
+    """The series' image instances (objects without a position in space, such as a DICOMDIR, are left out), their
+    SOP Class and Instance UIDs taken from the file meta where the data set's own are empty (as in anonymised
+    files); a series without Study or Series Instance UIDs cannot be referenced."""
+    sources = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except pydicom.errors.InvalidDicomError:
+            continue
+        if "ImagePositionPatient" not in ds or "Rows" not in ds:
+            continue
+        meta = getattr(ds, "file_meta", pydicom.Dataset())
+        ds.SOPClassUID = ds.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID", "")
+        ds.SOPInstanceUID = ds.get("SOPInstanceUID") or meta.get("MediaStorageSOPInstanceUID", "")
+        if not (ds.SOPClassUID and ds.SOPInstanceUID):
+            raise ValueError(f"{Path(f).name} has no SOP Class or Instance UID, so a DICOM SEG cannot reference it")
+        sources.append(ds)
+    if not sources:
+        raise ValueError("the series holds no image with a position in space")
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID") if not sources[0].get(k)]
+    if missing:
+        raise ValueError(f"the series has no {' and '.join(missing)}, so a DICOM SEG cannot reference it; "
+                         f"ask for a NIfTI or NRRD label instead")
+    return sources
+
+
+def _frame(labels: np.ndarray, affine: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """The label map's slice under one source image, as [rows, columns]. ``labels`` is on the series' grid as
+    MONAI's ITK reader gives it ([columns, rows, slices], RAS affine)."""
+    x, y, z = (float(v) for v in ds.ImagePositionPatient)
+    i, j, k = np.rint(np.linalg.inv(affine) @ [-x, -y, z, 1.0])[:3].astype(int)  # LPS -> RAS -> voxel
+    if i or j or not 0 <= k < labels.shape[2] or labels.shape[:2] != (int(ds.Columns), int(ds.Rows)):
+        raise ValueError(f"the label map ({list(labels.shape)}) is not on the series' grid (image "
+                         f"{ds.SOPInstanceUID}, {ds.Rows}x{ds.Columns}, falls on voxel {[int(i), int(j), int(k)]})")
+    return labels[:, :, k].T
+
+
+def _lab(rgb) -> "highdicom.color.CIELabColor":
+    """sRGB (0..255) -> the CIELab colour DICOM records (Pillow's colour management does the conversion)."""
+    import highdicom as hd
+    from PIL import Image, ImageCms
+
+    lab = ImageCms.applyTransform(Image.new("RGB", (1, 1), tuple(int(c) for c in rgb)), ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")).getpixel((0, 0))
+    return hd.color.CIELabColor(lab[0] * 100 / 255, lab[1] - 128, lab[2] - 128)
+
+
+def write_dicom_seg(files: list[str], labels: np.ndarray, affine, present: dict[str, int], version: str = "") -> str:
+    """A DICOM SEG file that references the series' instances (``files``), one segment per structure in
+    ``present`` (structure name -> its label id in ``labels``), numbered 1..N in the order of the ids."""
+    import highdicom as hd
+
+    sources = source_images(files)
+    ordered = sorted(present.items(), key=lambda kv: kv[1])
+    algorithm = hd.AlgorithmIdentificationSequence(name="De-LightSAM", version=version or "unknown",
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    descriptions = []
+    for number, (name, _) in enumerate(ordered, start=1):
+        code, meaning = anatomy.snomed(name) or anatomy.FALLBACK_CODE
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=ANATOMICAL_STRUCTURE_CODE,
+            segmented_property_type=hd.sr.CodedConcept(code, "SCT", meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
+        description.RecommendedDisplayCIELabValue = list(_lab(anatomy.colour(name)).value)
+        descriptions.append(description)
+    affine = np.asarray(affine, dtype=np.float64)
+    frames = np.zeros((len(sources), int(sources[0].Rows), int(sources[0].Columns)), np.uint8)
+    for f, ds in enumerate(sources):
+        frame = _frame(labels, affine, ds)
+        for number, (_, label) in enumerate(ordered, start=1):
+            frames[f][frame == label] = number
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=generate_uid(), series_number=300,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="De-LightSAM for MONAI Label",
+        manufacturer_model_name="De-LightSAM", software_versions=version or "unknown", device_serial_number="none",
+        content_label="DELIGHTSAM", content_description="De-LightSAM auto-segmentation", omit_empty_frames=False)
+    out = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
+    seg.save_as(out)
+    return out
+
+
+def seg_segments(seg: pydicom.Dataset, structures: dict[str, int]) -> tuple[dict[int, int], list[str]]:
+    """(segment number -> model label id, names of segments that are no structure of the model), matching each
+    segment to a structure by its label or its SNOMED CT code."""
+    numbers, unknown = {}, []
+    for segment in seg.SegmentSequence:
+        type_code = segment.SegmentedPropertyTypeCodeSequence[0].CodeValue \
+            if "SegmentedPropertyTypeCodeSequence" in segment else None
+        name = anatomy.match(str(segment.SegmentLabel), structures, type_code)
+        if name is None:
+            unknown.append(str(segment.SegmentLabel))
+        else:
+            numbers[int(segment.SegmentNumber)] = structures[name]
+    return numbers, unknown

@@ -146,83 +146,131 @@ def _forget(datastore, series_uid: str, image_dir: str) -> None:
 
 def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]], save_label):
     """Wraps the DICOMweb datastore's save_label: a `final` label becomes a DICOM SEG whose segments carry
-    the structures' names and SNOMED CT codes (monailabel pairs label_info with the label's ids in ascending
-    order, by position, and without it names every segment "unknown" with one fixed code)."""
+    the structures' names, SNOMED CT codes and colours. The label's voxel values are read as the client named
+    them (``labels.map_label``: Slicer's label_info), brought to the model's label ids, and described to
+    monailabel's writer in its own convention (label_info paired with the ids present, in ascending order)."""
     import numpy as np
     from monai.transforms import LoadImage
 
     from .dicom_seg import segment_info
+    from .labels import map_label
 
     def save(image_id, label_filename, label_tag, label_info, label_id=""):
         modality = str(datastore.get_image_info(image_id).get("Modality") or "")
         if not modality:
             found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
             modality = str(Dataset.from_json(found[0]).get("Modality", "")) if found else ""
-        names = {label: name for name, label in structures(modality.lower()).items()}
+        ids = structures(modality.lower())
+        written = []
         if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
             from monailabel.datastore.utils.convert import binary_to_image
 
             label_filename = binary_to_image(datastore.get_image_uri(image_id), label_filename)
-        if names:
-            ids = sorted(int(i) for i in np.unique(np.asarray(LoadImage(image_only=True)(label_filename))) if i)
-            label_info = {**(label_info or {}), "label_info": [
-                {**segment_info(names.get(i, f"label {i}"), i), "model_name": "De-LightSAM"} for i in ids]}
-        return save_label(image_id, label_filename, label_tag, label_info, label_id)
+            written.append(label_filename)
+        if ids:
+            label = LoadImage(image_only=True)(label_filename)
+            values = np.asarray(label).round().astype(np.int64)
+            mapping = map_label(label_info, set(np.unique(values).tolist()), ids)
+            if mapping.problem:
+                raise HTTPException(422, f"the label for series {image_id} cannot be stored as a SEG of "
+                                         f"{modality} structures: {mapping.problem}")
+            table = np.zeros(max(values.max(initial=0), *mapping.values) + 1, np.uint8)
+            for value, label_id in mapping.values.items():
+                table[value] = label_id
+            label_filename = _write_like(label, table[values.clip(0)])
+            written.append(label_filename)
+            names = {label_id: name for name, label_id in ids.items()}
+            present = sorted(int(i) for i in np.unique(table[values.clip(0)]) if i)
+            label_info = {**(label_info or {}), "known_structures": mapping.known, "label_info": [
+                {**segment_info(names[i], i), "model_name": "De-LightSAM"} for i in present]}
+        try:
+            return save_label(image_id, label_filename, label_tag, label_info, label_id)
+        finally:
+            for path in written:
+                if os.path.exists(path):
+                    os.unlink(path)
 
     return save
 
 
-def seg_label(seg_dir: str, names_to_ids: dict[str, int], image_path: str, out_path: str) -> str | None:
-    """A DICOM SEG series folder -> a label map in the model's ids on the image's grid (the SEG numbers its
-    segments 1, 2, ... in its own order, each named after its structure, and may hold only the slices that
-    have some). Segments of unknown names are dropped; None when none is left."""
+def _write_like(reference, data) -> str:
+    """``data`` on ``reference``'s grid as a temporary NIfTI file."""
+    import tempfile
+
+    import nibabel as nib
+    import numpy as np
+
+    handle, path = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(handle)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.asarray(reference.affine)), path)
+    return path
+
+
+def seg_label(seg_dir: str, names_to_ids: dict[str, int], image_path: str,
+              out_path: str) -> tuple[str | None, list[str], list[str]]:
+    """A DICOM SEG series folder -> (a label map in the model's ids on the image's grid, the structures its
+    segments name, the names of segments that are no structure of the model). The SEG numbers its segments 1,
+    2, ... in its own order and may hold only the slices that have some; segments are matched to structures by
+    name or SNOMED CT code. None when no segment is a structure of the model."""
     import numpy as np
     import pydicom
     import pydicom_seg
     import SimpleITK as sitk
+
+    from .dicom_seg import seg_segments
 
     files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir))
     seg = pydicom.dcmread(files[0])
     image = pydicom_seg.MultiClassReader().read(seg).image
     numbers = sitk.GetArrayFromImage(image)
     labels = np.zeros(numbers.shape, np.uint8)
-    for segment in seg.SegmentSequence:
-        label = names_to_ids.get(str(segment.SegmentLabel))
-        if label is None:
-            logger.warning(f"{seg_dir}: segment {segment.SegmentNumber} {segment.SegmentLabel!r} is not a structure "
-                           f"of this model; left out of training")
-            continue
-        labels[numbers == int(segment.SegmentNumber)] = label
-    if not labels.any():
+    to_ids, unknown = seg_segments(seg, names_to_ids)
+    for number, label in to_ids.items():
+        labels[numbers == number] = label
+    if unknown:
+        logger.warning(f"{seg_dir}: segments {unknown} are no structure of this model; left out of training")
+    known = [name for name, label in names_to_ids.items() if label in to_ids.values()]
+    if not known:
         logger.warning(f"{seg_dir}: no segment names a structure of this model; not used for training")
-        return None
+        return None, [], unknown
     out = sitk.GetImageFromArray(labels)
     out.CopyInformation(image)
     out = sitk.Resample(out, sitk.ReadImage(image_path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     sitk.WriteImage(out, out_path, True)
-    return out_path
+    return out_path, known, unknown
 
 
-def training_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> list[tuple]:
-    """(image id, image path, label path, modality) of every image series with a SEG in the PACS. The SEGs
-    are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name."""
+def training_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> tuple[list[tuple], dict]:
+    """(image id, image path, label path, modality, None, known structures) of every image series with a SEG in
+    the PACS, and a report of those that cannot train and of segments that are no structure of the model. The
+    SEGs are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name and
+    code."""
     from monailabel.datastore.local import LocalDatastore
     from monailabel.interfaces.datastore import DefaultLabelTag
 
     datastore.datalist()  # downloads every SEG that refers to a listed series
     os.makedirs(out_dir, exist_ok=True)
-    items = []
+    items, report = [], {"refused": {}, "unmatched_segments": {}}
     for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
         info = datastore.get_image_info(image_id) or {}
         modality = str(info.get("Modality") or "").lower()
+        if not structures_of(modality):
+            report["refused"][image_id] = f"its modality {modality or 'unknown'} is not served by this model"
+            continue
         seg_uid = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("SeriesInstanceUID")
         seg_dir = os.path.join(datastore._datastore.label_path(DefaultLabelTag.FINAL), str(seg_uid))
         image = datastore.get_image_uri(image_id)
         if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
-            label = seg_label(seg_dir, structures_of(modality), image, os.path.join(out_dir, f"{image_id}.nii.gz"))
+            label, known, unknown = seg_label(seg_dir, structures_of(modality), image,
+                                              os.path.join(out_dir, f"{image_id}.nii.gz"))
+            if unknown:
+                report["unmatched_segments"][image_id] = unknown
             if label is None:
+                report["refused"][image_id] = "no segment of its SEG is a structure of the model"
                 continue
         else:  # saved through this server and not re-read from the PACS: the label map as it was saved
             label = LocalDatastore.get_label_uri(datastore, image_id, DefaultLabelTag.FINAL)
-        items.append((image_id, image, label, modality))
-    return items
+            known = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("known_structures")
+        # structures the SEG does not name are unknown, not absent (values None: the label is in the model's ids)
+        items.append((image_id, image, label, modality, None, known))
+    return items, report

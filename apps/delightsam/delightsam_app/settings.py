@@ -16,7 +16,9 @@ DEFAULT_MODEL = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safeten
 @dataclass
 class AppSettings:
     checkpoint: Path | None  # the checkpoint served by default; None when none was found
-    modality: str  # used when neither the request nor the image's DICOM tags say
+    # the modality of training images that neither the datastore's image info nor a DICOM tag names; None
+    # (the default): such images are refused, never trained as a guessed modality
+    modality: str | None
     device: str
     img_size: int | None  # None: the checkpoint's own input size
     batch_size: int  # slices per forward pass
@@ -30,7 +32,7 @@ class AppSettings:
         path = resolve_checkpoint(checkpoint, Path(app_dir))
         return cls(
             checkpoint=path,
-            modality=conf.get("modality", "ct").lower(),
+            modality=conf["modality"].lower() if conf.get("modality") else None,
             device=conf.get("device", "cpu"),
             img_size=int(conf["img_size"]) if conf.get("img_size") else None,
             batch_size=int(conf.get("batch_size", 4)),

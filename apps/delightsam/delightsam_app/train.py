@@ -1,12 +1,16 @@
 """The De-LightSAM train task: distillation fine-tuning (MDKD) on the datastore's `final` labels.
 
 MONAI Label runs it in a subprocess (`POST /train/delightsam`); the training itself is
-``delightsam.training.train``, the same code as `delightsam train`. What it keeps in the app's model/ folder:
+``delightsam.training.train``, the same code as `delightsam train`. Every image's modality is known before it
+trains (the datastore's image info, which inference records, or its DICOM Modality tag, or the server's explicit
+`--conf modality`), and every saved label is read in the model's label ids by the segment names its client sent
+(``labels.map_label``); an image that fails either check is left out, and the run's statistics say why.
+What it keeps in the app's model/ folder:
 
   split.json                    the train/validation split, extended as labels arrive, never reshuffled
   train/<name>/                 a run: train_state.pt (to resume), train_stats.json, tensorboard/ or mlruns/
   versions/<version>.safetensors  every published model, with <version>.json holding its metrics
-  published.safetensors         the served model (replaced atomically; the infer task hot-reloads it)
+  published.safetensors         the served model (replaced atomically; the infer tasks hot-reload it)
 """
 
 from __future__ import annotations
@@ -16,25 +20,29 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
+from monai.transforms import LoadImage
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import strtobool
 
 from delightsam import load_model
-from delightsam.training import TRAINABLE, TrainConfig, TrainItem, publish_version, train, update_split
 from delightsam.teachers import TEACHERS
+from delightsam.training import TRAINABLE, TrainConfig, TrainItem, publish_version, train, update_split
 
 from . import pacs
 from .infer import dicom_modality
+from .labels import map_label
+from .served import ServedModel
 
 logger = logging.getLogger(__name__)
 
 
 class DeLightSAMTrain(TrainTask):
-    def __init__(self, infer_task, model_dir: str | Path, default_modality: str) -> None:
+    def __init__(self, served: ServedModel, model_dir: str | Path, default_modality: str | None) -> None:
         super().__init__("De-LightSAM distillation fine-tuning (MDKD) on the images with final labels")
-        self.infer_task, self.model_dir, self.default_modality = infer_task, Path(model_dir), default_modality
+        self.served, self.model_dir, self.default_modality = served, Path(model_dir), default_modality
         self._config = {
             "name": "train_01",
             "max_epochs": 5,
@@ -56,25 +64,58 @@ class DeLightSAMTrain(TrainTask):
         runs = sorted((self.model_dir / "train").glob("*/train_stats.json"), key=os.path.getmtime)
         return json.loads(runs[-1].read_text()) if runs else {}
 
-    def _items(self, datastore) -> list[TrainItem]:
-        """Every image with a final label, by its datastore id (a file name stem, or a SeriesInstanceUID)."""
-        if isinstance(datastore, DICOMWebDatastore):  # the SEGs in the PACS, by segment name
-            found = pacs.training_items(datastore, self.infer_task.structures_of, str(self.model_dir / "pacs_labels"))
-            return [TrainItem(*item) for item in found]
-        items = []
+    def _items(self, datastore) -> tuple[list[TrainItem], dict]:
+        """The images with a final label that can train the model, and a report of those that cannot (by image
+        id: why) and of saved segments that name no structure of the model."""
+        if isinstance(datastore, DICOMWebDatastore):  # the SEGs in the PACS, mapped by segment name and code
+            found, report = pacs.training_items(datastore, self.served.structures_of,
+                                                str(self.model_dir / "pacs_labels"))
+            return [TrainItem(*item) for item in found], report
+        items, report = [], {"refused": {}, "unmatched_segments": {}}
         for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
             image = datastore.get_image_uri(image_id)
+            modality, why = self._modality(datastore, image_id, image)
+            if modality is None:
+                report["refused"][image_id] = why
+                continue
             label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
-            info = datastore.get_image_info(image_id) or {}
-            modality = str(info.get("modality") or dicom_modality(image) or self.default_modality).lower()
-            items.append(TrainItem(image_id, image, label, modality))
-        return items
+            present = set(np.unique(np.asarray(LoadImage(image_only=True)(label))).astype(int).tolist())
+            mapping = map_label(datastore.get_label_info(image_id, DefaultLabelTag.FINAL),
+                                present, self.served.structures_of(modality))
+            if mapping.unmatched:
+                report["unmatched_segments"][image_id] = mapping.unmatched
+            if mapping.problem:
+                report["refused"][image_id] = f"its final label cannot train the {modality} model: {mapping.problem}"
+                continue
+            items.append(TrainItem(image_id, image, label, modality, mapping.values, mapping.known))
+        return items, report
+
+    def _modality(self, datastore, image_id: str, image: str) -> tuple[str | None, str]:
+        """(the image's modality, or None and why it is unknown or not served)."""
+        info = datastore.get_image_info(image_id) or {}
+        modality = info.get("modality") or dicom_modality(image) or self.default_modality
+        if not modality:
+            return None, (f"its modality is unknown: run one of this server's auto-segmentation models on it "
+                          f"(which records the modality), or set it with PUT /datastore/image/info?image={image_id} "
+                          f"and form field info={{\"modality\": \"ct\"}} (or \"mr\"), or start the server with "
+                          f"--conf modality NAME")
+        modality = str(modality).lower()
+        if modality not in self.served.modalities():
+            return None, f"its modality {modality} is not served by this model ({', '.join(self.served.modalities())})"
+        return modality, ""
 
     def __call__(self, request, datastore):
         options = {k: (v[0] if isinstance(v, list) else v) for k, v in {**self._config, **request}.items()}
-        items = self._items(datastore)
+        self.served.refresh()
+        items, report = self._items(datastore)
+        for image_id, why in report["refused"].items():
+            logger.warning(f"not training on {image_id}: {why}")
+        for image_id, names in report["unmatched_segments"].items():
+            logger.warning(f"{image_id}: segments that are no structure of the model, left out: {names}")
         if not items:
-            raise ValueError("no image has a final label yet: save one (tag final) before training")
+            refused = "; ".join(f"{k}: {v}" for k, v in report["refused"].items())
+            raise ValueError("no image with a final label can train the model yet"
+                             + (f" ({refused})" if refused else ": save one (tag final) before training"))
         split = update_split(self.model_dir / "split.json", [i.id for i in items], float(options["val_split"]))
         run_dir = self.model_dir / "train" / str(options["name"])
         if not strtobool(str(options["resume"])):
@@ -84,13 +125,15 @@ class DeLightSAMTrain(TrainTask):
             batch_size=int(options["train_batch_size"]), lr=float(options["lr"]), trainable=str(options["trainable"]),
             teacher=None if options["teacher"] == "none" else str(options["teacher"]),
             cache_dir=str(self.model_dir / "embedding_cache") if strtobool(str(options["embedding_cache"])) else None,
-            tracking=str(options["tracking"]), device=self.infer_task.settings.device)
-        served = self.infer_task.served_checkpoint()
+            tracking=str(options["tracking"]), device=self.served.settings.device)
+        served = self.served.served_checkpoint()
         if served is None or not served.is_file():
-            raise ValueError(f"no checkpoint to train from ({self.infer_task.problem}); configure one first")
+            raise ValueError(f"no checkpoint to train from ({self.served.problem}); configure one first")
         model = load_model(served)
+        report["trained"] = {i.id: {"modality": i.modality, "structures": i.known} for i in items}
         logger.info(f"training {served.name} on {sum(v == 'train' for v in split.values())} volumes, validating on "
                     f"{sum(v == 'val' for v in split.values())}; run folder {run_dir}")
         return train(model, [i for i in items if split[i.id] == "train"], [i for i in items if split[i.id] == "val"],
                      config, run_dir, publish=lambda m, metrics: publish_version(
-                         m, metrics, self.model_dir / "versions", served=self.infer_task.published), log=logger.info)
+                         m, metrics, self.model_dir / "versions", served=self.served.published), log=logger.info,
+                     data_report=report)

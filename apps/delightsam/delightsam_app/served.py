@@ -1,0 +1,112 @@
+"""The checkpoint the server serves, shared by every infer task (one per modality) and the trainer.
+
+Training publishes to ``<model_dir>/published.safetensors``; a published model beats the configured one
+(MONAI Label's convention). The file is re-read when it changes (hot reload); a broken replacement leaves the
+loaded model serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+
+from delightsam import CheckpointError, load_model
+
+from .settings import AppSettings, checkpoint_config
+
+logger = logging.getLogger(__name__)
+
+
+class ServedModel:
+    def __init__(self, settings: AppSettings, published_dir: str | Path) -> None:
+        self.settings = settings
+        self.published_dir = Path(published_dir)
+        self.published = self.published_dir / "published.safetensors"
+        self.problem: str | None = None
+        self.config: dict = {}
+        self._lock = threading.Lock()
+        self._cached: tuple[tuple, Any] | None = None
+        self.refresh()
+
+    def served_checkpoint(self) -> Path | None:
+        return self.published if self.published.is_file() else self.settings.checkpoint
+
+    def refresh(self) -> None:
+        """The served checkpoint's configuration (it changes when training publishes), or why there is none."""
+        self.problem, config = _check_checkpoint(self.served_checkpoint())
+        self.config = config or {}
+
+    def modalities(self) -> dict[str, dict]:
+        """Modality name -> its configuration (structures, intensity, title)."""
+        return {m["name"]: m for m in self.config.get("modalities", [])}
+
+    def structures_of(self, modality: str) -> dict[str, int]:
+        """Structure name -> label id of one modality ({} if the served model has no such modality)."""
+        spec = self.modalities().get(modality)
+        return {s["name"]: s["label"] for s in spec["structures"]} if spec else {}
+
+    def _folders(self) -> list[Path]:
+        default = self.settings.checkpoint
+        return [f for f in (default.parent if default else None, self.published_dir, self.published_dir / "versions") if f]
+
+    def choices(self) -> list[str]:
+        """The served checkpoint first, then the versions beside it and those that training published."""
+        served = self.served_checkpoint()
+        if served is None:
+            return []
+        others = {p.name for d in self._folders() if d.is_dir() for p in d.glob("*.safetensors")} - {served.name}
+        return [served.name, *sorted(others)]
+
+    def checkpoint_path(self, name) -> Path:
+        served = self.served_checkpoint()
+        name = name[0] if isinstance(name, list) and name else name
+        if not name or name == served.name:
+            return served
+        if isinstance(name, str) and name in self.choices():
+            return next(d / name for d in self._folders() if (d / name).is_file())
+        raise HTTPException(404, f"no checkpoint named {name!r}; available: {', '.join(self.choices())}")
+
+    def network(self, device, name=None):
+        """The model for a request (``name``: a ``model_filename`` choice), reloaded when its file changes."""
+        self.refresh()
+        if self.problem:
+            served = str(self.served_checkpoint())
+            if self._cached and self._cached[0][1] == served:  # a broken replacement: keep what works
+                logger.error(f"keeping the loaded model: {self.problem}")
+                return self._cached[1]
+            raise HTTPException(503, f"the De-LightSAM model is not available: {self.problem}")
+        path = self.checkpoint_path(name)
+        stat = path.stat()
+        # os.replace gives a published file a new inode, so a same-size, same-mtime republish still counts
+        key = (str(device), str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, self.settings.img_size)
+        with self._lock:
+            if self._cached and self._cached[0] == key:
+                return self._cached[1]
+            overrides = {"img_size": self.settings.img_size} if self.settings.img_size else {}
+            try:
+                model = load_model(path, device=device, **overrides)
+            except CheckpointError as e:
+                if self._cached and self._cached[0][1] == str(path):
+                    logger.error(f"keeping the loaded model: the changed checkpoint cannot be read ({e})")
+                    return self._cached[1]
+                raise HTTPException(503, f"the De-LightSAM model is not available: {e}") from e
+            if self._cached:
+                logger.info(f"reloaded De-LightSAM from {path}")
+            self._cached = (key, model)
+            return model
+
+
+def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
+    """(why the checkpoint cannot be served or None, its configuration)."""
+    if path is None:
+        return "no checkpoint: put a .safetensors file under models/ or pass --conf checkpoint PATH", None
+    if not path.is_file():
+        return f"checkpoint not found: {path}", None
+    config = checkpoint_config(path)
+    if config is None:
+        return f"{path} is not a De-LightSAM project checkpoint (convert released weights with `delightsam convert`)", None
+    return None, config

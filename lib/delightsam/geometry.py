@@ -1,0 +1,185 @@
+"""One geometry path for every volume: orientation, acquisition axis, grey levels, fitting, and the way back.
+
+Inference, training, evaluation and the overlays all see a volume through ``orient``. Its voxels are flipped
+and permuted (never resampled) from the file's storage order into one layout per acquisition plane, the
+radiological display of that plane, with the slices along the last axis:
+
+  axial (slices along S):     rows run anterior -> posterior, columns the patient's right -> left
+  coronal (slices along A):   rows run superior -> inferior, columns right -> left
+  sagittal (slices along R):  rows run superior -> inferior, columns anterior -> posterior
+
+So the same anatomy gives the same slices whether a file stores it RAS, LPS, LAS or any other way, and a label
+map goes back to the input's own grid by the inverse flip and permutation, voxel for voxel. Orientation comes
+from the RAS affine that MONAI's readers give (ITK's LPS is converted by MONAI); a plain array without one is
+taken as stored RAS. The acquisition axis is the one with the widest voxel spacing; on a tie, the axial one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations
+
+# The layout of each plane as nibabel axis codes (the direction each array axis runs toward).
+LAYOUTS = {"axial": ("P", "L", "S"), "coronal": ("I", "L", "A"), "sagittal": ("I", "P", "R")}
+PLANE_OF_WORLD_AXIS = {2: "axial", 1: "coronal", 0: "sagittal"}  # RAS world axis the slices run along
+# Used when a checkpoint's modality does not say (soft-tissue CT window; MedSAM-style MR percentiles).
+DEFAULT_INTENSITY = {"ct": {"window": [-160.0, 240.0]}, "mr": {"percentiles": [0.5, 99.5]}}
+
+
+def affine_of(volume, spacing=None) -> np.ndarray:
+    """The RAS affine of a MetaTensor; for a plain array, the spacing's diagonal (or the identity)."""
+    affine = getattr(volume, "affine", None)
+    if affine is not None:
+        return np.asarray(affine, dtype=np.float64)
+    return np.diag([*(float(s) for s in (spacing or (1.0, 1.0, 1.0))), 1.0])
+
+
+def spacing_of(affine_or_volume) -> tuple[float, float, float]:
+    affine = affine_or_volume if isinstance(affine_or_volume, np.ndarray) else affine_of(affine_or_volume)
+    return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+
+
+def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
+    """(plane, stored axis) of the slices: the stored axis with the widest spacing; ties prefer axial, then
+    coronal, then sagittal (so an isotropic volume is cut axially whatever its storage order)."""
+    spacing = spacing_of(affine)
+    world = orientations.io_orientation(affine)[:, 0].astype(int)  # stored axis -> RAS world axis
+    widest = [i for i, s in enumerate(spacing) if np.isclose(s, max(spacing), rtol=1e-3)]
+    axis = max(widest, key=lambda i: world[i])
+    return PLANE_OF_WORLD_AXIS[int(world[axis])], axis
+
+
+def _apply(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
+    """nibabel's ``apply_orientation`` for tensors: flip, then permute."""
+    flips = [i for i, f in enumerate(ornt[:, 1]) if f == -1]
+    if flips:
+        x = x.flip(flips)
+    return x.permute(*np.argsort(ornt[:, 0]).tolist())
+
+
+@dataclass
+class Oriented:
+    """A volume in its plane's layout ([rows, columns, slices]) and the way back to the grid it came on."""
+
+    data: torch.Tensor
+    plane: str
+    slice_axis: int  # the stored axis that the slices run along
+    spacing: tuple[float, float, float]  # mm along rows, columns and slices
+    input_shape: tuple[int, int, int]
+    forward: np.ndarray  # nibabel orientation transform: stored -> layout
+    backward: np.ndarray  # layout -> stored
+
+    def to_layout(self, array) -> torch.Tensor:
+        """Another array on the input's grid (a label map) in this layout."""
+        return _apply(_tensor(array), self.forward)
+
+    def to_input(self, array):
+        """An array in this layout ([rows, columns, slices], or with leading channels) back on the input's
+        grid; numpy in, numpy out."""
+        x = _tensor(array)
+        lead = x.dim() - 3
+        ornt = np.concatenate([np.stack([np.arange(lead), np.ones(lead)], 1), self.backward + [lead, 0]]) \
+            if lead else self.backward
+        out = _apply(x, ornt).contiguous()
+        return out.numpy() if isinstance(array, np.ndarray) else out
+
+
+def orient(volume, affine=None, spacing=None) -> Oriented:
+    """``volume`` ([X, Y, Z] tensor, array or MetaTensor; [1, X, Y, Z] too) in its acquisition plane's layout."""
+    x = as_volume(volume)
+    affine = np.asarray(affine, dtype=np.float64) if affine is not None else affine_of(volume, spacing)
+    plane, axis = acquisition_plane(affine)
+    stored = orientations.io_orientation(affine)
+    layout = orientations.axcodes2ornt(LAYOUTS[plane])
+    forward = orientations.ornt_transform(stored, layout)
+    backward = orientations.ornt_transform(layout, stored)
+    spacing = spacing_of(affine)
+    order = np.argsort(forward[:, 0])  # layout axis j holds stored axis order[j]
+    return Oriented(_apply(x, forward), plane, axis, tuple(spacing[i] for i in order), tuple(x.shape), forward,
+                    backward)
+
+
+def as_volume(volume) -> torch.Tensor:
+    """A single-channel 3-D volume as a plain tensor: [X, Y, Z], or a singleton channel in front ([1, X, Y, Z])
+    or behind ([X, Y, Z, 1], as some 4-D NIfTI files store a 3-D volume); anything else is refused by name."""
+    x = _tensor(volume)
+    if x.dim() == 4 and x.shape[0] == 1:
+        x = x[0]
+    elif x.dim() == 4 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if x.dim() != 3:
+        kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
+        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
+    return x
+
+
+def _tensor(array) -> torch.Tensor:
+    x = array if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+    return x.as_subclass(torch.Tensor)
+
+
+# ---- grey levels ----------------------------------------------------------------------------------
+def intensity_of(spec) -> dict | None:
+    """How a modality's intensities become grey levels: its own setting, else the defaults by name."""
+    return spec.intensity or DEFAULT_INTENSITY.get(spec.name)
+
+
+def finite(volume: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The NaN policy: non-finite voxels (NaN, inf) take the volume's smallest finite value, and are counted;
+    a volume with no finite voxel is refused."""
+    ok = torch.isfinite(volume)
+    bad = int((~ok).sum())
+    if bad == volume.numel():
+        raise ValueError("the volume has no finite voxel (all NaN or infinite)")
+    return (torch.where(ok, volume, volume[ok].min()) if bad else volume), bad
+
+
+def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor:
+    """Volume intensities -> float 0..255 as the model expects of each channel."""
+    if intensity and "window" in intensity:
+        low, high = intensity["window"]
+    elif intensity and "percentiles" in intensity:
+        values = volume.flatten()
+        if values.numel() > 2_000_000:  # a seeded random subsample: fast, and free of stride aliasing
+            pick = torch.randint(values.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))
+            values = values[pick]
+        low, high = torch.quantile(values.float(), torch.tensor(intensity["percentiles"]) / 100).tolist()
+    else:
+        low, high = volume.min().item(), volume.max().item()
+    scale = 255.0 / max(high - low, 1e-6)
+    return ((volume.float() - low) * scale).clamp_(0, 255)
+
+
+def grey_volume(oriented: Oriented, spec) -> tuple[torch.Tensor, int]:
+    """(grey levels 0..255 of the oriented volume for this modality, number of non-finite voxels replaced)."""
+    data, bad = finite(oriented.data.float())
+    return to_grey_levels(data, intensity_of(spec)), bad
+
+
+# ---- fitting slices to the network's input --------------------------------------------------------
+def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear") -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, C, H, W] -> [B, C, size, size]: longer side resized to ``size``, zero-padded bottom/right (SAM's
+    convention, so nothing is distorted). Returns the resized (unpadded) height and width too.
+    ``mode="nearest"`` for label masks."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    if mode == "nearest":
+        x = F.interpolate(images, (nh, nw), mode="nearest-exact")
+    else:
+        x = F.interpolate(images, (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    return F.pad(x, (0, size - nw, 0, size - nh)), (nh, nw)
+
+
+def model_input(grey: torch.Tensor, fitted: tuple[int, int], normalise) -> torch.Tensor:
+    """Fitted grey slices [B, 1|3, S, S] -> the model's input [B, 3, S, S]: normalised, and the padding set
+    to 0 after normalisation, as SAM and the released code pad (a neutral, not a black, border)."""
+    x = normalise(grey.expand(-1, 3, -1, -1))
+    nh, nw = fitted
+    x[..., nh:, :] = 0
+    x[..., :, nw:] = 0
+    return x
