@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import json
-import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +31,7 @@ import torch
 import delightsam
 from delightsam.geometry import to_grey_levels
 from delightsam.volume import SliceNetwork
+from serve import peak_rss_mb, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -99,67 +96,44 @@ def lite_medsam_per_slice(slices: torch.Tensor) -> float:
         return timed(run, 3)
 
 
-def make_large_ct(data: Path, out: Path) -> Path:
-    """lung2 (512x512x61, 5 mm) resampled along z to 100 slices: a 512x512x100 real CT."""
+def make_large_ct(data: Path, out: Path, slices: int = 100) -> Path:
+    """lung2 (512x512x61, 5 mm) resampled along z to ``slices`` slices: a 512x512x100 (or x600) real CT."""
     image = sitk.ReadImage(str(data / "studies" / "radiomics_lung2.nrrd"))
     spacing = list(image.GetSpacing())
-    spacing[2] = spacing[2] * image.GetSize()[2] / 100
-    size = [image.GetSize()[0], image.GetSize()[1], 100]
+    spacing[2] = spacing[2] * image.GetSize()[2] / slices
+    size = [image.GetSize()[0], image.GetSize()[1], slices]
     resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
                               image.GetDirection(), -1024, image.GetPixelID())
     sitk.WriteImage(resampled, str(out))
     return out
 
 
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident memory of the server: the python process under monailabel's launcher script."""
-    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    peaks = []
-    for p in pids:
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                peaks.append(int(line.split()[1]) / 1024)
-    return max(peaks)
-
-
-def per_volume(data: Path, checkpoint: Path, tmp: Path, batch: int) -> list[dict]:
+def per_volume(data: Path, checkpoint: Path, tmp: Path, batch: int, slices: list[int] = (100,),
+               params: dict | None = None, only_large: bool = False) -> list[dict]:
+    """Each volume twice through a real server's /infer (the first request also loads the model); ``params``:
+    more request options (such as refine); ``slices``: the sizes of the 512x512 CT made from lung2."""
     studies = tmp / "studies"
-    studies.mkdir()
+    studies.mkdir(exist_ok=True)
+    names = [] if only_large else ["ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2"]
     for name in ("ts_ct_small.nii.gz", "ts_ct.nii.gz", "radiomics_lung1.nrrd", "radiomics_lung2.nrrd"):
         shutil.copyfile(data / "studies" / name, studies / name)
-    make_large_ct(data, studies / "ct_512x512x100.nrrd")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(ROOT / "apps" / "delightsam"),
-                             "--studies", str(studies), "--conf", "models", "delightsam", "--conf", "checkpoint",
-                             str(checkpoint), "--conf", "batch_size", str(batch), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    for n in slices:
+        names.append(make_large_ct(data, studies / f"ct_512x512x{n}.nrrd", n).name.removesuffix(".nrrd"))
     rows = []
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"{url}/info/", timeout=5)
-                break
-            except OSError:
-                time.sleep(1)
-        for name in ("ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2", "ct_512x512x100"):
+    conf = ["--conf", "checkpoint", str(checkpoint), "--conf", "batch_size", str(batch)]
+    request = {"result_extension": ".nrrd", "result_dtype": "uint8", **(params or {})}
+    with running_server(tmp, studies, conf) as (url, proc):
+        for name in names:
             timings = []
             for _ in range(2):  # the first request also loads the model
                 start = time.perf_counter()
                 reply = requests.post(f"{url}/infer/delightsam_ct?image={name}&output=image",
-                                      data={"params": json.dumps({"result_extension": ".nrrd", "result_dtype": "uint8"})})
+                                      data={"params": json.dumps(request)})
                 reply.raise_for_status()
                 timings.append(time.perf_counter() - start)
             size = sitk.ReadImage(str(next(studies.glob(name + ".*")))).GetSize()
             rows.append({"volume": name, "size": list(size), "first_s": timings[0], "warm_s": timings[1],
                          "server_peak_rss_mb": peak_rss_mb(proc.pid)})
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     return rows
 
 
@@ -168,12 +142,33 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "app.json")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--checkpoint", type=Path, help="the model to serve (default: random weights of the "
+                                                        "shipped shape; speed does not depend on the weights)")
+    parser.add_argument("--refine", choices=("3d", "slice"), help="two-stage inference with these prompts")
+    parser.add_argument("--slices", type=int, nargs="+", default=[100],
+                        help="slices of the 512x512 CTs made from lung2 (600: the memory check)")
+    parser.add_argument("--volumes-only", action="store_true", help="only the 512x512 CTs through /infer")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="delightsam-bench-"))
-    checkpoint = make_test_checkpoint(tmp / "bench.safetensors")
-    slices = real_slices(args.data, 16)
+    checkpoint = args.checkpoint or make_test_checkpoint(tmp / "bench.safetensors")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    per_slice = [] if args.volumes_only else per_slice_rows(args, checkpoint)
+    params = {"refine": True, "prompts": args.refine} if args.refine else {}
+    volumes = per_volume(args.data, checkpoint, tmp, args.batch, args.slices, params, only_large=args.volumes_only)
+    title = f"volume (/infer, {checkpoint.name}{', refine ' + args.refine if args.refine else ''})"
+    print(f"\n{title:<44}{'size':>16}{'first s':>9}{'warm s':>8}{'peak RSS MB':>13}")
+    for r in volumes:
+        print(f"{r['volume']:<44}{'x'.join(map(str, r['size'])):>16}{r['first_s']:>9.2f}{r['warm_s']:>8.2f}"
+              f"{r['server_peak_rss_mb']:>13.0f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"threads": torch.get_num_threads(), "checkpoint": str(checkpoint),
+                                       "params": params, "per_slice": per_slice, "per_volume": volumes}, indent=2))
+    print(f"wrote {args.output}")
+    shutil.rmtree(tmp, ignore_errors=True)
 
+
+def per_slice_rows(args, checkpoint: Path) -> list[dict]:
+    slices = real_slices(args.data, 16)
     per_slice = []
     for size in (256, 512, 1024):
         for batch in ((1, 4, 8, 16) if size == 256 else (args.batch,)):
@@ -186,17 +181,7 @@ def main() -> None:
     for r in per_slice:
         r["speedup_vs_sam_vit_b"] = sam / r["s_per_slice"]
         print(f"{r['model']:<20}{r['input']:>6}{r['batch']:>6}{1000 * r['s_per_slice']:>10.1f}{r['speedup_vs_sam_vit_b']:>13.1f}x")
-
-    volumes = per_volume(args.data, checkpoint, tmp, args.batch)
-    print(f"\n{'volume (/infer, De-LightSAM 256)':<34}{'size':>16}{'first s':>9}{'warm s':>8}{'peak RSS MB':>13}")
-    for r in volumes:
-        print(f"{r['volume']:<34}{'x'.join(map(str, r['size'])):>16}{r['first_s']:>9.2f}{r['warm_s']:>8.2f}"
-              f"{r['server_peak_rss_mb']:>13.0f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"threads": torch.get_num_threads(), "per_slice": per_slice, "per_volume": volumes},
-                                      indent=2))
-    print(f"wrote {args.output}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    return per_slice
 
 
 if __name__ == "__main__":

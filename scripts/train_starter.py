@@ -55,7 +55,10 @@ SPLIT = {
     # fit to the training volume, never as held-out accuracy
     "training_fit": [("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz")],
 }
+# the other fold: the same recipe trained on the DICOM CT and evaluated on the NIfTI one (`--reverse`)
+REVERSE = {**SPLIT, "train": [SPLIT["evaluation"][0], SPLIT["train"][1]], "evaluation": [SPLIT["train"][0]]}
 BUDGETS = {"distill": 300.0, "segment": 2700.0}  # CPU seconds (all threads of the process)
+AUGMENT = 0.5  # share of augmented slices (training.augmentation), for De-LightSAM and the U-Net alike
 QUICK_BUDGETS = {"distill": 10.0, "segment": 20.0}
 
 
@@ -81,9 +84,9 @@ def prepare_labels(data: Path, work: Path) -> dict[str, Path]:
     return paths
 
 
-def items(kind: str, data: Path, labels: dict[str, Path]) -> list[TrainItem]:
+def items(split: dict, kind: str, data: Path, labels: dict[str, Path]) -> list[TrainItem]:
     return [TrainItem(case_id, str(data / image), str(labels[case_id]), modality)
-            for modality, case_id, image, _ in SPLIT[kind]]
+            for modality, case_id, image, _ in split[kind]]
 
 
 def build_model(version: str) -> DeLightSAM:
@@ -100,7 +103,9 @@ def build_model(version: str) -> DeLightSAM:
 def stage(model: DeLightSAM, train_items, work: Path, name: str, budget: float, loss: LossWeights) -> dict:
     run = work / name
     shutil.rmtree(run, ignore_errors=True)  # a rebuild starts over; nothing is resumed from an older recipe
+    # distillation alone learns from the views inference sees; the segmentation stage also from augmented ones
     config = TrainConfig(epochs=1_000_000, steps_per_epoch=50, batch_size=4, trainable="all", teacher="lite_medsam",
+                         augment=AUGMENT if loss.segmentation else 0.0,
                          cache_dir=str(work / "embedding_cache"), loss=loss, max_cpu_seconds=budget, tracking="none")
     stats = train(model, train_items, [], config, run, log=print)
     print(f"stage {name}: {stats['steps']} steps, {stats['cpu_seconds']:.0f} CPU s, loss {stats['loss']}")
@@ -114,11 +119,15 @@ def main() -> int:
     parser.add_argument("--bundle", type=Path, help="the MONAI bundle to write the model into (default the shipped "
                                                     "one; with --quick data/starter-quick/bundle)")
     parser.add_argument("--quick", action="store_true", help="tiny budgets, held-out set only (the CI test)")
+    parser.add_argument("--reverse", action="store_true",
+                        help="the other fold: train on the DICOM CT, evaluate on the NIfTI CT (report in the bundle's "
+                             "docs/evaluation/reverse_fold/, model in --work only)")
     parser.add_argument("--skip-training", action="store_true",
                         help="evaluate the models a previous run left in --work (re-make the report only)")
     args = parser.parse_args()
     quick = ROOT / "data" / "starter-quick"  # a quick run never overwrites the shipped model by default
-    args.work = args.work or (quick if args.quick else ROOT / "data" / "starter")
+    args.work = args.work or (quick if args.quick else ROOT / "data" / ("starter-reverse" if args.reverse else "starter"))
+    split = REVERSE if args.reverse else SPLIT
     args.bundle = args.bundle or (quick / "bundle" if args.quick else BUNDLE)
     torch.manual_seed(0)
     began = time.time()
@@ -126,7 +135,7 @@ def main() -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     labels = prepare_labels(args.data, work)
-    train_items = items("train", args.data, labels)
+    train_items = items(split, "train", args.data, labels)
     timings = {}
     if not args.skip_training:
         model = build_model(f"starter-{time.strftime('%Y%m%d')}")
@@ -138,7 +147,7 @@ def main() -> int:
         timings["delightsam_training_wall_s"] = time.time() - t
         t = time.time()
         cpu = stats_distill["cpu_seconds"] + stats_segment["cpu_seconds"]
-        net, unet_stats = train_unet(SliceData(train_items, model), model, max_cpu_seconds=cpu)
+        net, unet_stats = train_unet(SliceData(train_items, model), model, max_cpu_seconds=cpu, augment=AUGMENT)
         save_unet(net, model, work / "unet_baseline.safetensors", unet_stats)
         timings["unet_training_wall_s"] = time.time() - t
         (work / "training.json").write_text(json.dumps(
@@ -149,22 +158,28 @@ def main() -> int:
 
     starter, distilled = load_model(work / "starter.safetensors"), load_model(work / "distilled.safetensors")
     unet, unet_meta = load_unet(work / "unet_baseline.safetensors")
+    from delightsam.foundation import foundation_model
+
+    refiner = foundation_model(starter)  # all of LiteMedSAM, decoding the starter's own boxes
     methods = [DeLightSAMMethod("De-LightSAM starter", starter),
+               DeLightSAMMethod("De-LightSAM starter + foundation, automatic 3-D boxes", starter, refiner=refiner),
+               DeLightSAMMethod("De-LightSAM starter + foundation, automatic boxes per slice", starter, refiner=refiner,
+                                prompts="slice"),
                DeLightSAMMethod("De-LightSAM distilled only (before fine-tuning)", distilled),
                UNetMethod("MONAI 2-D U-Net, same data and CPU time", unet, unet_meta, starter.config),
                GuidedMethod("LiteMedSAM + box from the reference (prompted)", starter.config,
                             lambda spec: LiteMedSAMBoxNetwork(spec.structures))]
-    sets = {"held-out": SPLIT["evaluation"]} if args.quick else {"held-out": SPLIT["evaluation"],
-                                                                  "training fit (not held out)": SPLIT["training_fit"]}
+    sets = {"held-out": split["evaluation"]} if (args.quick or args.reverse) else {
+        "held-out": split["evaluation"], "training fit (not held out)": split["training_fit"]}
     cases = {name: [Case(case_id, str(args.data / image), str(labels[case_id]), modality)
                     for modality, case_id, image, _ in entries] for name, entries in sets.items()}
-    report_dir = args.bundle / "docs" / "evaluation"
+    report_dir = args.bundle / "docs" / "evaluation" / ("reverse_fold" if args.reverse else "")
     t = time.time()
     evaluate(methods, cases, report_dir, context={
-        "split": {k: [c[1] for c in v] for k, v in SPLIT.items()}, "training": training,
-        "recipe": "python scripts/train_starter.py" + (" --quick" if args.quick else "")})
+        "split": {k: [c[1] for c in v] for k, v in split.items()}, "training": training, "augment": AUGMENT,
+        "recipe": "python scripts/train_starter.py" + (" --quick" if args.quick else "") + (" --reverse" if args.reverse else "")})
     timings["evaluation_wall_s"] = time.time() - t
-    target = args.bundle / "models" / "model.safetensors"
+    target = work / "reverse.safetensors" if args.reverse else args.bundle / "models" / "model.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
     save_model(starter, target, half=True)
     timings["total_wall_s"] = time.time() - began

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from delightsam import DeLightSAM, released_config
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DELIGHTSAM_SHARED", REPO.parent / "shared"))
 REFERENCE = SHARED / "reference"
+sys.path.insert(0, str(REPO / "scripts"))  # serve.py (the server launcher), pacs.py
 
 
 @pytest.fixture(scope="session")
@@ -81,50 +83,51 @@ def samples() -> Path:
 
 
 def _free_port() -> int:
-    import socket
+    from serve import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @contextlib.contextmanager
 def monailabel_server(tmp: Path, studies: Path, conf: list[str], timeout: float = 240):
-    """A real `monailabel start_server` process with this app on a free loopback port; yields its URL and
-    stops it afterwards. ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs)."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """A real `monailabel start_server` process with this app on a free loopback port (``scripts/serve.py``);
+    yields its URL and stops it afterwards. ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs)."""
+    from serve import ServerFailed, running_server
 
-    port = _free_port()
-    bindir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
-           "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions")}
-    log_path = tmp / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
-                                 str(studies), "--conf", "models", "delightsam", *conf,
-                                 "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                                env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + timeout
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/info/", timeout=5)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"the server did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with running_server(tmp, studies, conf, timeout) as (url, _):
+            yield url
+    except ServerFailed as e:
+        pytest.fail(str(e))
+
+
+def studies_folder(tmp: Path, samples: Path, names: list[str]) -> Path:
+    """``tmp/studies`` holding copies of these sample volumes (a datastore of the app's own)."""
+    import shutil
+
+    studies = tmp / "studies"
+    studies.mkdir(exist_ok=True)
+    for name in names:
+        shutil.copyfile(samples / "studies" / name, studies / name)
+    return studies
+
+
+def tar_bytes(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
+    """A .tar.gz with these regular files (any names, even hostile ones) and symbolic links (name -> target)."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as t:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            t.addfile(info)
+    return buffer.getvalue()
 
 
 def dciodvfy_errors(path) -> list[str]:

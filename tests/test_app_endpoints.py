@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from requests_toolbelt.multipart import decoder
 
-from conftest import APP_DIR, REPO, dciodvfy_errors, make_test_checkpoint
+from conftest import APP_DIR, REPO, dciodvfy_errors, make_test_checkpoint, studies_folder
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 
@@ -41,14 +38,12 @@ def _client(studies, conf, tmp):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("app")
-    studies = tmp / "studies"
-    studies.mkdir()
-    for name in ("ts_ct_small.nii.gz", "ts_mr_small.nii.gz"):
-        shutil.copyfile(samples / "studies" / name, studies / name)
+    studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "ts_mr_small.nii.gz"])
     models = tmp / "models"
     checkpoint = make_test_checkpoint(models / "delightsam.safetensors", seed=0, version="v1")
     make_test_checkpoint(models / "delightsam-v2.safetensors", seed=1, version="v2")
-    client = _client(studies, {"checkpoint": str(checkpoint)}, tmp)
+    # a single-user workstation that names DICOM series folders by server path (off by default: test_hostile)
+    client = _client(studies, {"checkpoint": str(checkpoint), "allow_server_paths": "true"}, tmp)
     return {"client": client, "tmp": tmp, "studies": studies, "checkpoint": checkpoint, "samples": samples}
 
 
@@ -189,6 +184,25 @@ def test_unknown_modality_model_image_and_checkpoint(env):
     assert _infer(client, image="ts_ct_small").status_code == 200
 
 
+def test_refine_runs_the_second_stage_on_request(env):
+    """refine=true: the model's coarse masks become box prompts for the foundation (LiteMedSAM); the label is on
+    the input grid and the result says what was done (the random test model's boxes: the path, not accuracy)."""
+    info = env["client"].get("/info/").json()["models"]["delightsam_ct"]["config"]
+    assert info["refine"] is False and info["prompts"] == ["3d", "slice"]
+    image = nib.load(env["studies"] / "ts_ct_small.nii.gz")  # six slices of it: the foundation is slow on a CPU
+    path = env["tmp"] / "six_slices.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., 12:18], image.affine), path)
+    reply = env["client"].post("/infer/delightsam_ct?output=all", files={"file": (path.name, open(path, "rb"))},
+                               data={"params": json.dumps({"refine": True, "prompts": "slice", **NRRD_UINT8})})
+    assert reply.status_code == 200, reply.text
+    parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
+    params = json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))
+    assert params["refined"] is True and params["prompts"] == "slice"
+    assert any(note.startswith("refined ") and "boxes per slice" in note for note in params["notes"])
+    bad = _infer(env["client"], {"refine": True, "prompts": "lasso"}, image="ts_ct_small")
+    assert bad.status_code == 422 and "prompts must be one of 3d, slice" in bad.json()["detail"]
+
+
 def test_model_filename_picks_another_version(env):
     reply = _infer(env["client"], {"model_filename": "delightsam-v2.safetensors"}, image="ts_ct_small")
     assert reply.status_code == 200 and reply.json()["model_version"] == "v2"
@@ -220,7 +234,8 @@ def test_without_a_checkpoint_the_server_starts_and_says_why(env):
         reply = _infer(client, model="delightsam", image="ts_ct_small")
         assert reply.status_code == 503 and "not available" in reply.json()["detail"]
     finally:
-        _client(env["studies"], {"checkpoint": str(env["checkpoint"])}, env["tmp"])  # restore for other tests
+        _client(env["studies"], {"checkpoint": str(env["checkpoint"]), "allow_server_paths": "true"},
+                env["tmp"])  # restore for other tests
 
 
 @pytest.fixture(scope="module")

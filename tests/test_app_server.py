@@ -4,7 +4,6 @@ plugin drives it, with monailabel's own client."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 import urllib.request
 import zipfile
@@ -20,7 +19,7 @@ from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 import delightsam
-from conftest import make_test_checkpoint, monailabel_server
+from conftest import make_test_checkpoint, monailabel_server, studies_folder
 
 SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
 
@@ -28,10 +27,7 @@ SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what t
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("server")
-    studies = tmp / "studies"
-    studies.mkdir()
-    for name in ("ts_ct_small.nii.gz", "radiomics_brain1.nrrd", "ts_ct.nii.gz"):
-        shutil.copyfile(samples / "studies" / name, studies / name)
+    studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "radiomics_brain1.nrrd", "ts_ct.nii.gz"])
     checkpoint = make_test_checkpoint(tmp / "models" / "delightsam.safetensors")
     with monailabel_server(tmp, studies, ["--conf", "checkpoint", str(checkpoint),
                                           "--conf", "model_dir", str(tmp / "model")]) as url:

@@ -80,7 +80,9 @@ def volumes(tmp_path_factory, samples):
 @pytest.fixture(scope="module")
 def server(volumes):
     """A real server with the shipped starter model (no checkpoint configured: the default)."""
-    with monailabel_server(volumes["tmp"], volumes["tmp"] / "ct", ["--conf", "model_dir", str(volumes["tmp"] / "model")]) as url:
+    # the storage variants and the DICOM series are named by server path (allowed on a single-user workstation)
+    conf = ["--conf", "model_dir", str(volumes["tmp"] / "model"), "--conf", "allow_server_paths", "true"]
+    with monailabel_server(volumes["tmp"], volumes["tmp"] / "ct", conf) as url:
         yield url
 
 

@@ -124,6 +124,21 @@ def test_embedding_cache_reuses_and_survives_bad_entries(tmp_path):
     assert cache.key(teacher.id, 8, grey[0]) != key  # the grid is part of the key
 
 
+def test_the_cache_is_capped_and_evicts_the_least_recently_used(tmp_path):
+    teacher, grey = _CountingTeacher(), torch.rand(6, 3, 32, 32) * 255
+    entry = 256 * 16 * 16 * 2 + 128  # one float16 embedding and its .npy header
+    cache = EmbeddingCache(tmp_path, max_bytes=4 * entry)
+    cache.embed(teacher, grey[:3], 16)
+    os.utime(cache._path(cache.key(teacher.id, 16, grey[0])), (1, 1))  # the oldest, and not read since
+    cache.embed(teacher, grey[1:2], 16)  # read: recently used
+    cache.embed(teacher, grey[3:6], 16)  # past the cap
+    assert cache.evicted >= 1
+    size = sum(p.stat().st_size for p in tmp_path.rglob("*.npy"))
+    assert size <= 4 * entry
+    assert cache.get(cache.key(teacher.id, 16, grey[0])) is None  # the least recently used went first
+    assert cache.get(cache.key(teacher.id, 16, grey[5])) is not None  # the newest stays
+
+
 def test_two_runs_can_share_the_cache(tmp_path):
     script = ("import sys, torch; sys.path.insert(0, 'tests'); from test_training import _CountingTeacher;"
               "from delightsam.embedding_cache import EmbeddingCache;"
@@ -248,3 +263,34 @@ def test_two_processes_with_gloo_step_like_one(tmp_path, liver):
     change = sum(((one[k] - a[k]) ** 2).sum() for k in a if a[k].is_floating_point()).sqrt()
     diff = sum(((one[k] - both[k]) ** 2).sum() for k in a if a[k].is_floating_point()).sqrt()
     assert change > 1e-2 and diff / change < 1e-3
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 2 MB file system (tmpfs), smaller than any checkpoint: what a full disk is to a publish."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot mount a tmpfs to fill: {done.stderr.decode()}")
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_publish_leaves_the_served_model_and_says_so(tmp_path, liver, full_disk):
+    from delightsam.training import publish_version
+
+    served = make_test_checkpoint(tmp_path / "published.safetensors", version="served")
+    before = served.read_bytes()
+    item = TrainItem("small", str(liver["small_image"]), str(liver["ts_ct_small"]), "ct")
+    config = TrainConfig(epochs=1, steps_per_epoch=1, batch_size=2, teacher=None, tracking="none")
+    logs = []
+    stats = train(_liver_model(), [item], [], config, tmp_path / "run", log=logs.append,
+                  publish=lambda m, metrics: publish_version(m, metrics, full_disk / "versions", served=served))
+    assert stats["published"] == [] and stats["phase"] == "finished"
+    assert any("not published, the served model is unchanged" in e and "No space left" in e for e in stats["errors"])
+    assert json.loads((tmp_path / "run" / "train_stats.json").read_text())["errors"] == stats["errors"]
+    assert served.read_bytes() == before  # untouched
+    assert not [p for p in full_disk.rglob("*") if p.is_file()]  # no half-written version left behind

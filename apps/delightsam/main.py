@@ -10,16 +10,19 @@ README.md in this folder.
 
 from __future__ import annotations
 
-import functools
+import ipaddress
 import logging
 import os
+import sys
 
 from fastapi import HTTPException
+from monailabel.config import settings as ml_settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 
 import delightsam
-from delightsam_app import ohif, pacs
+from delightsam_app import edge, guard, ohif, pacs
+from delightsam_app.datastore import AtomicLocalDatastore
 from delightsam_app.infer import PREFIX, DeLightSAMInfer, UnavailableInfer, task_name
 from delightsam_app.served import ServedModel
 from delightsam_app.settings import AppSettings
@@ -42,6 +45,32 @@ class DeLightSAMApp(MONAILabelApp):
         from monailabel.app import app as server  # the running FastAPI server (already imported by then)
 
         ohif.serve_error_details(server)
+        edge.install(server, self.settings)
+        warn_if_exposed(sys.argv)
+
+    def _load_sessions(self, load=False):
+        if not load:
+            return None
+        return guard.GuardedSessions(ml_settings.MONAI_LABEL_SESSION_PATH, ml_settings.MONAI_LABEL_SESSION_EXPIRY,
+                                     guard.UploadLimits.from_settings(self.settings))
+
+    def info(self):
+        """monailabel's app info, and how busy inference is (clients can back off; tests wait on it)."""
+        from monailabel.app import app as server
+
+        info = super().info()
+        gate = getattr(server.state, "delightsam_admission", None)
+        if gate is not None:
+            info["inference"] = {"running_or_queued": gate.in_flight, "workers": gate.workers, "queue": gate.queue}
+        return info
+
+    def init_datastore(self):
+        """monailabel's datastore; a local one saves labels and its index atomically (``datastore.py``)."""
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return AtomicLocalDatastore(self.studies, extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+                                    auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                    read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def init_infers(self):
         """One task per modality of the checkpoint (as --conf models selects); without a readable checkpoint,
@@ -65,16 +94,10 @@ class DeLightSAMApp(MONAILabelApp):
         return {PREFIX: DeLightSAMTrain(self.served, self.model_dir, self.settings.modality)}
 
     def _init_dicomweb_datastore(self):
-        datastore = super()._init_dicomweb_datastore()
-        # monailabel lists the series of one QIDO filter (default Modality=CT; QIDO has no "CT or MR"):
-        # list the series of every modality this app serves
-        url = datastore._client.base_url
-        pacs.limit_waiting(datastore._client)  # a PACS that went away or hangs must not hold every request
-        datastore.list_images = pacs.tolerant(functools.partial(pacs.list_series, datastore,
-                                                                self.served_dicom_modalities), url)
-        datastore.get_labeled_images = pacs.tolerant(datastore.get_labeled_images, url)
-        datastore.save_label = pacs.save_label_with_codes(datastore, self.served.structures_of, datastore.save_label)
-        return datastore
+        if "googleapis.com" in self.studies:  # monailabel's Google Cloud credentials path, as it is
+            return super()._init_dicomweb_datastore()
+        self._download_dcmqi_tools()  # the SEG writer monailabel's DICOMweb datastore uses
+        return pacs.PacsDatastore.from_settings(self.studies, self.served_dicom_modalities, self.served.structures_of)
 
     def served_dicom_modalities(self) -> list[str]:
         self.served.refresh()
@@ -107,3 +130,25 @@ class DeLightSAMApp(MONAILabelApp):
             if before:
                 params.setdefault("notes", []).append(f"the image's recorded modality changed from {before} to "
                                                       f"{modality}")
+
+
+def warn_if_exposed(argv: list[str]) -> bool:
+    """A warning when the server listens beyond loopback with monailabel's auth off (its own default host is
+    0.0.0.0: every interface). True if it warned."""
+    host = "0.0.0.0"
+    for i, arg in enumerate(argv):
+        if arg in ("-i", "--host") and i + 1 < len(argv):
+            host = argv[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback or ml_settings.MONAI_LABEL_AUTH_ENABLE:
+        return False
+    logger.warning(f"the server listens on {host}, beyond this machine, and authentication is off: anyone who can "
+                   f"reach it can read the datastore's images and labels and start training. Start it with --host "
+                   f"127.0.0.1, or enable monailabel's auth (MONAI_LABEL_AUTH_ENABLE=true with a Keycloak realm) "
+                   f"first; see apps/delightsam/README.md")
+    return True

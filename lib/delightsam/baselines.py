@@ -39,8 +39,9 @@ def channel_offsets(model: DeLightSAM) -> dict[str, int]:
 
 
 def train_unet(data, model: DeLightSAM, max_cpu_seconds: float, batch_size: int = 8, lr: float = 1e-3,
-               seed: int = 0, foreground_fraction: float = 0.8, log=print) -> tuple[UNet, dict]:
-    """Trains a U-Net on ``data`` (a training ``SliceData``) until the CPU budget is spent."""
+               seed: int = 0, foreground_fraction: float = 0.8, augment: float = 0.0, log=print) -> tuple[UNet, dict]:
+    """Trains a U-Net on ``data`` (a training ``SliceData``) until the CPU budget is spent, with the same share
+    of augmented slices as De-LightSAM's recipe when ``augment`` says so."""
     torch.manual_seed(seed)
     offsets = channel_offsets(model)
     channels = sum(len(m.structures) for m in model.config.modalities)
@@ -50,7 +51,8 @@ def train_unet(data, model: DeLightSAM, max_cpu_seconds: float, batch_size: int 
     started, step = time.process_time(), 0
     while time.process_time() - started < max_cpu_seconds:
         picks = data.sample(0, step, batch_size, seed, foreground_fraction)
-        _, grey, masks, modalities, _ = data.batch(picks)  # the starter's labels know every structure
+        # the starter's labels know every structure
+        _, grey, masks, modalities, _ = data.batch(picks, data.augmented(0, step, batch_size, seed, augment))
         logits = net(grey[:, :1] / 255.0)
         losses = []
         for i, name in enumerate(modalities):
@@ -63,7 +65,7 @@ def train_unet(data, model: DeLightSAM, max_cpu_seconds: float, batch_size: int 
         step += 1
         if step % 100 == 0:
             log(f"U-Net step {step}: loss {loss.item():.4f}, {time.process_time() - started:.0f} CPU s")
-    stats = {"steps": step, "cpu_seconds": time.process_time() - started, "batch_size": batch_size,
+    stats = {"steps": step, "cpu_seconds": time.process_time() - started, "batch_size": batch_size, "augment": augment,
              "slices_per_cpu_second": step * batch_size / max(time.process_time() - started, 1e-9)}
     return net.eval(), stats
 

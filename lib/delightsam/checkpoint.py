@@ -11,17 +11,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
+
+from .files import atomic_path
 
 from .config import FORMAT_VERSION, RELEASED_MODALITIES, RELEASED_QUERY_GROUP, DeLightSAMConfig, released_config
 from .model import DeLightSAM
@@ -117,27 +120,25 @@ def _missing(path: Path, names: list[str]) -> CheckpointError:
 
 
 # ---- reading files ---------------------------------------------------------------------------
-def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
-    """(tensors, safetensors metadata or None for a torch file). Refuses anything that is not plain tensors."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if not head:
+def _read_file(path: Path, content: bytes | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+    """(tensors, safetensors metadata or None for a torch file). Refuses anything that is not plain tensors.
+    ``content``: the file's bytes, already read (one read of a file that another process may replace)."""
+    if content is None:
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        content = path.read_bytes()
+    if not content:
         raise CheckpointError(f"checkpoint {path} is empty")
-    if head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+    if content[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), "pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
+            header = json.loads(content[8: 8 + int.from_bytes(content[:8], "little")])
+            return safetensors_load(content), header.get("__metadata__") or {}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint {path} is a truncated or corrupt safetensors file ({e})") from e
-    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+    if content.startswith(b"PK") and not zipfile.is_zipfile(io.BytesIO(content)):
         raise CheckpointError(f"checkpoint {path} is a truncated PyTorch file (its zip archive is incomplete)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors; it is refused "
@@ -232,38 +233,33 @@ def released_modality_from_filename(path: str | os.PathLike) -> str:
 
 
 # ---- the project's own format ------------------------------------------------------------------
-def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False) -> Path:
-    """Writes the model and its configuration to one safetensors file, atomically (aside, then renamed)."""
+def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
+               extra: dict[str, str] | None = None) -> Path:
+    """Writes the model and its configuration to one safetensors file, atomically (aside, then renamed).
+    ``extra``: more metadata strings (such as the checkpoint a published model was trained from)."""
     path = Path(path)
     dtype = torch.float16 if half else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
-                "config": json.dumps(model.config.to_dict())}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp's 0600 would hide it from a server running as another user
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                "config": json.dumps(model.config.to_dict()), **(extra or {})}
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # safetensors reports a full disk as its own error: callers expect OSError
+            raise OSError(f"cannot write {path}: {e}") from e
     return path
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **config_overrides) -> DeLightSAM:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, content: bytes | None = None,
+               **config_overrides) -> DeLightSAM:
     """A De-LightSAM model in eval mode from a project checkpoint or a released one.
 
+    ``content``: the file's bytes when the caller has read them (``path`` then only names it in messages).
     ``config_overrides`` replace configuration values, e.g. ``img_size=512`` to run at a smaller input.
     """
     path = Path(path)
-    state, metadata = _read_file(path)
+    state, metadata = _read_file(path, content)
     if metadata is None and _is_released(state):
         return load_released(path, **config_overrides).to(device)
     if metadata is None or metadata.get("format") != FORMAT_NAME:

@@ -140,8 +140,16 @@ def evaluate_command(args: argparse.Namespace) -> int:
     optionally the peers, on folders of labelled volumes: the report's markdown, JSON and PNGs in --output."""
     from .evaluation import DeLightSAMMethod, GuidedMethod, UNetMethod, evaluate
 
-    methods = [DeLightSAMMethod(Path(c).stem if Path(c).stem != "model" else str(c), load_model(c), args.batch_size)
-               for c in args.checkpoint]
+    methods = []
+    for c in args.checkpoint:
+        name, model = Path(c).stem if Path(c).stem != "model" else str(c), load_model(c)
+        methods.append(DeLightSAMMethod(name, model, args.batch_size))
+        if args.refine:
+            from .foundation import foundation_model
+
+            for prompts in args.prompts:
+                methods.append(DeLightSAMMethod(f"{name} + foundation, automatic {'3-D boxes' if prompts == '3d' else 'boxes per slice'}",
+                                                model, args.batch_size, foundation_model(model), prompts))
     config = methods[0].config
     if args.unet:
         from .baselines import load_unet
@@ -229,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet", help="also a U-Net baseline file (scripts/train_starter.py makes one)")
     p.add_argument("--lite-medsam-box", action="store_true",
                    help="also LiteMedSAM with a box per slice from the reference label (prompted)")
+    p.add_argument("--refine", action="store_true",
+                   help="also each checkpoint in two stages: its coarse masks as box prompts for all of LiteMedSAM")
+    p.add_argument("--prompts", nargs="+", default=["3d"], choices=["3d", "slice"],
+                   help="the automatic prompts of --refine: one 3-D box per structure, or a box per slice")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate_command)

@@ -24,6 +24,13 @@ RELEASED_MODALITIES = (
     ("colonoscopy", "polyp"),
 )
 RELEASED_QUERY_TOKENS = 7  # 6 decoding channels plus one query that only takes part in attention
+# The DC-Encoder's stem: its stride, and so the token grid of the first stage. MobileSAM's (and the released
+# model's) two 3x3 stride-2 convolutions give input/4 tokens; LiteMedSAM's two 1x1 stride-1 convolutions give a
+# token per pixel (LiteMedSAM at input 256 has the token grids of MobileSAM at 1024).
+STEM_STRIDES = {"mobile_sam": 4, "lite_medsam": 1}
+# SAM's mask decoder has an IoU token and 4 mask tokens; with box prompts the QM-Decoder keeps the IoU token and
+# the mask tokens other than the first as "foundation tokens" (the first is the structure's query)
+FOUNDATION_TOKENS = 4
 RELEASED_QUERY_GROUP = "released"
 
 # The released code sets pixel_std from pixel_mean, so it divides by the mean (x / mean - 1).
@@ -73,6 +80,7 @@ class DeLightSAMConfig:
     num_heads: tuple[int, ...] = (2, 4, 5, 10)
     window_sizes: tuple[int, ...] = (7, 7, 14, 7)
     merge_strides: tuple[int, ...] = (2, 2, 1)  # MobileSAM keeps stride 1 into the last stage
+    stem: str = "mobile_sam"  # a key of STEM_STRIDES
     mlp_ratio: float = 4.0
     mbconv_expand_ratio: float = 4.0
     # SP-Generator and QM-Decoder
@@ -87,6 +95,9 @@ class DeLightSAMConfig:
     # new modality's head can train without changing the outputs of the others
     own_heads: list[str] = field(default_factory=list)
     modalities: list[Modality] = field(default_factory=list)
+    # the decoder can also take one box per structure, as the foundation's prompt encoder and mask decoder do
+    # (the SP-Generator's boxes, see foundation.py); adds the box corner embeddings and the foundation tokens
+    box_prompts: bool = False
     # normalisation of 0..255 RGB input: (x - mean) / std, per channel
     pixel_mean: tuple[float, ...] = IMAGENET_MEAN
     pixel_std: tuple[float, ...] = IMAGENET_STD
@@ -104,7 +115,7 @@ class DeLightSAMConfig:
     @property
     def stage_resolutions(self) -> tuple[int, ...]:
         """Token grid side of each encoder stage (the released code: 256, 128, 64, 64 at 1024)."""
-        res = [self.img_size // 4]
+        res = [self.img_size // STEM_STRIDES[self.stem]]
         for stride in self.merge_strides:
             res.append(-(-res[-1] // stride))
         return tuple(res)
@@ -137,6 +148,8 @@ class DeLightSAMConfig:
     def validate(self) -> None:
         if self.img_size <= 0 or self.img_size % 32:
             raise ValueError(f"img_size must be a positive multiple of 32, got {self.img_size}")
+        if self.stem not in STEM_STRIDES:
+            raise ValueError(f"stem must be one of {sorted(STEM_STRIDES)}, got {self.stem!r}")
         n = len(self.depths)
         if not (len(self.embed_dims) == len(self.num_heads) == len(self.window_sizes) == n == len(self.merge_strides) + 1):
             raise ValueError("embed_dims, depths, num_heads and window_sizes need one entry per stage, merge_strides one fewer")

@@ -238,7 +238,9 @@ class DCEncoder(nn.Module):
         super().__init__()
         self.config = config
         dims, depths = config.embed_dims, config.depths
-        self.patch_embed = nn.Sequential(ConvBN(3, dims[0] // 2, 3, 2), nn.GELU(), ConvBN(dims[0] // 2, dims[0], 3, 2))
+        kernel, stride = (3, 2) if config.stem == "mobile_sam" else (1, 1)  # see config.STEM_STRIDES
+        self.patch_embed = nn.Sequential(ConvBN(3, dims[0] // 2, kernel, stride), nn.GELU(),
+                                         ConvBN(dims[0] // 2, dims[0], kernel, stride))
         self.stages = nn.ModuleList([ConvStage(dims[0], depths[0], config.mbconv_expand_ratio, dims[1],
                                                config.merge_strides[0])])
         for i in range(1, len(depths)):

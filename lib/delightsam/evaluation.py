@@ -34,12 +34,16 @@ class Case:
 
 
 class DeLightSAMMethod:
-    def __init__(self, name: str, model: DeLightSAM, batch_size: int = 4) -> None:
-        self.name, self.model, self.batch_size = name, model, batch_size
+    """De-LightSAM prompt-free; with a ``refiner``, two-stage (its own coarse masks become box prompts)."""
+
+    def __init__(self, name: str, model: DeLightSAM, batch_size: int = 4, refiner: DeLightSAM | None = None,
+                 prompts: str = "3d") -> None:
+        self.name, self.model, self.batch_size, self.refiner, self.prompts = name, model, batch_size, refiner, prompts
         self.config = model.config
 
     def segment(self, image, label: np.ndarray, modality: str) -> np.ndarray:
-        return segment_volume(self.model, image, modality, batch_size=self.batch_size).labels
+        return segment_volume(self.model, image, modality, batch_size=self.batch_size, refiner=self.refiner,
+                              prompts=self.prompts).labels
 
 
 class UNetMethod:

@@ -27,11 +27,12 @@ class DeLightSAMLoss(nn.Module):
         self.dice_focal = DiceFocalLoss(sigmoid=True, batch=False, reduction="mean")
 
     def forward(self, out: DeLightSAMOutput, masks: torch.Tensor, teacher: torch.Tensor | None = None,
-                known: torch.Tensor | None = None) -> dict:
+                known: torch.Tensor | None = None, distilled: torch.Tensor | None = None) -> dict:
         """masks: [B, S_max, H, W] in {0, 1} at the model's input size; channels beyond a sample's structures
         are ignored. teacher: [B, 256, G, G] or None (no distillation). known: [B, S_max] whether each mask is
         known (a structure the user did not label is not trained as absent): unknown masks add no segmentation
-        loss, and a sample with one adds no patch loss (its union of masks would miss that structure)."""
+        loss, and a sample with one adds no patch loss (its union of masks would miss that structure).
+        distilled: [B] the samples that ``teacher`` holds embeddings of, in order (None: all)."""
         terms = {}
         seg, complete = [], []
         for i, structures in enumerate(out.structures):
@@ -49,6 +50,7 @@ class DeLightSAMLoss(nn.Module):
         weights = torch.tensor(complete, dtype=per_sample.dtype, device=per_sample.device)
         terms["patch"] = (per_sample * weights).sum() / weights.sum() if weights.any() else zero
         if teacher is not None and self.weights.distill:
-            terms["distill"] = F.mse_loss(out.image_embeddings, teacher)
+            student = out.image_embeddings if distilled is None else out.image_embeddings[distilled]
+            terms["distill"] = F.mse_loss(student, teacher)
         terms["total"] = sum(getattr(self.weights, k) * v for k, v in terms.items())
         return terms

@@ -35,21 +35,35 @@ class DeLightSAM(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = DCEncoder(config)
-        self.sp_generator = SPGenerator(config.prompt_dim, config.patch_head_dim)
+        self.sp_generator = SPGenerator(config.prompt_dim, config.patch_head_dim, config.box_prompts)
         self.decoder = QMDecoder(config)
 
-    def forward(self, images: torch.Tensor, modality: str | Sequence[str]) -> DeLightSAMOutput:
+    def forward(self, images: torch.Tensor, modality: str | Sequence[str],
+                boxes: torch.Tensor | None = None) -> DeLightSAMOutput:
         """images: [B, 3, S, S] normalised as ``config.pixel_mean``/``pixel_std`` say, S = ``config.img_size``;
-        modality: one name for the whole batch, or one per sample."""
+        modality: one name for the whole batch, or one per sample. ``boxes`` (models with ``box_prompts``):
+        [B, S_max, 4] one box per structure channel (x0, y0, x1, y1 in input pixels; NaN: no box, and that
+        channel is empty); without boxes the model is prompt-free."""
         modalities = self._modalities_for(images, modality)
         images = images.as_subclass(torch.Tensor)  # MONAI MetaTensors would carry metadata through every layer
         embeddings = self.encoder(images, [m.controller for m in modalities])
         patch_logits, dense_prompt = self.sp_generator(embeddings)
-        low_res = self.decoder(embeddings + dense_prompt, [m.query_group for m in modalities],
-                               [[s.token for s in m.structures] for m in modalities])
+        src = embeddings + dense_prompt
+        if self.decoder.no_mask is not None:
+            src = src + self.decoder.no_mask.view(1, -1, 1, 1)
+        groups, tokens = [m.query_group for m in modalities], [[s.token for s in m.structures] for m in modalities]
+        if boxes is None:
+            low_res = self.decoder(src, groups, tokens)
+        else:
+            which = torch.isfinite(boxes).all(-1).nonzero()
+            box_tokens = self.sp_generator.box_tokens(boxes[which[:, 0], which[:, 1]], self.decoder.positional_encoding,
+                                                      self.config.img_size)
+            low_res = self.decoder.forward_with_boxes(src, groups, tokens, box_tokens, which)
         size = self.config.img_size
         counts = torch.tensor([len(m.structures) for m in modalities], device=low_res.device)
         padding = (torch.arange(low_res.shape[1], device=low_res.device) >= counts[:, None])[..., None, None]
+        if boxes is not None:  # a structure without a box is empty as well
+            padding = padding | ~torch.isfinite(boxes[:, : low_res.shape[1]]).all(-1)[..., None, None]
         masks = F.interpolate(low_res.masked_fill(padding, 0.0), (size, size), mode="bilinear", align_corners=False)
         masks = masks.masked_fill(padding, float("-inf"))  # bilinear would turn -inf padding into NaN
         return DeLightSAMOutput(masks, low_res, patch_logits, embeddings, [list(m.structures) for m in modalities])

@@ -13,10 +13,12 @@ with batch N*B.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import save_model
 from .embedding_cache import EmbeddingCache
+from .files import atomic_path, write_text
 from .losses import DeLightSAMLoss, LossWeights
 from .model import DeLightSAM
 from .normalization import get_normalization
@@ -84,6 +87,10 @@ class TrainConfig:
     cache_dir: str | None = None  # teacher-embedding cache; None: no cache
     loss: LossWeights = field(default_factory=LossWeights)
     foreground_fraction: float = 0.8  # share of sampled slices that hold some foreground
+    # share of sampled slices that are augmented (scale and field of view, small rotations, intensity, noise:
+    # ``augmentation``); the others are seen as inference sees them and are the ones distilled (their teacher
+    # embeddings come from the cache)
+    augment: float = 0.5
     seed: int = 0
     tracking: str = "tensorboard"  # tensorboard | mlflow | none
     device: str | None = None  # None: cuda (this process's GPU under torchrun) when available, else cpu
@@ -119,22 +126,17 @@ def update_split(path: str | Path, ids: list[str], val_fraction: float = 0.2) ->
         else:
             h = int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             split[image_id] = "val" if h < val_fraction else "train"
-    _atomic_write(path, json.dumps(split, indent=1, sort_keys=True))
+    write_text(path, json.dumps(split, indent=1, sort_keys=True))
     return split
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- the data -------------------------------------------------------------------------------------
 class SliceData:
-    """The training volumes as fitted grey slices and structure masks, in memory, with seeded sampling."""
+    """The training volumes as fitted grey slices and structure masks, with seeded sampling. With ``spill_dir``
+    the slices live in memory-mapped files there (a datastore of hundreds of volumes trains in bounded memory;
+    the pages a batch reads come back from the OS's file cache); without it, in memory."""
 
-    def __init__(self, items: list[TrainItem], model: DeLightSAM) -> None:
+    def __init__(self, items: list[TrainItem], model: DeLightSAM, spill_dir: str | Path | None = None) -> None:
         self.size = model.config.img_size
         self.grey, self.fitted, self.masks, self.modality, self.foreground, self.known = [], [], [], [], [], []
         self.refused: dict[str, str] = {}  # volumes that could not be read, and why
@@ -146,6 +148,9 @@ class SliceData:
                 self.refused[item.id] = f"cannot be read for training: {str(e).strip().splitlines()[0][:300]}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
                 continue
+            if spill_dir is not None:
+                grey, masks = (_memory_mapped(Path(spill_dir) / f"{len(self.grey)}-{k}.npy", t)
+                               for k, t in (("grey", grey), ("masks", masks)))
             self.grey.append(grey)
             self.fitted.append(fitted)
             self.masks.append(masks)
@@ -183,19 +188,67 @@ class SliceData:
             picks.append(pool[int(torch.randint(len(pool), (1,), generator=g))])
         return picks
 
-    def batch(self, picks: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str],
-                                                           torch.Tensor]:
+    def batch(self, picks: list[tuple[int, int]], augmented: list[int] | None = None) -> \
+            tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         """(model input [B, 3, S, S], grey [B, 3, S, S] for the teacher, masks [B, S_max, S, S], modalities,
-        known [B, S_max]: whether each mask is known), the model input made exactly as inference makes it."""
-        grey = torch.stack([self.grey[v][s] for v, s in picks]).float().expand(-1, 3, -1, -1)
-        inputs = torch.stack([model_input(self.grey[v][s][None].float(), self.fitted[v], self.normalise)[0]
-                              for v, s in picks])
-        masks = torch.zeros(len(picks), self.max_structures, self.size, self.size)
+        known [B, S_max]: whether each mask is known), the model input made exactly as inference makes it.
+        ``augmented``: per pick, a seed for ``augmentation`` or -1 for none."""
+        greys, masks = [], torch.zeros(len(picks), self.max_structures, self.size, self.size)
         known = torch.zeros(len(picks), self.max_structures, dtype=torch.bool)
         for i, (v, s) in enumerate(picks):
-            masks[i, : self.masks[v].shape[1]] = self.masks[v][s].float()
+            grey, mask = self.grey[v][s].float(), self.masks[v][s].float()
+            if augmented and augmented[i] >= 0:
+                grey, mask = augment_slice(grey, mask, augmented[i])
+                nh, nw = self.fitted[v]
+                mask[:, nh:], mask[:, :, nw:] = 0, 0  # what moved into the padding is not shown to the model
+            greys.append(grey)
+            masks[i, : mask.shape[0]] = mask
             known[i, : self.masks[v].shape[1]] = self.known[v]
-        return inputs, grey, masks, [self.modality[v] for v, _ in picks], known
+        inputs = torch.stack([model_input(g[None], self.fitted[v], self.normalise)[0] for g, (v, _) in zip(greys, picks)])
+        return inputs, torch.stack(greys).expand(-1, 3, -1, -1), masks, [self.modality[v] for v, _ in picks], known
+
+    def augmented(self, epoch: int, step: int, n: int, seed: int, share: float) -> list[int]:
+        """Per pick of ``sample``'s (seed, epoch, step): an augmentation seed, or -1 (the same on every process)."""
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + step + 7)
+        return [int(torch.randint(2**31 - 1, (1,), generator=g)) if torch.rand(1, generator=g) < share else -1
+                for _ in range(n)]
+
+
+def _memory_mapped(path: Path, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` written to ``path`` and read back as a copy-on-write memory map (nothing stays in RAM)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, tensor.numpy(), allow_pickle=False)
+    return torch.from_numpy(np.load(path, mmap_mode="c"))
+
+
+@functools.lru_cache(maxsize=1)
+def augmentation():
+    """MONAI dictionary transforms for a fitted slice (image [1, S, S] in 0..255, masks [S_str, S, S]): scale and
+    field of view (zoom 0.65-1.35, shifts of 10%), rotations of up to 10 degrees, contrast, brightness and noise;
+    what varies between scanners and patients, where one or two labelled volumes say nothing."""
+    from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandGaussianNoised, RandScaleIntensityd,
+                                  RandShiftIntensityd)
+
+    return Compose([
+        RandAffined(keys=("image", "masks"), prob=0.9, rotate_range=(0.17,), scale_range=(0.35, 0.35),
+                    translate_range=(0.1, 0.1), mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandShiftIntensityd(keys="image", offsets=10.0, prob=0.5),
+        RandGaussianNoised(keys="image", prob=0.3, std=6.0),
+    ])
+
+
+def augment_slice(grey: torch.Tensor, masks: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fitted grey slice [1, S, S] and its masks [S_str, S, S], augmented reproducibly from ``seed``."""
+    transform = augmentation()
+    transform.set_random_state(seed=seed)
+    size = grey.shape[-1]
+    # translations are fractions of the slice: MONAI wants pixels
+    transform.transforms[0].rand_affine.rand_affine_grid.translate_range = ((-0.1 * size, 0.1 * size),) * 2
+    out = transform({"image": grey, "masks": masks})
+    image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().clamp(0, 255)
+    return image, (torch.as_tensor(out["masks"]).as_subclass(torch.Tensor) > 0.5).float()
 
 
 # ---- what trains ----------------------------------------------------------------------------------
@@ -328,7 +381,8 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     network = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        find_unused_parameters=True) if world > 1 else model)
     optimizer = torch.optim.Adam(params, lr=config.lr)
-    data = SliceData(train_items, model)
+    spill = output / f".slices-{rank}"  # memory-mapped training slices, removed when the run ends
+    data = SliceData(train_items, model, spill_dir=spill)
     loss_fn = DeLightSAMLoss(config.loss)
     teacher = load_teacher(config.teacher, config.teacher_checkpoint, config.teacher_dir).to(device) if config.teacher else None
     cache = EmbeddingCache(config.cache_dir) if (teacher and config.cache_dir) else None
@@ -370,7 +424,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     stats["data"] = {**stats["data"], "refused": {**stats["data"].get("refused", {}), **data.refused}}
     stats["phase"] = "training"
     if rank == 0:  # the data is loaded and the steps begin: clients (and tests) can see it
-        _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
+        write_text(output / "train_stats.json", json.dumps(stats, indent=1))
     for epoch in range(start_epoch, config.epochs):
         began, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
@@ -378,19 +432,22 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
                 stop = True
                 break
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
-            inputs, grey, masks, mods, known = data.batch(picks[rank * config.batch_size:(rank + 1) * config.batch_size])
+            seeds = data.augmented(epoch, step, config.batch_size * world, config.seed, config.augment)
+            mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
+            inputs, grey, masks, mods, known = data.batch(picks[mine], seeds[mine])
             inputs, grey, masks, known = inputs.to(device), grey.to(device), masks.to(device), known.to(device)
             out = network(inputs, mods)
-            target = None
-            if teacher is not None:
-                target = cache.embed(teacher, grey, grid) if cache else teacher(grey, grid)
-            terms = loss_fn(out, masks, target, known)
+            target, plain = None, torch.tensor([k < 0 for k in seeds[mine]], device=device)
+            if teacher is not None and plain.any():  # distilled on the views inference sees (cached embeddings)
+                target = cache.embed(teacher, grey[plain], grid) if cache else teacher(grey[plain], grid)
+            terms = loss_fn(out, masks, target, known, plain)
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimizer.step()
             losses.append({k: float(v.detach()) for k, v in terms.items()})
         seconds = time.perf_counter() - began
-        mean_loss = {k: float(np.mean([l[k] for l in losses])) for k in losses[0]}
+        # a step whose slices were all augmented has no distillation term
+        mean_loss = {k: float(np.mean([l[k] for l in losses if k in l])) for k in dict.fromkeys(k for l in losses for k in l)}
         stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=len(losses) * config.batch_size * world / seconds,
                      cpu_seconds=time.process_time() - cpu_start, steps=stats.get("steps", 0) + len(losses))
         if stop:
@@ -406,41 +463,61 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             log(f"epoch {epoch + 1}/{config.epochs}: loss {mean_loss['total']:.4f}, "
                 f"{stats['slices_per_second']:.2f} slices/s, validation Dice {metrics['mean_dice']:.4f} {metrics['dice']}")
             if publish and not val_items:  # nothing to validate on yet: publish what was trained
-                stats["published"].append(str(publish(model, {"epoch": epoch + 1, "loss": mean_loss["total"]})))
+                _publish(publish, model, {"epoch": epoch + 1, "loss": mean_loss["total"]}, stats, log)
             elif publish and metrics["mean_dice"] > stats["best_metric"]:
-                stats["best_metric"] = metrics["mean_dice"]
-                published = publish(model, {"epoch": epoch + 1, **metrics})
-                stats["published"].append(str(published))
+                if _publish(publish, model, {"epoch": epoch + 1, **metrics}, stats, log):
+                    stats["best_metric"] = metrics["mean_dice"]
             # a run stopped by its budget is finished: the next request starts a new one, not a resumption
-            _save_state(state_file, model, optimizer, config.epochs if stop else epoch + 1, stats, signature)
-            _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
+            try:
+                _save_state(state_file, model, optimizer, config.epochs if stop else epoch + 1, stats, signature)
+            except OSError as e:  # a full disk: the previous state stays (written aside); say so, go on
+                stats["errors"] = [*stats.get("errors", []), f"epoch {epoch + 1}: the training state was not saved: {e}"]
+            write_text(output / "train_stats.json", json.dumps(stats, indent=1))
         if world > 1:
             dist.barrier()
         if stop:
             break
     tracker.close()
     stats["phase"] = "finished"
+    del data
+    shutil.rmtree(spill, ignore_errors=True)
     if rank == 0:
-        _atomic_write(output / "train_stats.json", json.dumps(stats, indent=1))
+        write_text(output / "train_stats.json", json.dumps(stats, indent=1))
     return stats
 
 
+def _publish(publish, model, metrics: dict, stats: dict, log) -> bool:
+    """Publishes, or records in the statistics why it could not (a full disk): the served model stays as it was,
+    since every file is written aside and renamed only when complete."""
+    try:
+        stats["published"].append(str(publish(model, metrics)))
+        return True
+    except OSError as e:
+        why = f"epoch {metrics['epoch']}: the new model was not published, the served model is unchanged: {e}"
+        stats["errors"] = [*stats.get("errors", []), why]
+        log(why)
+        return False
+
+
 def _save_state(path: Path, model, optimizer, epoch: int, stats: dict, signature: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                "stats": json.dumps(stats), "signature": signature}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "stats": json.dumps(stats), "signature": signature}, tmp)
 
 
-def publish_version(model: DeLightSAM, metrics: dict, versions_dir: str | Path, served: str | Path | None = None) -> Path:
+def publish_version(model: DeLightSAM, metrics: dict, versions_dir: str | Path, served: str | Path | None = None,
+                    base: str | None = None) -> Path:
     """Writes a new version (checkpoint plus metrics JSON) and, if ``served`` is given, replaces the served
-    checkpoint with it. Both writes are atomic, so inference never reads half a file; old versions stay."""
+    checkpoint with it. Both writes are atomic, so inference never reads half a file; old versions stay.
+    ``base``: the configured checkpoint the model descends from, kept in its metadata (a server configured with
+    another checkpoint does not serve it)."""
     versions = Path(versions_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"delightsam-{stamp}-{os.urandom(2).hex()}-e{metrics.get('epoch', 0)}"  # unique within a second
     model.config = model.config.replace(version=name)
-    path = save_model(model, versions / f"{name}.safetensors")
-    _atomic_write(versions / f"{name}.json", json.dumps(metrics, indent=1))
+    extra = {"base": base} if base else None
+    path = save_model(model, versions / f"{name}.safetensors", extra=extra)
+    write_text(versions / f"{name}.json", json.dumps(metrics, indent=1))
     if served:
-        save_model(model, served)
+        save_model(model, served, extra=extra)
     return path

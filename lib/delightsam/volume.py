@@ -2,8 +2,9 @@
 
 One code path for everything that segments volumes (the MONAI Label app, evaluation, training's
 validation): the volume goes through ``geometry`` (its plane's canonical layout, grey levels per modality,
-the NaN policy), the slices run through the 2-D network in batches by MONAI's ``SliceInferer``, and the
-per-structure probabilities become one label map, brought back to the input's own grid.
+the NaN policy), the slices run through the 2-D network in batches, each batch's per-structure probabilities
+become its slices of one uint8 label map (memory bounded by the batch, not the volume), and the label map is
+brought back to the input's own grid.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import ITKReader
-from monai.inferers import SliceInferer
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
@@ -119,7 +119,7 @@ def read_label(path, image):
 
 
 class FittedSliceNetwork(nn.Module):
-    """The 2-D step for ``SliceInferer``: slices [b, C, H, W] -> probabilities [b, S, H, W].
+    """The 2-D step of whole-volume inference: slices [b, C, H, W] -> probabilities [b, S, H, W].
 
     Channel 0 holds grey levels; further channels (a reference label map, for prompted baselines) are
     carried along. Each slice is resized so that its longer side is the input size and padded bottom/right
@@ -136,12 +136,17 @@ class FittedSliceNetwork(nn.Module):
     def forward(self, slices: torch.Tensor) -> torch.Tensor:
         b, c, h, w = slices.shape
         slices = slices.float().to(self.device)
-        grey, (nh, nw) = fit_to_square(slices[:, :1], self.size)
+        grey, fitted = fit_to_square(slices[:, :1], self.size)
         guide = fit_to_square(slices[:, 1:], self.size, mode="nearest")[0] if c > 1 else None
-        logits = F.interpolate(self.logits(grey, (nh, nw), guide), (self.size, self.size), mode="bilinear",
-                               align_corners=False)
-        logits = F.interpolate(logits[..., :nh, :nw], (h, w), mode="bilinear", align_corners=False)
-        return torch.sigmoid(logits).cpu()
+        return probabilities_on_slice(self.logits(grey, fitted, guide), self.size, fitted, (h, w))
+
+
+def probabilities_on_slice(logits: torch.Tensor, size: int, fitted: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Square logits at any resolution -> probabilities on the slice: brought to the input size, cropped to the
+    fitted slice and resized back (as SAM does)."""
+    logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits[..., : fitted[0], : fitted[1]], shape, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits).cpu()
 
 
 class SliceNetwork(FittedSliceNetwork):
@@ -211,22 +216,35 @@ def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
     return out
 
 
+PROMPTS = ("3d", "slice")
+
+
 @torch.inference_mode()
 def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
-                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None) -> VolumeResult:
+                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
+                   refiner: DeLightSAM | None = None, prompts: str = "3d") -> VolumeResult:
     """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
-    or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm)."""
+    or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
+
+    With a ``refiner`` (a model with box prompts, such as ``foundation.foundation_model``), inference has two
+    stages: ``model`` segments every slice prompt-free, then each structure's largest connected component
+    becomes its automatic prompt, one 3-D box (``prompts="3d"``: the same box on every slice of its extent,
+    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one."""
     spec = model.config.modality(modality)
+    if refiner is not None and prompts not in PROMPTS:
+        raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
+    refine = None if refiner is None else (lambda grey, coarse: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
-                        affine=affine)
+                        affine=affine, refine=refine)
 
 
 @torch.inference_mode()
 def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
                  threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
-                 affine=None) -> VolumeResult:
+                 affine=None, refine=None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
-    baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel."""
+    baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
+    ``refine(grey, coarse labels) -> (labels, notes)`` is a second stage (see ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
@@ -235,12 +253,103 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     stack = grey[None]
     if guide is not None:
         stack = torch.cat([stack, oriented.to_layout(as_volume(guide)).float()[None]])
-    rows, columns, _ = grey.shape
-    inferer = SliceInferer(spatial_dim=2, roi_size=[rows, columns], sw_batch_size=batch_size, overlap=0.0,
-                           progress=progress, sw_device="cpu", device="cpu")  # the network moves slices to its device
-    probabilities = inferer(stack[None], network)[0]  # [S, rows, columns, slices]
-    labels = combine(probabilities, [s.label for s in spec.structures], threshold, part_indices(spec.structures))
+    label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
+    labels = torch.zeros(grey.shape, dtype=torch.uint8)
+    # slice batch by slice batch into the label map: no whole-volume probabilities (memory stays bounded)
+    for zs in _batches(grey.shape[2], batch_size, progress):
+        probabilities = network(stack[..., zs].permute(3, 0, 1, 2))  # [b, S, rows, columns]
+        labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
+    if refine is not None:
+        labels, refined = refine(grey, labels)
+        notes.append(refined)
     if cleanup:
         labels = clean_up(labels, spec.structures)
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
                         {s.name: s.label for s in spec.structures}, bad, notes, oriented.plane)
+
+
+def _batches(depth: int, batch_size: int, progress: bool = False):
+    """Slice index ranges of at most ``batch_size`` slices."""
+    starts = range(0, depth, max(int(batch_size), 1))
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="slices", unit="batch")
+    for z0 in starts:
+        yield slice(z0, min(z0 + batch_size, depth))
+
+
+# ---- the second stage: box prompts from the first -------------------------------------------------------
+def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[torch.Tensor | None]:
+    """Per structure, the mask of its largest 3-D connected component in a label map ([rows, columns, slices]);
+    None where the structure is absent (or only specks of fewer than ``min_voxels``)."""
+    regions = []
+    for s in structures:
+        mask = structure_mask(labels, s)
+        if int(mask.sum()) < min_voxels:
+            regions.append(None)
+            continue
+        largest = torch.as_tensor(KeepLargestConnectedComponent(applied_labels=[1])(mask[None].to(torch.uint8)))[0].bool()
+        regions.append(largest if int(largest.sum()) >= min_voxels else None)
+    return regions
+
+
+def slice_boxes(regions: list[torch.Tensor | None], prompts: str, depth: int) -> torch.Tensor:
+    """[slices, S, 4] boxes (x0, y0, x1, y1 = column, row, column, row on the slice; NaN: none) from the
+    structures' regions: one 3-D box over each region's extent and one slice beyond it, or each slice's own box."""
+    from .sp_generator import boxes_from_masks
+
+    boxes = torch.full((depth, len(regions), 4), float("nan"))
+    for k, region in enumerate(regions):
+        if region is None:
+            continue
+        per_slice = boxes_from_masks(region.permute(2, 0, 1))  # [slices, 4]
+        if prompts == "slice":
+            boxes[:, k] = per_slice
+            continue
+        present = torch.isfinite(per_slice).all(-1).nonzero()[:, 0]
+        z0, z1 = max(int(present.min()) - 1, 0), min(int(present.max()) + 1, depth - 1)
+        found = per_slice[present]
+        box = torch.stack([found[:, 0].min(), found[:, 1].min(), found[:, 2].max(), found[:, 3].max()])
+        boxes[z0: z1 + 1, k] = box
+    return boxes
+
+
+def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torch.Tensor, prompts: str,
+            batch_size: int, threshold: float) -> tuple[torch.Tensor, str]:
+    """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
+
+    The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
+    the scale a whole slice would have at its input size: the same anatomy at the same size in pixels, and an
+    input (and a cost) as much smaller as the part is."""
+    from .foundation import resized
+
+    rows, columns, depth = grey.shape
+    boxes = slice_boxes(structure_regions(coarse, spec.structures), prompts, depth)
+    labels = torch.zeros_like(coarse)
+    todo = torch.isfinite(boxes).all(-1).any(-1).nonzero()[:, 0].tolist()
+    if not todo:
+        return labels, "refined no slice: no structure was found to box"
+    found = boxes[todo][torch.isfinite(boxes[todo]).all(-1)]
+    margin = 0.1 * torch.stack([found[:, 2].max() - found[:, 0].min(), found[:, 3].max() - found[:, 1].min()])
+    c0, r0 = (int(v) for v in (torch.stack([found[:, 0].min(), found[:, 1].min()]) - margin).floor().clamp(min=0))
+    c1 = int(min(float(found[:, 2].max() + margin[0]), columns - 1))
+    r1 = int(min(float(found[:, 3].max() + margin[1]), rows - 1))
+    part = grey[r0: r1 + 1, c0: c1 + 1]
+    scale = refiner.config.img_size / max(rows, columns)  # as if the whole slice were fitted
+    size = min(refiner.config.img_size, max(64, 32 * int(np.ceil(max(part.shape[:2]) * scale / 32))))
+    model = resized(refiner, size)
+    scale = size / max(part.shape[:2])
+    normalise, device = get_normalization(model), next(model.parameters()).device
+    offset = torch.tensor([c0, r0, c0, r0], dtype=torch.float32)
+    label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
+    for start in range(0, len(todo), batch_size):
+        zs = todo[start: start + batch_size]
+        fitted_grey, fitted = fit_to_square(part[..., zs].permute(2, 0, 1)[:, None].float(), size)
+        inputs = model_input(fitted_grey, fitted, normalise).to(device)
+        logits = model(inputs, spec.name, ((boxes[zs] - offset) * scale).to(device)).low_res_logits
+        logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
+        probabilities = probabilities_on_slice(logits, size, fitted, part.shape[:2]).permute(1, 2, 3, 0)
+        labels[r0: r1 + 1, c0: c1 + 1, zs] = combine(probabilities, label_ids, threshold, parts)
+    return labels, (f"refined {len(todo)} of {depth} slices with {'3-D boxes' if prompts == '3d' else 'boxes per slice'} "
+                           f"(a {part.shape[0]}x{part.shape[1]} part of each, at input {size})")

@@ -73,7 +73,7 @@ def _frame(labels: np.ndarray, affine: np.ndarray, ds: pydicom.Dataset) -> np.nd
     return labels[:, :, k].T
 
 
-def _lab(rgb) -> "highdicom.color.CIELabColor":
+def _lab(rgb):
     """sRGB (0..255) -> the CIELab colour DICOM records (Pillow's colour management does the conversion)."""
     import highdicom as hd
     from PIL import Image, ImageCms

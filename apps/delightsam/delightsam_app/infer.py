@@ -24,7 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import strtobool
 
 from delightsam.geometry import as_volume
-from delightsam.volume import dicom_series, image_reader, segment_volume
+from delightsam.volume import PROMPTS, dicom_series, image_reader, segment_volume
 
 from . import anatomy
 from .dicom_seg import write_dicom_seg
@@ -59,7 +59,9 @@ class DeLightSAMInfer(BasicInferTask):
             title = spec.get("title") or self.modality.upper()
             self.description = (f"{title}: prompt-free De-LightSAM auto-segmentation of {', '.join(self.labels)} "
                                 f"(model {self.served.config.get('version', '?')})")
-        self._config.update({"cleanup": self.served.settings.cleanup, "batch_size": self.served.settings.batch_size,
+        settings = self.served.settings
+        self._config.update({"refine": settings.refine, "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
+                             "cleanup": settings.cleanup, "batch_size": settings.batch_size,
                              "model_filename": self.served.choices()})
 
     def info(self):
@@ -106,26 +108,45 @@ class DeLightSAMInfer(BasicInferTask):
             raise HTTPException(422, f"expected a single-channel 3-D volume, got a {image.dim()}-D image of shape "
                                      f"{list(image.shape)}")
         self._check_modality(data)
+        refine = strtobool(str(_first(data.get("refine", self.served.settings.refine))))
+        prompts = str(_first(data.get("prompts", self.served.settings.prompts)))
+        if prompts not in PROMPTS:
+            raise HTTPException(422, f"prompts must be one of {', '.join(PROMPTS)}, got {prompts!r}")
+        batch_size = self._batch_size(data)
         try:
-            result = segment_volume(model, image, self.modality, batch_size=int(data.get("batch_size", 8)),
-                                    cleanup=strtobool(str(data.get("cleanup", False))))
+            result = segment_volume(model, image, self.modality, batch_size=batch_size,
+                                    cleanup=strtobool(str(data.get("cleanup", False))), prompts=prompts,
+                                    refiner=self.served.refiner(model) if refine else None)
         except ValueError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         # the input's grid and affine; a singleton channel axis of a 4-D input is not kept (a 3-D label)
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta={**image.meta, "original_channel_dim": "no_channel"})
         names = result.label_names
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
+                          "refined": refine, "prompts": prompts if refine else None,
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes}
         return data
+
+    def _batch_size(self, data: dict) -> int:
+        """Slices per forward pass: the request's, within 1 and the server's maximum (memory grows with it)."""
+        largest = self.served.settings.max_batch_size
+        value = _first(data.get("batch_size", self.served.settings.batch_size))
+        try:
+            batch_size = int(value)
+        except (TypeError, ValueError):
+            batch_size = 0
+        if not 1 <= batch_size <= largest:
+            raise HTTPException(422, f"batch_size must be a whole number from 1 to {largest} (--conf max_batch_size), "
+                                     f"got {str(value)[:40]!r}")
+        return batch_size
 
     def _check_modality(self, data: dict) -> None:
         """The image must be of this model's modality: a DICOM Modality tag, or a `modality` request parameter
         (which older clients of this app send), that names another one is an error that says which model to use.
         (A modality that the datastore recorded from an earlier inference is not checked: running another
         modality's model on an image is asking for that modality, and the app records the new one.)"""
-        asked = data.get("modality")
-        asked = str(asked[0] if isinstance(asked, list) and asked else asked or "").lower()
+        asked = str(_first(data.get("modality")) or "").lower()
         if asked and asked not in ("auto", self.modality):
             raise HTTPException(422, f"{task_name(self.modality)} segments {self.modality.upper()} images; for "
                                      f"{asked.upper()} use {task_name(asked)} (this server has one model per modality)")
@@ -172,6 +193,11 @@ class UnavailableInfer(DeLightSAMInfer):
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         self.served.refresh()
         raise HTTPException(503, f"the De-LightSAM model is not available: {self.served.problem or 'restart the server'}")
+
+
+def _first(value):
+    """A request option as a single value (monailabel passes the /info choices of a list option as a list)."""
+    return value[0] if isinstance(value, list) and value else value
 
 
 def dicom_modality(path) -> str | None:

@@ -1,6 +1,7 @@
-"""The app over a DICOMweb PACS (monailabel's DICOMWebDatastore): which series it lists, and clear errors
-where monailabel would answer a bare 500 (a PACS that does not answer, a series that is a SEG or of another
-modality, a series the PACS cannot send)."""
+"""The app over a DICOMweb PACS: ``PacsDatastore``, monailabel's DICOMWebDatastore with the Datastore
+interface's methods overridden (which series it lists, SEGs with the structures' codes), requests that cannot
+hang, and clear errors where monailabel would answer a bare 500 (a PACS that does not answer, a series that is
+a SEG or of another modality, a series the PACS cannot send)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,52 @@ import requests
 import retrying
 from cachetools import TTLCache, cached
 from fastapi import HTTPException
+from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 IMAGE_MODALITIES = {"CT", "MR"}
 # what dicomweb-client raises when the PACS does not answer, or keeps answering "busy" after its retries
 PACS_ERRORS = (requests.RequestException, retrying.RetryError)
+
+
+class PacsDatastore(DICOMWebDatastore):
+    """Lists the series of every served modality (``modalities()``), answers [] while the PACS is away, and
+    stores `final` labels as SEGs whose segments carry the structures' names, codes and colours
+    (``structures_of(modality)``: name -> label id)."""
+
+    def __init__(self, modalities: Callable[[], list[str]], structures_of: Callable[[str], dict[str, int]],
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.modalities, self.structures_of = modalities, structures_of
+        limit_waiting(self._client)  # a PACS that went away or hangs must not hold every request
+
+    @classmethod
+    def from_settings(cls, url: str, modalities, structures_of) -> "PacsDatastore":
+        """With monailabel's DICOMweb settings (the client, cache, search filter that it would use itself)."""
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip()
+        return cls(modalities, structures_of, client=client, search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+                   cache_path=cache or None, fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+                   convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI)
+
+    def list_images(self) -> list[str]:
+        return tolerant(list_series, self._client.base_url)(self, self.modalities)
+
+    def get_labeled_images(self, label_tag=None, labels=None) -> list[str]:
+        return tolerant(super().get_labeled_images, self._client.base_url)(label_tag, labels)
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        save = save_label_with_codes(self, self.structures_of, super().save_label)
+        return save(image_id, label_filename, label_tag, label_info, label_id)
 
 
 @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY),
@@ -67,8 +107,7 @@ def tolerant(method: Callable, base_url: str) -> Callable:
         try:
             return method(*args, **kwargs)
         except PACS_ERRORS as e:
-            logger.error(f"the PACS at {base_url} did not answer ({getattr(method, '__name__', 'list_series')}): "
-                         f"{_reason(e)}")
+            logger.error(f"the PACS at {base_url} did not answer ({method.__name__}): {_reason(e)}")
             return []
 
     return call

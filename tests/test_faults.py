@@ -1,0 +1,123 @@
+"""Fault injection on a real server: SIGKILL in the middle of saving a label and in the middle of publishing a
+trained model. After a restart the datastore and the served model are each the old or the new one, never torn,
+and the server works."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+import delightsam
+from conftest import make_test_checkpoint, studies_folder
+from serve import running_server
+
+QUICK = {"max_epochs": 1, "steps_per_epoch": 2, "train_batch_size": 2, "teacher": "none", "tracking": "none",
+         "name": "quick"}
+
+
+@pytest.fixture
+def setup(tmp_path, samples):
+    studies = studies_folder(tmp_path, samples, ["ts_ct_small.nii.gz"])
+    checkpoint = make_test_checkpoint(tmp_path / "models" / "delightsam.safetensors", version="configured")
+    conf = ["--conf", "checkpoint", str(checkpoint), "--conf", "model_dir", str(tmp_path / "model"),
+            "--conf", "modality", "ct"]
+    return {"tmp": tmp_path, "studies": studies, "conf": conf, "label": samples / "samples" / "labels" / "ts_ct_small.nii.gz"}
+
+
+def _kill_tree(pid: int) -> None:
+    parent = psutil.Process(pid)
+    for p in [*parent.children(recursive=True), parent]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _kill_when(folder: Path, pattern: str, pid: int, timeout: float = 300) -> bool:
+    """SIGKILLs the server (and its training subprocess) as soon as a file matching ``pattern`` appears in
+    ``folder``: the moment a write is under way. False if none appeared."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if folder.is_dir() and any(folder.glob(pattern)):
+            _kill_tree(pid)
+            return True
+    return False
+
+
+def _save(url: str, data: bytes) -> int | None:
+    """The status of saving ``data`` as the final label of ts_ct_small; None if the server died under it."""
+    try:
+        reply = requests.put(f"{url}/datastore/label", params={"image": "ts_ct_small", "tag": "final"},
+                             files={"label": ("ts_ct_small.nii.gz", data)}, data={"params": json.dumps({})},
+                             timeout=300)
+    except requests.ConnectionError:
+        return None
+    assert reply.status_code == 200, reply.text[:300]
+    return reply.status_code
+
+
+def _own_label(url: str) -> bytes:
+    """The model's own label of the image (its label ids), to be saved as the final label that trains."""
+    reply = requests.post(f"{url}/infer/delightsam_ct", params={"image": "ts_ct_small", "output": "image"},
+                          data={"params": json.dumps({"result_extension": ".nii.gz"})}, timeout=300)
+    reply.raise_for_status()
+    return reply.content
+
+
+def test_killed_while_saving_a_label_the_label_is_old_or_new(setup):
+    old = setup["label"].read_bytes()
+    new = os.urandom(96 * 2**20)  # large, so that the save takes long enough to be killed in the middle
+    final = setup["studies"] / "labels" / "final"
+    with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, proc):
+        _save(url, old)
+        assert (final / "ts_ct_small.nii.gz").read_bytes() == old
+        saver = threading.Thread(target=_save, args=(url, new))
+        saver.start()
+        assert _kill_when(final, ".ts_ct_small.nii.gz.*.tmp", proc.pid), "the save was never seen under way"
+        saver.join(60)
+    assert (final / "ts_ct_small.nii.gz").read_bytes() in (old, new)  # whole, one or the other
+    index = json.loads((setup["studies"] / "datastore_v2.json").read_text())  # a whole index
+    assert "final" in index["objects"]["ts_ct_small"]["labels"]
+    with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, _):
+        listed = requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=60).json()
+        assert "final" in listed["objects"]["ts_ct_small"]["labels"]
+        assert requests.get(f"{url}/datastore/label", params={"label": "ts_ct_small", "tag": "final"},
+                            timeout=60).content in (old, new)
+        reply = requests.post(f"{url}/infer/delightsam_ct", params={"image": "ts_ct_small", "output": "json"},
+                              data={"params": "{}"}, timeout=300)
+        assert reply.status_code == 200
+
+
+def test_killed_while_publishing_the_served_model_is_old_or_new(setup):
+    model_dir = setup["tmp"] / "model"
+    with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, proc):
+        _save(url, _own_label(url))
+        requests.post(f"{url}/train/delightsam", json=QUICK, timeout=60).raise_for_status()
+        # the version is written first, then the served copy: kill during either
+        assert _kill_when(model_dir / "versions", ".delightsam-*.tmp", proc.pid), "the publish was never seen"
+    published = model_dir / "published.safetensors"
+    assert not published.exists()  # killed before the served copy was begun: the configured model serves
+    versions = list((model_dir / "versions").glob("delightsam-*.safetensors"))
+    assert versions == []  # the version being written never became a file of that name
+    with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, proc):
+        reply = requests.post(f"{url}/infer/delightsam_ct", params={"image": "ts_ct_small", "output": "json"},
+                              data={"params": "{}"}, timeout=300)
+        assert reply.status_code == 200 and reply.json()["model_version"] == "configured"
+        # a second run publishes while a kill lands on the served copy's write
+        requests.post(f"{url}/train/delightsam", json={**QUICK, "name": "again"}, timeout=60).raise_for_status()
+        assert _kill_when(model_dir, ".published.safetensors.*.tmp", proc.pid), "the served copy was never seen"
+    if published.exists():
+        assert delightsam.load_model(published).config.version.startswith("delightsam-")  # whole, loadable
+    with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, _):
+        reply = requests.post(f"{url}/infer/delightsam_ct", params={"image": "ts_ct_small", "output": "json"},
+                              data={"params": "{}"}, timeout=300)
+        assert reply.status_code == 200
+        assert reply.json()["model_version"] in ("configured", *(p.stem for p in (model_dir / "versions").glob("*.safetensors")))
