@@ -14,15 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import math
+import shutil
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 from fastapi import HTTPException
 from fastapi.routing import APIRoute
 from monailabel.config import settings as ml_settings
+from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFoundException, MONAILabelError,
+                                             MONAILabelException)
 from monailabel.interfaces.utils.app import app_instance
 
 from . import guard
@@ -67,7 +73,8 @@ def check_request(path: str, values: dict, app_settings) -> None:
     """The ids, names and uploads of one request, by parameter name (monailabel's names)."""
     limits = guard.UploadLimits.from_settings(app_settings)
     for key, value in values.items():
-        if value is None or value == "":
+        if value is None or (value == "" and (key not in ("image", "id", "label", "tag", "session_id")
+                                               or "/infer" in path)):
             continue
         if _is_upload(value) or (isinstance(value, list) and any(_is_upload(v) for v in value)):
             for upload in value if isinstance(value, list) else [value]:
@@ -89,6 +96,44 @@ def check_request(path: str, values: dict, app_settings) -> None:
                     guard.check_name(str(run["name"]), "training run name")
 
 
+def refuse_what_cannot_work(path: str, methods: set[str], values: dict) -> None:
+    """Requests that monailabel would answer with a bare 500, answered with what is wrong instead."""
+    if path.startswith("/infer/") and "POST" in methods and not (values.get("image") or values.get("file")
+                                                                 or values.get("session_id")):
+        raise HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
+    if path.startswith("/model/") and "PUT" in methods:
+        raise HTTPException(403, "this server does not take model files over the API: the train task publishes "
+                                 "new versions, and --conf checkpoint chooses the served one")
+    if path.startswith("/logs/gpu") and shutil.which("nvidia-smi") is None:
+        raise HTTPException(404, "this server has no NVIDIA GPU (nvidia-smi is not installed)")
+
+
+def as_client_error(path: str, error: Exception) -> HTTPException | None:
+    """monailabel's exceptions for requests that name something that is not there, or send malformed JSON, as
+    the 4xx they are (None: a server error, left as it is)."""
+    if isinstance(error, json.JSONDecodeError):
+        return HTTPException(422, f"a parameter is not valid JSON: {error}")
+    if isinstance(error, (ImageNotFoundException, LabelNotFoundException)):
+        return HTTPException(404, str(error.msg))
+    if isinstance(error, MONAILabelException) and error.error == MONAILabelError.APP_INIT_ERROR:
+        return HTTPException(404, str(error.msg))  # no such task (strategy, scoring method, trainer)
+    if path.startswith("/datastore/dataset") and isinstance(error, AssertionError):
+        return HTTPException(404, f"no dataset archive: {error}")
+    return None
+
+
+def _remove_after_sending(response, background_tasks) -> None:
+    """A result file that monailabel made in the temp folder for this response (the DICOM SEG of
+    output=dicom_seg, which it never removes) is removed once sent."""
+    path = getattr(response, "path", None)
+    if path and background_tasks is not None and Path(tempfile.gettempdir()) in Path(path).parents:
+        background_tasks.add_task(_unlink, path)
+
+
+def _unlink(path) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
 def _is_upload(value) -> bool:
     return hasattr(value, "filename") and hasattr(value, "file")
 
@@ -100,9 +145,6 @@ def check_upload(upload, limits: guard.UploadLimits) -> None:
     if name.endswith(guard.HEADER_SUFFIXES):
         head = upload.file.read(64 * 1024)
         upload.file.seek(0)
-        import tempfile
-        from pathlib import Path
-
         with tempfile.TemporaryDirectory() as folder:
             probe = Path(folder) / Path(name).name
             probe.write_bytes(head)
@@ -125,9 +167,19 @@ def off_the_loop(route: APIRoute, state, gated: bool) -> APIRoute:
 
     def endpoint(*args, **kwargs):
         app_settings = app_instance().settings  # the serving app's (created on the first request if need be)
-        check_request(route.path, signature.bind_partial(*args, **kwargs).arguments, app_settings)
-        with state.delightsam_admission() if gated else _nothing():
-            return asyncio.run(original(*args, **kwargs))
+        values = signature.bind_partial(*args, **kwargs).arguments
+        check_request(route.path, values, app_settings)
+        refuse_what_cannot_work(route.path, route.methods, values)
+        try:
+            with state.delightsam_admission() if gated else _nothing():
+                response = asyncio.run(original(*args, **kwargs))
+            if route.path.startswith(("/infer/", "/datastore/dataset")):  # results made for this response only
+                _remove_after_sending(response, values.get("background_tasks"))
+            return response
+        except HTTPException:
+            raise
+        except Exception as e:
+            raise as_client_error(route.path, e) or e
 
     endpoint.__signature__ = signature
     endpoint.__name__ = original.__name__
