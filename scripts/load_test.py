@@ -62,19 +62,23 @@ def label_digest(nrrd: bytes) -> str:
     return hashlib.sha256(array.tobytes() + str(array.shape).encode()).hexdigest()
 
 
-def save_final_label(url: str, data: Path) -> None:
-    """The reference label of ts_ct_small as a user would submit it from Slicer (segment names in label_info)."""
-    label = data / "starter" / "labels" / "ts_ct_small.nii.gz"
-    if not label.is_file():
-        sys.exit(f"{label} is missing: run `make starter` once (it prepares the sample labels)")
+def save_final_label(url: str, data: Path, work: Path) -> None:
+    """The reference label of ts_ct_small (in the model's ids) as a user would submit it from Slicer (segment
+    names in label_info)."""
+    from train_starter import prepare_labels
+
+    label = prepare_labels(data, work)["ts_ct_small"]
     names = requests.get(f"{url}/info/", timeout=30).json()["models"]["delightsam_ct"]["labels"]
-    values = sorted(set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label)))).astype(int)) - {0})
+    values = sorted(set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(label)))).astype(int).tolist()) - {0})
     by_id = {v: k for k, v in names.items()}
-    info = {"label_info": [{"name": by_id[v], "idx": v} for v in values if v in by_id]}
+    info = {"label_info": [{"name": by_id[v], "idx": int(v)} for v in values if v in by_id]}
     reply = requests.put(f"{url}/datastore/label", params={"image": "ts_ct_small", "tag": "final"},
                          files={"label": ("ts_ct_small.nii.gz", label.read_bytes())},
                          data={"params": json.dumps(info)}, timeout=60)
     reply.raise_for_status()
+    # the image's modality, as a user sets it (inference would record it too, but training starts first here)
+    requests.put(f"{url}/datastore/image/info", params={"image": "ts_ct_small"},
+                 data={"info": json.dumps({"modality": "ct"})}, timeout=60).raise_for_status()
 
 
 def run(args) -> dict:
@@ -87,7 +91,7 @@ def run(args) -> dict:
             "--conf", "infer_queue", str(args.clients * 2)]
     answers, info_seconds, done = [], [], threading.Event()
     with running_server(tmp, studies, conf) as (url, proc):
-        save_final_label(url, args.data)
+        save_final_label(url, args.data, tmp)
         train = {"max_epochs": 1, "steps_per_epoch": 2 if args.quick_train else 20, "train_batch_size": 2,
                  "teacher": "none", "tracking": "none", "name": "load_test"}
         requests.post(f"{url}/train/delightsam", json=train, timeout=60).raise_for_status()
@@ -144,8 +148,9 @@ def wait_training(url: str, seconds: float = 1800) -> dict:
     while time.time() < deadline:
         status = requests.get(f"{url}/train/", timeout=60).json()
         if status.get("status") in ("DONE", "ERROR", "STOPPED"):
-            return {"status": status["status"], "published": requests.get(f"{url}/info/", timeout=60).json()
-                    .get("train_stats", {}).get("delightsam", {}).get("published", [])}
+            stats = requests.get(f"{url}/info/", timeout=60).json().get("train_stats", {}).get("delightsam", {})
+            return {"status": status["status"], "published": stats.get("published", []),
+                    "details": status.get("details", [])[-5:] if status["status"] != "DONE" else []}
         time.sleep(1)
     return {"status": "still running"}
 

@@ -128,36 +128,61 @@ def intensity_of(spec) -> dict | None:
     return spec.intensity or DEFAULT_INTENSITY.get(spec.name)
 
 
-def finite(volume: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The NaN policy: non-finite voxels (NaN, inf) take the volume's smallest finite value, and are counted;
-    a volume with no finite voxel is refused."""
-    ok = torch.isfinite(volume)
-    bad = int((~ok).sum())
+@dataclass(frozen=True)
+class GreyLevels:
+    """How one volume's intensities become grey levels 0..255, found once for the whole volume and applied to
+    any part of it (slice batch by slice batch: no whole-volume float copy). The NaN policy: non-finite voxels
+    (NaN, inf) take the volume's smallest finite value, and are counted (``bad``)."""
+
+    low: float
+    scale: float
+    fill: float | None  # the smallest finite value, where the volume has non-finite voxels
+    bad: int
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        x = values.float()
+        if self.fill is not None:
+            x = torch.where(torch.isfinite(x), x, torch.tensor(self.fill, dtype=x.dtype))
+        return (x - self.low).mul_(self.scale).clamp_(0, 255)  # a new tensor: the volume is never changed
+
+
+def grey_levels(volume: torch.Tensor, intensity: dict | None) -> GreyLevels:
+    """The grey-level mapping of a volume (any dtype, any strides); a volume with no finite voxel is refused.
+    Window: fixed; percentiles: of a seeded sample of a million voxels (fast, free of stride aliasing); else the
+    finite minimum and maximum. Everything is read slab by slab (isfinite and min make volume-sized temporaries)."""
+    slabs = volume.split(16, dim=-1)
+    bad = sum(slab.numel() - int(torch.count_nonzero(torch.isfinite(slab))) for slab in slabs)
     if bad == volume.numel():
         raise ValueError("the volume has no finite voxel (all NaN or infinite)")
-    return (torch.where(ok, volume, volume[ok].min()) if bad else volume), bad
+    fill = min(float(slab[torch.isfinite(slab)].min()) for slab in slabs if torch.isfinite(slab).any()) \
+        if bad else None
+    if intensity and "window" in intensity:
+        low, high = intensity["window"]
+    elif intensity and "percentiles" in intensity:
+        values = volume
+        if volume.numel() > 2_000_000:  # the same voxels as flatten()[pick], gathered without the copy
+            pick = torch.randint(volume.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))
+            values = volume[tuple(torch.as_tensor(i) for i in np.unravel_index(pick.numpy(), tuple(volume.shape)))]
+        values = values.flatten().float()
+        if fill is not None:
+            values = torch.where(torch.isfinite(values), values, torch.tensor(fill))
+        low, high = torch.quantile(values, torch.tensor(intensity["percentiles"]) / 100).tolist()
+    else:
+        finite_slabs = [slab[torch.isfinite(slab)] for slab in slabs]
+        low = min(float(f.min()) for f in finite_slabs if f.numel())
+        high = max(float(f.max()) for f in finite_slabs if f.numel())
+    return GreyLevels(float(low), 255.0 / max(high - low, 1e-6), fill, bad)
 
 
 def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor:
     """Volume intensities -> float 0..255 as the model expects of each channel."""
-    if intensity and "window" in intensity:
-        low, high = intensity["window"]
-    elif intensity and "percentiles" in intensity:
-        values = volume.flatten()
-        if values.numel() > 2_000_000:  # a seeded random subsample: fast, and free of stride aliasing
-            pick = torch.randint(values.numel(), (1_000_000,), generator=torch.Generator().manual_seed(0))
-            values = values[pick]
-        low, high = torch.quantile(values.float(), torch.tensor(intensity["percentiles"]) / 100).tolist()
-    else:
-        low, high = volume.min().item(), volume.max().item()
-    scale = 255.0 / max(high - low, 1e-6)
-    return ((volume.float() - low) * scale).clamp_(0, 255)
+    return grey_levels(volume, intensity)(volume)
 
 
 def grey_volume(oriented: Oriented, spec) -> tuple[torch.Tensor, int]:
     """(grey levels 0..255 of the oriented volume for this modality, number of non-finite voxels replaced)."""
-    data, bad = finite(oriented.data.float())
-    return to_grey_levels(data, intensity_of(spec)), bad
+    levels = grey_levels(oriented.data, intensity_of(spec))
+    return levels(oriented.data), levels.bad
 
 
 # ---- fitting slices to the network's input --------------------------------------------------------

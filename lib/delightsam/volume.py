@@ -21,7 +21,7 @@ from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
 from .config import Modality, Structure
-from .geometry import as_volume, fit_to_square, grey_volume, model_input, orient, spacing_of
+from .geometry import as_volume, fit_to_square, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
 
@@ -248,24 +248,25 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
-    grey, bad = grey_volume(oriented, spec)
-    notes = [f"{bad} NaN/infinite voxels were set to the volume's minimum"] if bad else []
-    stack = grey[None]
-    if guide is not None:
-        stack = torch.cat([stack, oriented.to_layout(as_volume(guide)).float()[None]])
+    levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
+    notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []
+    guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
-    labels = torch.zeros(grey.shape, dtype=torch.uint8)
-    # slice batch by slice batch into the label map: no whole-volume probabilities (memory stays bounded)
-    for zs in _batches(grey.shape[2], batch_size, progress):
-        probabilities = network(stack[..., zs].permute(3, 0, 1, 2))  # [b, S, rows, columns]
+    labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
+    # slice batch by slice batch, grey levels in and labels out: no whole-volume float copy or probabilities
+    for zs in _batches(labels.shape[2], batch_size, progress):
+        stack = levels(oriented.data[..., zs])[None]
+        if guide is not None:
+            stack = torch.cat([stack, guide[..., zs].float()[None]])
+        probabilities = network(stack.permute(3, 0, 1, 2))  # [b, S, rows, columns]
         labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
-    if refine is not None:
-        labels, refined = refine(grey, labels)
+    if refine is not None:  # the second stage crops the volume's grey levels around its boxes
+        labels, refined = refine(levels(oriented.data), labels)
         notes.append(refined)
     if cleanup:
         labels = clean_up(labels, spec.structures)
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
-                        {s.name: s.label for s in spec.structures}, bad, notes, oriented.plane)
+                        {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane)
 
 
 def _batches(depth: int, batch_size: int, progress: bool = False):

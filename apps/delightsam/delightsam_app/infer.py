@@ -81,8 +81,9 @@ class DeLightSAMInfer(BasicInferTask):
                 raise HTTPException(422, f"cannot read {Path(path).name!r} as a DICOM series: {e}") from e
             data["image"] = data["image_path"] = series.folder
             data["series_files"] = series.files  # the instances a DICOM SEG result refers to
-            return [LoadImaged(keys="image", reader=ITKReader(series_name=series.name))]
-        return [LoadImaged(keys="image", reader=image_reader(path))]
+            return [LoadImaged(keys="image", reader=ITKReader(series_name=series.name), dtype=None)]
+        # dtype=None: the file's own type (CT is int16), not a float32 copy of the whole volume
+        return [LoadImaged(keys="image", reader=image_reader(path), dtype=None)]
 
     def post_transforms(self, data=None):
         return []
