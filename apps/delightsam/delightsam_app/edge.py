@@ -141,14 +141,11 @@ def _is_upload(value) -> bool:
 def check_upload(upload, limits: guard.UploadLimits) -> None:
     size = upload.size if upload.size is not None else _stream_size(upload.file)
     guard.check_upload_size(size, upload.filename or "upload", limits)
-    name = (upload.filename or "").lower()
-    if name.endswith(guard.HEADER_SUFFIXES):
+    name = Path(upload.filename or "").name
+    if name.lower().endswith(guard.HEADER_SUFFIXES):
         head = upload.file.read(64 * 1024)
         upload.file.seek(0)
-        with tempfile.TemporaryDirectory() as folder:
-            probe = Path(folder) / Path(name).name
-            probe.write_bytes(head)
-            guard.check_detached_header(probe)
+        guard.check_header_bytes(head, name)
 
 
 def _stream_size(f) -> int:

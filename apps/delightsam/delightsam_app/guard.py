@@ -142,17 +142,22 @@ def _safe_target(root: Path, name: str) -> Path:
 
 def check_detached_header(path: Path) -> None:
     """NRRD and MetaImage headers may name their data in another file (anywhere on the server): refused."""
-    if not path.name.lower().endswith(HEADER_SUFFIXES):
+    if path.name.lower().endswith(HEADER_SUFFIXES):
+        with open(path, "rb") as f:
+            check_header_bytes(f.read(64 * 1024), path.name)
+
+
+def check_header_bytes(head: bytes, name: str) -> None:
+    """``check_detached_header`` on the first bytes of a file called ``name`` (an upload not yet on disk)."""
+    if not name.lower().endswith(HEADER_SUFFIXES):
         return
-    with open(path, "rb") as f:
-        head = f.read(64 * 1024)
     text = head.split(b"\n\n", 1)[0].decode("latin-1").lower()  # an NRRD header ends at its first blank line
     for line in text.splitlines():
         separator = "=" if "=" in line and (":" not in line or line.index("=") < line.index(":")) else ":"
         key, _, value = line.partition(separator)
         key, value = key.strip(), value.strip()
         if key in ("data file", "datafile") or (key == "elementdatafile" and value != "local"):
-            raise HTTPException(422, f"{path.name!r} is a detached header (its data is in {value[:80]!r}); upload "
+            raise HTTPException(422, f"{name!r} is a detached header (its data is in {value[:80]!r}); upload "
                                      f"a single-file NRRD, MetaImage, NIfTI or a DICOM series instead")
 
 
