@@ -22,11 +22,12 @@ samples: setup
 	$(PY) scripts/fetch_samples.py
 
 # Debian packages of the PACS path and its browser tests (Orthanc with DICOMweb and GDCM, socat, Chromium);
-# installed with apt-get when missing and running as root, else the command to run is printed.
+# installed with apt-get when missing and running as root, else the command to run is printed. Only when asked
+# for (`make system test`): `make test` alone never changes the system.
 system: setup
 	$(PY) scripts/pacs.py --install-only
 
-test: setup samples system
+test: setup samples
 	$(PY) -m pytest -q tests
 
 # The MONAI Label server on the samples with the default model; extra keys: make run CONF="--conf cleanup true"

@@ -177,17 +177,24 @@ def start_orthanc(work: Path, port: int, processes: list[subprocess.Popen]) -> s
     sock.unlink(missing_ok=True)
     config = work / "orthanc.json"
     config.write_text(CONFIG.read_text().replace("@STORAGE@", str(storage.resolve())).replace("@PORT@", str(port)))
-    inside = (f"ip link set lo up && socat UNIX-LISTEN:{sock.resolve()},fork,unlink-early TCP:127.0.0.1:8042 & "
-              f"exec {ORTHANC} {shlex.quote(str(config.resolve()))}")
     with open(log, "w") as out:
-        processes.append(subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "sh", "-c", inside],
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(subprocess.Popen(orthanc_command(work), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
         processes.append(subprocess.Popen(["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
                                            f"UNIX-CONNECT:{sock.resolve()}"],
                                           stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/system", processes[-2], "Orthanc", log, timeout=60)
     return url
+
+
+def orthanc_command(work: Path) -> list[str]:
+    """Orthanc and the socat that carries its port out of the namespace: the same command restarts it on the
+    same storage (ready.json's ``orthanc_command``; the outer socat stays)."""
+    sock, config = (work / "orthanc.sock").resolve(), (work / "orthanc.json").resolve()
+    inside = (f"ip link set lo up && socat UNIX-LISTEN:{sock},fork,unlink-early TCP:127.0.0.1:8042 & "
+              f"exec {ORTHANC} {shlex.quote(str(config))}")
+    return ["unshare", "--user", "--map-root-user", "--net", "sh", "-c", inside]
 
 
 def upload(orthanc_url: str, folder: Path) -> int:
@@ -241,7 +248,7 @@ def main() -> int:
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="extra --conf for the app")
     args = parser.parse_args()
-    if args.install_only:  # `make test`: without root, say so; the PACS tests then skip (and fail under CI)
+    if args.install_only:  # `make system`: without root, say so; the PACS tests then skip (and fail under CI)
         try:
             ensure_packages(install=True)
         except SystemExit as e:
@@ -268,7 +275,8 @@ def main() -> int:
         url = start_app(args.work, orthanc_url, args.port, [a for kv in args.conf for a in ("--conf", *kv)], processes)
         app = processes[-1]
         (args.work / "ready.json").write_text(json.dumps({"app": url, "orthanc": orthanc_url, "series": series,
-                                                          "orthanc_pid": orthanc.pid}))
+                                                          "orthanc_pid": orthanc.pid,
+                                                          "orthanc_command": orthanc_command(args.work)}))
         print(f"\nOHIF viewer: {url}/ohif/   (MONAI Label mode: {url}/ohif/monai-label?StudyInstanceUIDs="
               f"{series['ct']['study']})\nOrthanc: {orthanc_url}/app/explorer.html   DICOMweb: {orthanc_url}/dicom-web\n"
               f"Logs: {args.work}/orthanc.log, {args.work}/monailabel.log. Ctrl-C stops both.", flush=True)

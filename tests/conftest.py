@@ -89,13 +89,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def monailabel_server(tmp: Path, studies: Path, conf: list[str], timeout: float = 240):
+def monailabel_server(tmp: Path, studies: Path | str, conf: list[str], timeout: float = 240, env: dict | None = None):
     """A real `monailabel start_server` process with this app on a free loopback port (``scripts/serve.py``);
     yields its URL and stops it afterwards. ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs)."""
     from serve import ServerFailed, running_server
 
     try:
-        with running_server(tmp, studies, conf, timeout) as (url, _):
+        with running_server(tmp, studies, conf, timeout, env) as (url, _):
             yield url
     except ServerFailed as e:
         pytest.fail(str(e))

@@ -7,8 +7,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import select
 import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -27,7 +29,8 @@ def server(tmp_path_factory, samples):
     studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "ts_ct.nii.gz"])
     checkpoint = make_test_checkpoint(tmp / "models" / "delightsam.safetensors")
     conf = ["--conf", "checkpoint", str(checkpoint), "--conf", "model_dir", str(tmp / "model"),
-            "--conf", "max_upload_mb", "1", "--conf", "infer_workers", "1", "--conf", "infer_queue", "0"]
+            "--conf", "max_upload_mb", "1", "--conf", "max_request_mb", "2",
+            "--conf", "infer_workers", "1", "--conf", "infer_queue", "0"]
     with monailabel_server(tmp, studies, conf) as url:
         yield {"url": url, "tmp": tmp, "studies": studies}
 
@@ -94,6 +97,35 @@ def test_oversized_uploads_are_refused(server):
     big = os.urandom(int(1.5 * 2**20))
     _refused(_infer(server["url"], image="", file=("big.nii.gz", big)), 413, "at most 1 MB per file")
     _refused(_session(server["url"], "big.tar.gz", big), 413, "at most 1 MB per file")
+
+
+def test_a_request_body_past_the_limit_is_refused_as_it_arrives(server):
+    """max_request_mb (2 here): a declared 10 GB body is refused before a byte of it is sent (nothing is
+    spooled), and a body that streams past the limit with no declared length is refused once past it."""
+    head = b"PUT /session/?uncompress=true HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with _connect(server) as s:
+        s.sendall(head + b"Content-Length: 10737418240\r\n\r\n")
+        assert b" 413 " in s.recv(4096).split(b"\r\n")[0]
+    with _connect(server) as s:
+        part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.tar.gz"\r\n\r\n'
+        s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(part), part))
+        sent = 0
+        while sent < 16 * 2**20 and not select.select([s], [], [], 0)[0]:  # until the server answers
+            chunk = os.urandom(64 * 1024)
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            sent += len(chunk)
+            time.sleep(0.002)
+        assert b" 413 " in s.recv(4096).split(b"\r\n")[0]
+    assert 2 * 2**20 <= sent < 8 * 2**20, sent  # refused soon after the limit, not after the whole body
+    assert requests.get(f"{server['url']}/info/", timeout=30).status_code == 200
+
+
+def _connect(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server["url"])
+    return socket.create_connection((address.hostname, address.port), timeout=60)
 
 
 def test_a_detached_header_is_refused(server):

@@ -7,6 +7,7 @@ Needs Debian's orthanc, orthanc-dicomweb, orthanc-gdcm, socat and chromium (`mak
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -437,15 +438,116 @@ def test_a_pacs_that_never_answers_times_out():
     listener.close()
 
 
-def test_orthanc_going_away_gives_a_clear_error_and_the_server_goes_on(pacs):
-    os.killpg(pacs["orthanc_pid"], signal.SIGTERM)
-    deadline = time.time() + 30
-    while _answers(pacs["orthanc"]):  # until Orthanc is gone
-        assert time.time() < deadline, "Orthanc did not stop"
+class PausingProxy:
+    """A loopback TCP proxy in front of Orthanc that holds a series download still once ``after`` bytes of its
+    body have passed (``tripped`` is set), until ``release`` is set: the moment to kill Orthanc mid-transfer,
+    found by state rather than by timing. Holding it still keeps Orthanc blocked on its own send."""
+
+    def __init__(self, upstream: str, after: int = 256 * 1024) -> None:
+        import socket
+        import threading
+
+        self.upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1]))
+        self.after, self.tripped, self.release = after, threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client = self.listener.accept()[0]
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            state = {"series": False, "sent": 0}
+            threading.Thread(target=self._pipe, args=(client, server, state, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, state, False), daemon=True).start()
+
+    def _pipe(self, source, target, state: dict, request: bool) -> None:
+        import re
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                if request and (line := re.match(rb"GET (\S+) HTTP", data)):  # keep-alive: one request at a time
+                    state["series"] = re.search(rb"/studies/[^/]+/series/[^/?]+$", line.group(1).split(b"?")[0]) is not None
+                    state["sent"] = 0
+                elif not request and state["series"]:
+                    state["sent"] += len(data)
+                    if state["sent"] > self.after and not self.release.is_set():
+                        self.tripped.set()
+                        self.release.wait(120)
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.release.set()
+        self.listener.close()
+
+
+def test_orthanc_killed_mid_download_then_back(pacs, tmp_path):
+    """Orthanc SIGKILLed while the app streams a series from it: a 502 naming the PACS, no partial series left
+    in the cache, the server up (and a second app on Orthanc directly says the PACS did not answer); Orthanc
+    restarted on the same storage: the same request succeeds with the whole series."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import monailabel_server
+
+    proxy = PausingProxy(pacs["orthanc"])
+    cache = tmp_path / "dicomweb-cache"
+    env = {"MONAI_LABEL_DICOMWEB_CACHE_PATH": str(cache), "MONAI_LABEL_DICOMWEB_SEARCH_FILTER": '{"Modality": "MR"}'}
+    mr = pacs["series"]["mr"]
+    restarted = None
+    try:
+        with monailabel_server(tmp_path, f"{proxy.url}/dicom-web", ["--conf", "model_dir", str(tmp_path / "model")],
+                               env=env) as app:
+            proxied = {**pacs, "app": app}
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(_infer, proxied, mr["series"], "json", "delightsam_mr")
+                assert proxy.tripped.wait(240), f"the series download never started: {pending.result().text}"
+                os.killpg(pacs["orthanc_pid"], signal.SIGKILL)  # Orthanc, mid-transfer
+                _wait_until(lambda: not _answers(pacs["orthanc"]), "Orthanc did not stop")
+                proxy.release.set()
+                reply = pending.result(timeout=300)
+            assert reply.status_code == 502, reply.text
+            detail = reply.json()["detail"]
+            assert proxy.url in detail and "could not send series" in detail, detail
+            assert not list(cache.rglob(f"{mr['series']}*"))  # nothing partial: neither the folder nor its NIfTI
+            assert requests.get(f"{app}/info/", timeout=30).status_code == 200
+            direct = _infer(pacs, mr["series"] + ".9", "json", "delightsam_mr")  # the fixture's app, uncached series
+            assert direct.status_code == 502 and "did not answer" in direct.json()["detail"], direct.text
+            assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
+
+            restarted = subprocess.Popen(pacs["orthanc_command"], stdout=open(tmp_path / "orthanc.log", "w"),
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            _wait_until(lambda: _answers(pacs["orthanc"]), "Orthanc did not come back")
+            again = _infer(proxied, mr["series"], "all", "delightsam_mr", result_extension=".nrrd")
+            assert again.status_code == 200, again.text
+            label = _read_label(_multipart(again)["image"], ".nrrd", tmp_path)
+            assert label.GetSize()[2] == mr["files"]  # every slice of the series
+            copies = [d for d in cache.rglob(mr["series"]) if d.is_dir()]  # monailabel's cache/<hash>/<series>/
+            assert [len(list(d.glob("*.dcm"))) for d in copies] == [mr["files"]]
+    finally:
+        proxy.close()
+        if restarted is not None:
+            os.killpg(restarted.pid, signal.SIGKILL)
+            restarted.wait()
+
+
+def _wait_until(condition, message: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, message
         time.sleep(0.2)
-    reply = _infer(pacs, pacs["series"]["mr"]["series"] + ".9", "json", "delightsam_mr")  # a series it has not cached
-    assert reply.status_code == 502 and "did not answer" in reply.json()["detail"], reply.text
-    assert requests.get(f"{pacs['app']}/info/", timeout=30).status_code == 200
 
 
 def _answers(url: str) -> bool:

@@ -156,9 +156,10 @@ def _stream_size(f) -> int:
     return size
 
 
-def off_the_loop(route: APIRoute, state, gated: bool) -> APIRoute:
+def off_the_loop(route: APIRoute, state, gated: bool, max_body: int) -> APIRoute:
     """The same path operation as a plain function (run in FastAPI's threadpool), checked, and gated if
-    inference. ``state``: the server's state, holding the admission gate."""
+    inference. ``state``: the server's state, holding the admission gate. ``max_body``: bytes of request body,
+    counted by FastAPI's own per-route limit as they arrive (413 before the form is spooled to disk)."""
     original = route.endpoint
     signature = inspect.signature(original)
 
@@ -185,17 +186,17 @@ def off_the_loop(route: APIRoute, state, gated: bool) -> APIRoute:
                     description=route.description, tags=route.tags, dependencies=route.dependencies,
                     include_in_schema=route.include_in_schema, deprecated=route.deprecated,
                     response_class=route.response_class, responses=route.responses,
-                    status_code=route.status_code, operation_id=route.operation_id)
+                    status_code=route.status_code, operation_id=route.operation_id, max_body_size=max_body)
 
 
-def _replace(router, prefix: str, state) -> int:
+def _replace(router, prefix: str, state, max_body: int) -> int:
     """Replaces, in place, the blocking API routes of ``router`` and of the routers included in it (FastAPI
     keeps an included router as one entry that refers to the original router; older versions copy its routes)."""
     replaced = 0
     for index, route in enumerate(router.routes):
         included = getattr(route, "original_router", None)
         if included is not None:
-            replaced += _replace(included, prefix + getattr(route.include_context, "prefix", ""), state)
+            replaced += _replace(included, prefix + getattr(route.include_context, "prefix", ""), state, max_body)
             continue
         if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
             continue
@@ -203,7 +204,7 @@ def _replace(router, prefix: str, state) -> int:
         if not path.startswith(OFF_THE_LOOP):
             continue
         gated = path.startswith("/infer/") and "POST" in route.methods
-        router.routes[index] = off_the_loop(route, state, gated)  # in place: one operation per path
+        router.routes[index] = off_the_loop(route, state, gated, max_body)  # in place: one operation per path
         replaced += 1
     if replaced and hasattr(router, "_mark_routes_changed"):  # FastAPI caches the routes it resolved
         router._mark_routes_changed()
@@ -220,7 +221,7 @@ def install(server, app_settings) -> Admission:
     admission gate is that of the latest app instance)."""
     admission = Admission(app_settings.infer_workers, app_settings.infer_queue)
     server.state.delightsam_admission = admission
-    replaced = _replace(server.router, "", server.state)
+    replaced = _replace(server.router, "", server.state, int(app_settings.max_request_mb * guard.MB))
     if replaced:
         server.openapi_schema = None  # FastAPI rebuilds the schema from the routes
         logger.info(f"{replaced} API routes run off the event loop")

@@ -32,11 +32,13 @@ class AppSettings:
     # the trust boundary (see guard.py): a request names datastore images, never server paths, unless allowed
     allow_server_paths: bool = False
     max_upload_mb: float = 2048.0  # one uploaded file (an image, a label, an archive)
+    max_request_mb: float = 4096.0  # a request's whole body, counted as it arrives (before it is spooled)
     max_unpacked_mb: float = 4096.0  # everything an uploaded archive unpacks to
     max_unpack_ratio: float = 200.0  # unpacked bytes per archive byte (a zip bomb has thousands)
     max_batch_size: int = 32  # slices per forward pass a request may ask for
     infer_workers: int = 1  # inferences that run at once (each uses `threads` cores)
     infer_queue: int = 8  # inferences that may wait for a worker; beyond that: 503 with Retry-After
+    handout_minutes: float = 30.0  # Next Sample (uncertain) skips images handed to another user this recently
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
@@ -55,11 +57,13 @@ class AppSettings:
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
             allow_server_paths=strtobool(conf.get("allow_server_paths", "false")),
             max_upload_mb=float(conf.get("max_upload_mb", 2048)),
+            max_request_mb=float(conf.get("max_request_mb", 4096)),
             max_unpacked_mb=float(conf.get("max_unpacked_mb", 4096)),
             max_unpack_ratio=float(conf.get("max_unpack_ratio", 200)),
             max_batch_size=int(conf.get("max_batch_size", 32)),
             infer_workers=max(int(conf.get("infer_workers", 1)), 1),
             infer_queue=max(int(conf.get("infer_queue", 8)), 0),
+            handout_minutes=float(conf.get("handout_minutes", 30)),
         )
 
 
