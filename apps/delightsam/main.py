@@ -19,9 +19,11 @@ from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
 
 import delightsam
-from delightsam_app import edge, guard, ohif, pacs
+from delightsam_app import edge, guard, loop, ohif, pacs
 from delightsam_app.datastore import AtomicLocalDatastore
 from delightsam_app.infer import PREFIX, DeLightSAMInfer, UnavailableInfer, task_name
 from delightsam_app.served import ServedModel
@@ -46,7 +48,24 @@ class DeLightSAMApp(MONAILabelApp):
 
         ohif.serve_error_details(server)
         edge.install(server, self.settings)
+        self._serve_model_card(server)
         warn_if_exposed(sys.argv)
+
+    def _serve_model_card(self, server) -> None:
+        """GET /model_card: the served model's card (its bundle's docs/README.md), linked from /info."""
+        from fastapi.responses import PlainTextResponse
+
+        def model_card():
+            card = self.served.model_card()
+            if card is None:
+                raise HTTPException(404, f"the checkpoint {self.settings.checkpoint} has no model card (it is not in "
+                                         f"a MONAI bundle with docs/README.md)")
+            return PlainTextResponse(card.read_text(), media_type="text/markdown")
+
+        if not any(getattr(r, "path", None) == "/model_card" for r in server.router.routes):
+            server.add_api_route("/model_card", model_card, methods=["GET"], tags=["Model"],
+                                 summary="The served model's card (markdown)")
+            server.openapi_schema = None
 
     def _load_sessions(self, load=False):
         if not load:
@@ -93,6 +112,32 @@ class DeLightSAMApp(MONAILabelApp):
     def init_trainers(self):
         return {PREFIX: DeLightSAMTrain(self.served, self.model_dir, self.settings.modality)}
 
+    def init_strategies(self):
+        return {"uncertain": loop.Uncertain(self.served), "random": Random(), "first": First(), "last": loop.Last()}
+
+    def init_scoring_methods(self):
+        return {"uncertainty": loop.UncertaintyScoring(self.served, self.infer)}
+
+    def init_batch_infer(self):
+        return loop.CPUBatchInfer(self.served)
+
+    def async_scoring(self, method, params=None):
+        """monailabel scores at start, after each Next Sample and after training, each time in a new process:
+        started only when the served version has unlabelled images of a known modality left to score."""
+        if method is None and not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
+            return {}
+        return super().async_scoring(method, params)
+
+    def on_save_label(self, image_id, label_id):
+        """A user's final label: each stored version's label of the image is scored against it (the loop's
+        record). Never fails the save: the label is kept whatever happens here."""
+        try:
+            entry = loop.agree_with_final(self.datastore(), self.served, image_id)
+        except Exception as e:
+            logger.exception(f"could not score the model's labels of {image_id} against the saved one: {e}")
+            return {}
+        return {"agreement": {v: s["mean_dice"] for v, s in entry["versions"].items()}} if entry else {}
+
     def _init_dicomweb_datastore(self):
         if "googleapis.com" in self.studies:  # monailabel's Google Cloud credentials path, as it is
             return super()._init_dicomweb_datastore()
@@ -116,6 +161,10 @@ class DeLightSAMApp(MONAILabelApp):
                 pacs.fetch_series(store, image, self.served_dicom_modalities())  # then monailabel finds it cached
             elif not store.get_image_uri(image):
                 raise HTTPException(404, f"no image {image!r} in the datastore")
+        # a datastore image's label and uncertainty join the loop's record, under its own id whatever was sent
+        request = {k: v for k, v in request.items() if k != "loop_image"}
+        if stored and not isinstance(store, DICOMWebDatastore):
+            request["loop_image"] = image
         result = super().infer(request, datastore)
         if stored and not isinstance(store, DICOMWebDatastore):
             self._record_modality(store, image, self._infers[request["model"]].modality, result["params"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -185,6 +186,28 @@ def info(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    """The annotation loop's answer to "is the model getting better for us?": each version's Dice against the
+    labels users saved, from the app's record (``<model_dir>/loop``)."""
+    from .ledger import Ledger, report_markdown, report_plot
+
+    folder = Path(args.model_dir) / "loop"
+    if not folder.is_dir():
+        raise ValueError(f"{args.model_dir} has no annotation-loop record (loop/): is it the app's model_dir "
+                         f"(--conf model_dir; default apps/delightsam/model)?")
+    ledger = Ledger(folder)
+    text = report_markdown(ledger)
+    print(text)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(text)
+        (out / "report.json").write_text(json.dumps(ledger.summary(), indent=1))
+        plot = report_plot(ledger, out / "dice_by_version.png")
+        print(f"wrote {out / 'report.md'}, {out / 'report.json'}" + (f" and {plot}" if plot else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="delightsam", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=evaluate_command)
+    p = sub.add_parser("report", help="each model version's Dice against the labels users saved (the app's record)")
+    p.add_argument("--model-dir", default="apps/delightsam/model", help="the app's model_dir")
+    p.add_argument("--output", help="also write report.md, report.json and dice_by_version.png here")
+    p.set_defaults(func=report)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=info)

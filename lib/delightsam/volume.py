@@ -24,6 +24,7 @@ from .config import Modality, Structure
 from .geometry import as_volume, fit_to_square, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
+from .uncertainty import DoubtMeter
 
 
 @dataclass
@@ -35,6 +36,7 @@ class VolumeResult:
     non_finite_voxels: int = 0  # voxels that were NaN/inf and were treated as the volume's minimum
     notes: list[str] = field(default_factory=list)
     plane: str = "axial"  # the acquisition plane the slices were cut in
+    doubt: dict | None = None  # uncertainty.DoubtMeter.summary() of the first stage, when asked for
 
 
 def image_reader(path) -> str:
@@ -222,26 +224,27 @@ PROMPTS = ("3d", "slice")
 @torch.inference_mode()
 def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
                    threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
-                   refiner: DeLightSAM | None = None, prompts: str = "3d") -> VolumeResult:
+                   refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False) -> VolumeResult:
     """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
     or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
 
     With a ``refiner`` (a model with box prompts, such as ``foundation.foundation_model``), inference has two
     stages: ``model`` segments every slice prompt-free, then each structure's largest connected component
     becomes its automatic prompt, one 3-D box (``prompts="3d"``: the same box on every slice of its extent,
-    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one."""
+    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one.
+    ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``)."""
     spec = model.config.modality(modality)
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
     refine = None if refiner is None else (lambda grey, coarse: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
-                        affine=affine, refine=refine)
+                        affine=affine, refine=refine, doubt=doubt)
 
 
 @torch.inference_mode()
 def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
                  threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
-                 affine=None, refine=None) -> VolumeResult:
+                 affine=None, refine=None, doubt: bool = False) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
     ``refine(grey, coarse labels) -> (labels, notes)`` is a second stage (see ``segment_volume``)."""
@@ -253,12 +256,15 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
+    meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
     # slice batch by slice batch, grey levels in and labels out: no whole-volume float copy or probabilities
     for zs in _batches(labels.shape[2], batch_size, progress):
         stack = levels(oriented.data[..., zs])[None]
         if guide is not None:
             stack = torch.cat([stack, guide[..., zs].float()[None]])
         probabilities = network(stack.permute(3, 0, 1, 2))  # [b, S, rows, columns]
+        if meter is not None:
+            meter.add(probabilities)
         labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
         labels, refined = refine(levels(oriented.data), labels)
@@ -266,7 +272,8 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     if cleanup:
         labels = clean_up(labels, spec.structures)
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
-                        {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane)
+                        {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
+                        meter.summary() if meter is not None else None)
 
 
 def _batches(depth: int, batch_size: int, progress: bool = False):

@@ -27,6 +27,30 @@ logger = logging.getLogger(__name__)
 
 
 class AtomicLocalDatastore(LocalDatastore):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._own_index: tuple | None = None
+        if getattr(self, "_handler", None) is not None:  # monailabel's file watcher (auto reload)
+            self._handler.on_moved = self._on_moved_event
+
+    def _on_moved_event(self, event) -> None:
+        """Files here are replaced by a rename (ours, and those of the train, scoring and batch processes, which
+        run this class too): monailabel's watcher knows only created, deleted and modified files. An index that
+        another process renamed into place is read again; a label or image renamed into place is reconciled."""
+        if getattr(event, "dest_path", None) == self._datastore_config_path:
+            if self._index_stamp() != self._own_index:
+                logger.info("the datastore index was changed by another process: reading it again")
+                self._init_from_datastore_file()  # under monailabel's lock
+            return
+        self.refresh()
+
+    def _index_stamp(self) -> tuple | None:
+        try:
+            stat = os.stat(self._datastore_config_path)
+        except OSError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         guard.check_id(image_id)
         guard.check_name(label_tag, "label tag")
@@ -46,9 +70,9 @@ class AtomicLocalDatastore(LocalDatastore):
 
     def _update_datastore_file(self, lock=True):
         def write() -> None:
-            self._ignore_event_config = True  # monailabel's file watcher: this change is our own
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             write_text(self._datastore_config_path, text)
+            self._own_index = self._index_stamp()  # the watcher's event for this rename is our own
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
         if lock:

@@ -66,7 +66,8 @@ class DeLightSAMInfer(BasicInferTask):
 
     def info(self):
         self._refresh()
-        return {**super().info(), "label_colors": anatomy.colours(self.labels), "modality": self.modality}
+        described = {} if self.served.problem else self.served.describe(self.modality)
+        return {**super().info(), "label_colors": anatomy.colours(self.labels), "modality": self.modality, **described}
 
     def is_valid(self) -> bool:
         return True  # listed even without a checkpoint, so that /info can say why it is unavailable
@@ -114,12 +115,18 @@ class DeLightSAMInfer(BasicInferTask):
         if prompts not in PROMPTS:
             raise HTTPException(422, f"prompts must be one of {', '.join(PROMPTS)}, got {prompts!r}")
         batch_size = self._batch_size(data)
+        loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
             result = segment_volume(model, image, self.modality, batch_size=batch_size,
                                     cleanup=strtobool(str(data.get("cleanup", False))), prompts=prompts,
-                                    refiner=self.served.refiner(model) if refine else None)
+                                    refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image))
         except ValueError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
+        if loop_image:
+            self.served.ledger.record_prediction(
+                loop_image, model.config.version or "unversioned", self.modality,
+                model.config.modality(self.modality).structures, result.labels, np.asarray(image.affine),
+                result.doubt, data.get("loop_source", "infer"))
         # the input's grid and affine; a singleton channel axis of a 4-D input is not kept (a 3-D label)
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta={**image.meta, "original_channel_dim": "no_channel"})
         names = result.label_names
@@ -127,6 +134,8 @@ class DeLightSAMInfer(BasicInferTask):
                           "refined": refine, "prompts": prompts if refine else None,
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes}
+        if result.doubt:
+            data["result"]["uncertainty"] = round(result.doubt["score"], 4)
         return data
 
     def _batch_size(self, data: dict) -> int:

