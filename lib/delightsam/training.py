@@ -97,6 +97,8 @@ class TrainConfig:
     # stop after this much CPU time of this process (all its threads, teacher included), ending the epoch
     # in progress as usual: a compute budget that other programs on the machine do not shorten
     max_cpu_seconds: float | None = None
+    # stop after this much wall-clock time of the step loop (for a GPU, where CPU time says little), likewise
+    max_wall_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -301,11 +303,15 @@ def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
             **({"skipped": skipped} if skipped else {})}
 
 
-def _out_of_budget(config: TrainConfig, started: float, world: int, device: torch.device) -> bool:
-    """Whether the CPU budget is spent; under DDP every process stops when any one has (no one waits alone)."""
-    if config.max_cpu_seconds is None:
+def _out_of_budget(config: TrainConfig, started: float, world: int, device: torch.device,
+                   wall_started: float | None = None) -> bool:
+    """Whether the CPU (or wall-clock) budget is spent; under DDP every process stops when any one has (no one
+    waits alone)."""
+    if config.max_cpu_seconds is None and config.max_wall_seconds is None:
         return False
-    spent = time.process_time() - started >= config.max_cpu_seconds
+    spent = ((config.max_cpu_seconds is not None and time.process_time() - started >= config.max_cpu_seconds)
+             or (config.max_wall_seconds is not None and wall_started is not None
+                 and time.perf_counter() - wall_started >= config.max_wall_seconds))
     if world > 1:
         flag = torch.tensor([float(spent)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -364,6 +370,8 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     device = torch.device(config.device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available()
                                             else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # "cuda": the current GPU (set_device needs an index)
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     served = {m.name for m in model.config.modalities}
@@ -393,7 +401,9 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
              "train_items": len(train_items), "val_items": len(val_items), "config": json.loads(json.dumps(asdict(config))),
              "data": data_report or {}}
     start_epoch = 0
-    signature = json.dumps({"config": {k: v for k, v in stats["config"].items() if k != "epochs"},
+    # (a wall-clock budget that is not set leaves the signature as it was before that option existed)
+    signature = json.dumps({"config": {k: v for k, v in stats["config"].items()
+                                       if k != "epochs" and not (k == "max_wall_seconds" and v is None)},
                             "modalities": modalities, "train": sorted(i.id for i in train_items),
                             "labels": {i.id: [i.label, sorted((i.values or {}).items()), i.known] for i in train_items}},
                            sort_keys=True)
@@ -421,6 +431,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     if config.steps_per_epoch < 1:
         raise ValueError("steps_per_epoch must be at least 1")
     cpu_start, stop = time.process_time() - stats.get("cpu_seconds", 0.0), False  # a resumed run's spending counts
+    wall_start = time.perf_counter() - stats.get("wall_seconds", 0.0)
     stats["data"] = {**stats["data"], "refused": {**stats["data"].get("refused", {}), **data.refused}}
     stats["phase"] = "training"
     if rank == 0:  # the data is loaded and the steps begin: clients (and tests) can see it
@@ -428,7 +439,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     for epoch in range(start_epoch, config.epochs):
         began, losses = time.perf_counter(), []
         for step in range(config.steps_per_epoch):
-            if losses and _out_of_budget(config, cpu_start, world, device):
+            if losses and _out_of_budget(config, cpu_start, world, device, wall_start):
                 stop = True
                 break
             picks = data.sample(epoch, step, config.batch_size * world, config.seed, config.foreground_fraction)
@@ -449,9 +460,11 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         # a step whose slices were all augmented has no distillation term
         mean_loss = {k: float(np.mean([l[k] for l in losses if k in l])) for k in dict.fromkeys(k for l in losses for k in l)}
         stats.update(epoch=epoch + 1, loss=mean_loss, slices_per_second=len(losses) * config.batch_size * world / seconds,
-                     cpu_seconds=time.process_time() - cpu_start, steps=stats.get("steps", 0) + len(losses))
+                     cpu_seconds=time.process_time() - cpu_start, wall_seconds=time.perf_counter() - wall_start,
+                     steps=stats.get("steps", 0) + len(losses))
         if stop:
-            stats["stopped"] = f"CPU budget of {config.max_cpu_seconds:.0f} s spent"
+            stats["stopped"] = (f"CPU budget of {config.max_cpu_seconds:.0f} s spent" if config.max_wall_seconds is None
+                                else f"budget spent (CPU {config.max_cpu_seconds} s, wall-clock {config.max_wall_seconds} s)")
         if cache:
             stats["cache"] = {"hits": cache.hits, "misses": cache.misses}
         if rank == 0:
