@@ -98,6 +98,7 @@ class Annotator:
         self.url, self.volumes, self.train, self.log = url, {v.image_id: v for v in volumes}, train, log
         self.client = MONAILabelClient(url, tempfile.mkdtemp(prefix="loop-client-"), client_id)
         self.handed: list[dict] = []
+        self.labelled: list[str] = []
         self.trained: list[dict] = []
 
     def version(self) -> str:
@@ -132,18 +133,28 @@ class Annotator:
     def segment_and_correct(self, volume: Volume) -> dict:
         _, result = self.client.infer("delightsam_ct", volume.image_id, {})
         saved = self.client.save_label(volume.image_id, str(volume.label), "final", {"label_info": volume.label_info})
-        self.log(f"submitted the corrected label of {volume.image_id}: {saved.get('agreement')}")
+        self.labelled.append(volume.image_id)
+        scores = self.user_scores(len(self.labelled))  # the server scores the model's labels in the background
+        self.log(f"submitted the corrected label of {volume.image_id}; Dice against the users' labels so far: "
+                 f"{ {v: round(s['mean_dice'], 3) for v, s in scores.items() if s['mean_dice'] is not None} }")
         return saved
 
-    def train_and_publish(self) -> str:
-        import requests
+    def user_scores(self, images: int, wait: float = 300) -> dict:
+        """The train task's `user_scores` once they count ``images`` labelled images (the first version scored
+        every image, so it counts each saved label)."""
+        deadline = time.time() + wait
+        while True:
+            scores = self.client.info()["train_stats"].get("delightsam", {}).get("user_scores", {})
+            if max((s["images"] for s in scores.values()), default=0) >= images or time.time() > deadline:
+                return scores
+            time.sleep(1)
 
+    def train_and_publish(self) -> str:
         before = self.version()
         began = time.time()
-        self.client.train_start("delightsam", self.train)
-        while requests.get(f"{self.url}/train/", params={"check_if_running": True}, timeout=30).status_code == 200:
-            time.sleep(2)
-        status = self.client.train_status()
+        task = self.client.train_start("delightsam", self.train)
+        while (status := self.client.train_status()).get("id") != task["id"] or status["status"] in ("SUBMITTED", "RUNNING"):
+            time.sleep(2)  # the state of this run, whatever the process table says meanwhile
         if status.get("status") != "DONE":
             raise RuntimeError(f"training failed: {json.dumps(status)[-2000:]}")
         after = self.version()
@@ -160,6 +171,30 @@ class Annotator:
                 self.train_and_publish()
         return {"handed": self.handed, "trained": self.trained,
                 "user_scores": self.client.info()["train_stats"]["delightsam"].get("user_scores", {})}
+
+
+def doubt_against_error(ledger) -> list[str]:
+    """Does the uncertainty track the error? Per image and version with both a score and a user's label: the
+    image's uncertainty (mean entropy, and mean soft-Dice gap) beside 1 - its mean Dice, and their rank
+    correlations."""
+    from scipy.stats import spearmanr
+
+    rows = []
+    for entry in ledger.agreements():
+        for version, scored in entry["versions"].items():
+            record = ledger.predictions(entry["image"]).get(version, {})
+            doubt = record.get("doubt")
+            if doubt and scored["mean_dice"] is not None:
+                gap = np.mean([s["soft_dice_gap"] for s in doubt["structures"].values()])
+                rows.append((entry["image"], version, doubt["score"], float(gap), 1 - scored["mean_dice"]))
+    lines = ["", "## Does the uncertainty track the error?", "",
+             "| image | version | entropy (bits) | soft-Dice gap | 1 - mean Dice |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {v} | {e:.4f} | {g:.4f} | {d:.3f} |" for i, v, e, g, d in rows]
+    if len(rows) >= 3:
+        error = [r[4] for r in rows]
+        lines += ["", f"Spearman rank correlation with 1 - Dice over these {len(rows)} pairs: entropy "
+                      f"{spearmanr([r[2] for r in rows], error)[0]:.2f}, soft-Dice gap {spearmanr([r[3] for r in rows], error)[0]:.2f}."]
+    return lines
 
 
 def main() -> int:
@@ -186,9 +221,10 @@ def main() -> int:
                  "|---|---|---|---|"]
         order += [f"| {i + 1} | {h['image']} | {h['uncertainty']:.4f} | {h['model_version']} |" if h["uncertainty"] is not None
                   else f"| {i + 1} | {h['image']} | not scored | {h['model_version']} |" for i, h in enumerate(result["handed"])]
+        tracking = doubt_against_error(ledger)
         text = "\n".join([f"# The annotation loop (`python scripts/annotation_loop.py{' --quick' if args.quick else ''}`)",
                           "", f"{len(volumes)} slabs of the held-out CT; {time.time() - began:.0f} s in all on this machine.",
-                          "", *order, "", report_markdown(ledger)])
+                          "", *order, "", report_markdown(ledger), *tracking])
         (args.out / "report.md").write_text(text)
         (args.out / "report.json").write_text(json.dumps({**result, "summary": ledger.summary()}, indent=1))
         report_plot(ledger, args.out / "dice_by_version.png")

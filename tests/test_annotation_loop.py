@@ -54,15 +54,12 @@ def test_a_saved_label_is_scored_on_the_prediction_grid_whatever_its_voxel_order
     structures = [Structure(n.lower(), i, 0) for n, i in STRUCTURES.items()]
     ledger.record_prediction(reordered.image_id, "v1", "ct", structures, np.asarray(canonical.dataobj),
                              canonical.affine, None, "test")
-    entry = ledger.record_agreement(reordered.image_id, str(reordered.label),
-                                    {i["idx"]: STRUCTURES[i["name"]] for i in reordered.label_info},
-                                    ["liver", "spleen", "stomach"], "ct")
+    names = {i["idx"]: i["name"].lower() for i in reordered.label_info}  # Slicer's positional values -> names
+    entry = ledger.record_agreement(reordered.image_id, str(reordered.label), names, ["liver", "spleen", "stomach"], "ct")
     assert entry["versions"]["v1"]["mean_dice"] == pytest.approx(1.0)  # the same label, in two voxel orders
     shifted = np.roll(np.asarray(canonical.dataobj), 8, axis=0)  # a wrong one scores below
     ledger.record_prediction(reordered.image_id, "v2", "ct", structures, shifted, canonical.affine, None, "test")
-    entry = ledger.record_agreement(reordered.image_id, str(reordered.label),
-                                    {i["idx"]: STRUCTURES[i["name"]] for i in reordered.label_info},
-                                    ["liver", "spleen", "stomach"], "ct")
+    entry = ledger.record_agreement(reordered.image_id, str(reordered.label), names, ["liver", "spleen", "stomach"], "ct")
     assert entry["versions"]["v2"]["mean_dice"] < 0.95
     assert list(ledger.summary()) == ["v1", "v2"]
 
@@ -96,7 +93,9 @@ def test_next_sample_hands_out_the_image_the_model_is_least_sure_of(loop_run):
     assert handed[0]["uncertainty"] == pytest.approx(scores[handed[0]["image"]]["score"])
     assert loop_run["colleague"]["id"] != handed[0]["image"]  # another annotator is not given the same volume
     assert handed[1]["image"] != handed[0]["image"]  # the labelled one is not handed out again
-    assert handed[1]["model_version"] != loop_run["starter"]  # scored again by the new version
+    assert handed[1]["model_version"] != loop_run["starter"] and handed[1]["uncertainty"] is not None  # scored anew
+    assert not (loop_run["tmp"] / "model" / "loop" / "predictions" / handed[0]["image"] /
+                f"{handed[1]['model_version']}.json").exists()  # a labelled image is not scored again
 
 
 def test_the_new_version_is_served_and_does_better_on_the_next_image(loop_run):

@@ -462,7 +462,9 @@ class PausingProxy:
                 client = self.listener.accept()[0]
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # little in flight while held still
+            server.connect(self.upstream)
             state = {"series": False, "sent": 0}
             threading.Thread(target=self._pipe, args=(client, server, state, True), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client, state, False), daemon=True).start()

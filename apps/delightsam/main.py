@@ -11,6 +11,7 @@ README.md in this folder.
 from __future__ import annotations
 
 import ipaddress
+from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.async_tasks.utils import processes, tasks
 
 import delightsam
 from delightsam_app import edge, guard, loop, ohif, pacs
@@ -40,6 +42,7 @@ class DeLightSAMApp(MONAILabelApp):
         self.model_dir = str(self.settings.model_dir)
         os.makedirs(self.model_dir, exist_ok=True)
         self.served = ServedModel(self.settings, self.model_dir)
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="agreement")  # saved labels, one at a time
         logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
                          description="Prompt-free De-LightSAM auto-segmentation of CT and MR volumes",
@@ -123,20 +126,25 @@ class DeLightSAMApp(MONAILabelApp):
 
     def async_scoring(self, method, params=None):
         """monailabel scores at start, after each Next Sample and after training, each time in a new process:
-        started only when the served version has unlabelled images of a known modality left to score."""
-        if method is None and not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
-            return {}
+        started only when none is running or waiting and the served version has unlabelled images of a known
+        modality left to score."""
+        if method is None:
+            busy = processes("scoring") or any(t.get("status") == "SUBMITTED" for t in tasks("scoring"))
+            if busy or not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
+                return {}
         return super().async_scoring(method, params)
 
     def on_save_label(self, image_id, label_id):
         """A user's final label: each stored version's label of the image is scored against it (the loop's
-        record). Never fails the save: the label is kept whatever happens here."""
+        record), in the background, so that the save answers at once; never fails the save."""
+        self._scorer.submit(self._agree, image_id)
+        return {"agreement": "each model version's label of this image is being scored against it"}
+
+    def _agree(self, image_id: str) -> None:
         try:
-            entry = loop.agree_with_final(self.datastore(), self.served, image_id)
+            loop.agree_with_final(self.datastore(), self.served, image_id)
         except Exception as e:
             logger.exception(f"could not score the model's labels of {image_id} against the saved one: {e}")
-            return {}
-        return {"agreement": {v: s["mean_dice"] for v, s in entry["versions"].items()}} if entry else {}
 
     def _init_dicomweb_datastore(self):
         if "googleapis.com" in self.studies:  # monailabel's Google Cloud credentials path, as it is

@@ -12,6 +12,7 @@ server, its scoring and batch subprocesses and a report never see half a file an
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import time
@@ -25,13 +26,19 @@ from .files import write_bytes, write_text
 
 
 def safe_name(text: str) -> str:
-    """A version or image id as a file name (ids are checked at the server's edge; versions are ours)."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", str(text))[:200] or "_"
+    """A version or image id as a file name, one to one: where the id is not a plain name as it is, a hash of
+    it is added, so that "a b" and "a_b" never share a file, and "." or ".." never names a folder."""
+    text = str(text)
+    clean = re.sub(r"[^A-Za-z0-9._-]", "_", text)[:100]
+    if clean == text and text.strip(".") and not text.startswith("."):
+        return text
+    return f"{clean.lstrip('.')}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 class Ledger:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
+        self._summary: tuple | None = None
 
     # ---- predictions -----------------------------------------------------------------------------
     def record_prediction(self, image_id: str, version: str, modality: str, structures: list[Structure],
@@ -53,7 +60,7 @@ class Ledger:
         for meta in sorted(folder.glob("*.json")):
             record = _read(meta)
             label = meta.with_suffix(".nii.gz")
-            if record and label.is_file():
+            if record and record.get("image") == image_id and label.is_file():
                 records[record["version"]] = {**record, "path": str(label)}
         return records
 
@@ -67,11 +74,11 @@ class Ledger:
         return found
 
     # ---- agreement with the users' labels --------------------------------------------------------------
-    def record_agreement(self, image_id: str, final_label: str, label_values: dict[int, int] | None,
+    def record_agreement(self, image_id: str, final_label: str, label_names: dict[int, str],
                          known: list[str], modality: str) -> dict:
         """Scores every stored prediction of the image against the user's final label (read onto the
-        prediction's grid whatever its voxel order; values brought to the model's ids by ``label_values``),
-        on the structures the user's label names (``known``)."""
+        prediction's grid whatever its voxel order; its values name structures by ``label_names``, brought to
+        each version's own label ids), on the structures the user's label names (``known``)."""
         from .evaluation import score
         from .volume import read_label, read_volume
 
@@ -81,11 +88,11 @@ class Ledger:
                 continue
             predicted = read_volume(record["path"])
             reference = np.asarray(read_label(final_label, predicted)).round().astype(np.int64)
-            if label_values is not None:  # the user's values -> the model's ids (0 where none)
-                table = np.zeros(max(int(reference.max(initial=0)), *label_values) + 1, np.uint8)
-                for value, label in label_values.items():
-                    table[value] = label
-                reference = table[reference.clip(0)]
+            ids = {n: i for n, i, _ in record["structures"]}  # this version's label ids
+            table = np.zeros(max(int(reference.max(initial=0)), *label_names, 0) + 1, np.uint8)
+            for value, name in label_names.items():
+                table[value] = ids.get(name, 0)
+            reference = table[reference.clip(0)]
             structures = [Structure(n, i, 0, list(parts)) for n, i, parts in record["structures"] if n in known]
             spacing = np.sqrt((np.asarray(predicted.affine)[:3, :3] ** 2).sum(0))
             scores = score(np.asarray(predicted).astype(np.uint8), reference.astype(np.uint8), structures, spacing)
@@ -110,7 +117,20 @@ class Ledger:
 
     def summary(self) -> dict[str, dict]:
         """version -> {"images": n, "mean_dice": mean over images, "structures": {name: mean Dice}}: how far each
-        version's auto-segmentations were from what users saved."""
+        version's auto-segmentations were from what users saved. Kept until a record is added or replaced (every
+        write is a rename, which changes its folder's time), since /info asks for it on every poll."""
+        key = self._stamp()
+        if self._summary is None or self._summary[0] != key:
+            self._summary = (key, self._summarise())
+        return self._summary[1]
+
+    def _stamp(self) -> tuple:
+        folders = [self.folder / "agreement", self.folder / "predictions"]
+        if folders[1].is_dir():
+            folders += sorted(p for p in folders[1].iterdir() if p.is_dir())
+        return tuple(f.stat().st_mtime_ns if f.is_dir() else 0 for f in folders)
+
+    def _summarise(self) -> dict[str, dict]:
         out = {}
         agreements = self.agreements()
         for version in self.versions():
@@ -168,7 +188,8 @@ def report_plot(ledger: Ledger, path: str | Path) -> Path | None:
     x = np.arange(len(versions))
     for name in names:
         axis.plot(x, [summary[v]["structures"].get(name, np.nan) for v in versions], marker="o", label=name)
-    axis.plot(x, [summary[v]["mean_dice"] or np.nan for v in versions], marker="s", color="black", linewidth=2,
+    axis.plot(x, [np.nan if summary[v]["mean_dice"] is None else summary[v]["mean_dice"] for v in versions],
+              marker="s", color="black", linewidth=2,
               label="mean")
     axis.set_xticks(x, [f"{v}\n({summary[v]['images']} images)" for v in versions], fontsize=7)
     axis.set_ylim(0, 1)

@@ -31,19 +31,23 @@ class DoubtMeter:
         self.entropy = torch.zeros(count, dtype=torch.float64)
         self.zone = torch.zeros(count, dtype=torch.float64)
         self.overlap = torch.zeros(count, dtype=torch.float64)  # sum of p over the drawn mask
-        self.mass = torch.zeros(count, dtype=torch.float64)  # sum of p
+        self.mass = torch.zeros(count, dtype=torch.float64)  # sum of p over the zone
         self.drawn = torch.zeros(count, dtype=torch.float64)  # voxels of the drawn mask
 
     def add(self, probabilities: torch.Tensor) -> None:
-        p = probabilities.transpose(0, 1).reshape(len(self.names), -1).double().clamp(1e-7, 1 - 1e-7)
-        zone = p >= ZONE
-        bits = -(p * torch.log2(p) + (1 - p) * torch.log2(1 - p))
-        drawn = p > self.threshold
-        self.entropy += (bits * zone).sum(1)
-        self.zone += zone.sum(1)
-        self.overlap += (p * drawn).sum(1)
-        self.mass += (p * zone).sum(1)
-        self.drawn += drawn.sum(1)
+        """One slice batch; one structure at a time, in float32, so that the extra memory is a few copies of
+        one structure's probabilities (sums are kept in float64)."""
+        for i in range(len(self.names)):
+            p = probabilities[:, i].float().clamp(1e-7, 1 - 1e-7)
+            zone = p >= ZONE
+            inside = p[zone]
+            bits = -(inside * torch.log2(inside) + (1 - inside) * torch.log2(1 - inside))
+            drawn = p > self.threshold
+            self.entropy[i] += bits.double().sum()
+            self.zone[i] += inside.numel()
+            self.overlap[i] += p[drawn].double().sum()
+            self.mass[i] += inside.double().sum()  # the probability mass of the zone (below it: rounding)
+            self.drawn[i] += drawn.sum()
 
     def summary(self) -> dict:
         """{"score": the image's score, "structures": {name: {"entropy", "soft_dice_gap", "voxels"}}}."""

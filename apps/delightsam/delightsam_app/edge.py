@@ -182,6 +182,12 @@ def off_the_loop(route: APIRoute, state, gated: bool, max_body: int) -> APIRoute
     endpoint.__signature__ = signature
     endpoint.__name__ = original.__name__
     endpoint.__doc__ = original.__doc__
+    return bounded(route, endpoint, max_body)
+
+
+def bounded(route: APIRoute, endpoint, max_body: int) -> APIRoute:
+    """``route`` with ``endpoint`` and FastAPI's per-route body limit: the same path, methods, parameters (so its
+    RBAC dependency) and OpenAPI description."""
     return APIRoute(route.path, endpoint, methods=sorted(route.methods), name=route.name, summary=route.summary,
                     description=route.description, tags=route.tags, dependencies=route.dependencies,
                     include_in_schema=route.include_in_schema, deprecated=route.deprecated,
@@ -202,6 +208,9 @@ def _replace(router, prefix: str, state, max_body: int) -> int:
             continue
         path = (prefix + route.path).removeprefix(ml_settings.MONAI_LABEL_API_STR)
         if not path.startswith(OFF_THE_LOOP):
+            if path.startswith("/proxy") and route.max_body_size is None:  # awaits the request: stays on the loop
+                router.routes[index] = bounded(route, route.endpoint, max_body)
+                replaced += 1
             continue
         gated = path.startswith("/infer/") and "POST" in route.methods
         router.routes[index] = off_the_loop(route, state, gated, max_body)  # in place: one operation per path

@@ -84,7 +84,7 @@ class UncertaintyScoring(ScoringMethod):
         for i, (image_id, modality) in enumerate(todo):
             try:
                 self.infer({"model": task_name(modality), "image": image_id, "loop_image": image_id,
-                            "loop_source": "scoring", "output": "json"})
+                            "loop_source": "scoring", "output": "json", "refine": False})  # doubt: first stage
             except Exception as e:  # one unreadable image does not stop the others
                 failed[image_id] = f"{type(e).__name__}: {getattr(e, 'detail', e)}"
                 logger.warning(f"uncertainty: {image_id} could not be scored: {failed[image_id]}")
@@ -160,7 +160,9 @@ def agree_with_final(datastore: Datastore, served: ServedModel, image_id: str) -
     if mapping.problem:
         logger.warning(f"not scoring the saved label of {image_id}: {mapping.problem}")
         return None
-    entry = served.ledger.record_agreement(image_id, label, mapping.values, mapping.known, modality)
+    names = {i: n for n, i in served.structures_of(modality).items()}
+    entry = served.ledger.record_agreement(image_id, label, {v: names[i] for v, i in mapping.values.items()},
+                                           mapping.known, modality)
     logger.info(f"the saved label of {image_id} against each model version: "
                 f"{ {v: s['mean_dice'] for v, s in entry['versions'].items()} }")
     return entry
@@ -184,6 +186,8 @@ class CPUBatchInfer(BatchInferTask):
         if request.get("max_batch_size"):
             todo = todo[: int(request["max_batch_size"])]
         tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
+        if tag == DefaultLabelTag.FINAL:  # users' labels are theirs: a batch never writes over them
+            raise ValueError("batch inference saves `original` labels (or another tag), never `final` ones")
         done, failed, began = [], {}, time.time()
         logger.info(f"batch inference with {model}: {len(todo)} images, {len(skipped)} skipped")
         for image_id, why in skipped.items():

@@ -17,7 +17,7 @@ from typing import Any
 from fastapi import HTTPException
 
 from delightsam import CheckpointError, load_model
-from delightsam.ledger import Ledger
+from delightsam.ledger import Ledger, safe_name
 
 from .settings import AppSettings, checkpoint_config, checkpoint_metadata
 
@@ -132,17 +132,20 @@ class ServedModel:
         """What /info says of the served model: its version, what it was trained on, and how its
         auto-segmentations compared with the labels users saved (the loop's record)."""
         version = str(self.config.get("version") or "unversioned")
-        published = self.published_dir / "versions" / f"{version}.json"
-        if published.is_file():
-            metrics = json.loads(published.read_text())
-            training = {k: metrics[k] for k in ("train_volumes", "val_volumes", "trained_from", "epoch", "mean_dice")
-                        if k in metrics}
-        elif self.bundle():
-            metadata = json.loads((self.bundle() / "configs" / "metadata.json").read_text())
-            training = {"bundle": self.bundle().name, "bundle_version": metadata.get("version"),
-                        "data_source": metadata.get("data_source")}
-        else:
-            training = {}
+        published = self.published_dir / "versions" / f"{safe_name(version)}.json"
+        try:
+            if published.is_file():
+                metrics = json.loads(published.read_text())
+                training = {k: metrics[k] for k in ("train_volumes", "val_volumes", "trained_from", "epoch", "mean_dice")
+                            if k in metrics}
+            elif self.bundle():
+                metadata = json.loads((self.bundle() / "configs" / "metadata.json").read_text())
+                training = {"bundle": self.bundle().name, "bundle_version": metadata.get("version"),
+                            "data_source": metadata.get("data_source")}
+            else:
+                training = {}
+        except (OSError, ValueError) as e:  # /info answers whatever a file holds
+            training = {"problem": f"unreadable: {e}"}
         scores = self.ledger.summary().get(version)
         user_scores = None
         if scores:
