@@ -141,6 +141,9 @@ class DeLightSAMApp(MONAILabelApp):
         return {"agreement": "each model version's label of this image is being scored against it"}
 
     def _agree(self, image_id: str) -> None:
+        if isinstance(self.datastore(), DICOMWebDatastore):  # a SEG in the PACS: not scored yet (README)
+            logger.info(f"the saved SEG of {image_id} is not scored against the model's labels (PACS datastore)")
+            return
         try:
             loop.agree_with_final(self.datastore(), self.served, image_id)
         except Exception as e:
@@ -171,7 +174,7 @@ class DeLightSAMApp(MONAILabelApp):
                 raise HTTPException(404, f"no image {image!r} in the datastore")
         # a datastore image's label and uncertainty join the loop's record, under its own id whatever was sent
         request = {k: v for k, v in request.items() if k != "loop_image"}
-        if stored and not isinstance(store, DICOMWebDatastore):
+        if stored:  # a local image or a PACS series
             request["loop_image"] = image
         result = super().infer(request, datastore)
         if stored and not isinstance(store, DICOMWebDatastore):

@@ -37,8 +37,12 @@ def image_modality(datastore, image_id: str, served: ServedModel, default: str |
     inference, else its DICOM Modality tag, else ``default`` (the server's --conf modality, or what the request
     declared). Never guessed from the pixels."""
     info = datastore.get_image_info(image_id) or {}
-    modality = (info.get("modality") or info.get("Modality")  # ours, or a DICOMweb series' tag
-                or dicom_modality(datastore.get_image_uri(image_id)) or default)
+    modality = info.get("modality") or info.get("Modality")  # ours, or a downloaded DICOMweb series' tag
+    if not modality and hasattr(datastore, "series_modality"):  # a PACS series: its tag, without downloading it
+        modality = datastore.series_modality(image_id)
+    elif not modality:
+        modality = dicom_modality(datastore.get_image_uri(image_id))
+    modality = modality or default
     if not modality:
         return None, (f"its modality is unknown: run one of this server's auto-segmentation models on it (which "
                       f"records the modality), or set it with PUT /datastore/image/info?image={image_id} and form "

@@ -59,6 +59,15 @@ class PacsDatastore(DICOMWebDatastore):
     def get_labeled_images(self, label_tag=None, labels=None) -> list[str]:
         return tolerant(super().get_labeled_images, self._client.base_url)(label_tag, labels)
 
+    def series_modality(self, series_uid: str) -> str | None:
+        """The series' Modality tag from the PACS's search (QIDO), without downloading the series."""
+        try:
+            found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+        except PACS_ERRORS as e:
+            logger.error(f"the PACS at {self._client.base_url} did not answer for series {series_uid}: {_reason(e)}")
+            return None
+        return (str(Dataset.from_json(found[0]).get("Modality", "")) or None) if found else None
+
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         save = save_label_with_codes(self, self.structures_of, super().save_label)
         return save(image_id, label_filename, label_tag, label_info, label_id)
