@@ -24,6 +24,7 @@ from annotation_loop import QUICK_TRAIN, Annotator, make_volumes  # noqa: E402
 from delightsam.config import Structure  # noqa: E402
 from delightsam.ledger import Ledger  # noqa: E402
 from delightsam.uncertainty import DoubtMeter  # noqa: E402
+from delightsam.volume import read_volume  # noqa: E402
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 STRUCTURES = {"Stomach": 5, "Liver": 1, "Spleen": 2}  # the annotators' names -> the model's ids
@@ -134,18 +135,35 @@ def test_delightsam_report_tabulates_and_plots_each_version(loop_run, tmp_path):
     assert summary[loop_run["starter"]]["images"] == 2
 
 
-def test_batch_inference_pre_segments_a_datastore_on_the_cpu(tmp_path, samples):
+SAMPLE_MR = ["mni152_t1", "radiomics_brain1", "radiomics_brain2", "ts_mr_small"]
+SAMPLE_CT = ["ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2"]
+
+
+def test_batch_inference_pre_segments_the_sample_datastore_on_the_cpu(tmp_path, samples):
+    """Every sample volume, and the held-out slabs (one in another voxel order), get an `original` label from a
+    CPU-only server's batch inference; a modality is never assumed: the MRs are recorded as MR (as a user sets
+    them), the CTs are unknown until the request declares them."""
     volumes = make_volumes(samples, tmp_path, 2)
-    (tmp_path / "studies" / "mni152_t1.nii.gz").write_bytes((samples / "studies" / "mni152_t1.nii.gz").read_bytes())
+    for f in (samples / "studies").iterdir():
+        (tmp_path / "studies" / f.name).write_bytes(f.read_bytes())
     conf = ["--conf", "checkpoint", str(STARTER), "--conf", "model_dir", str(tmp_path / "model")]
     with monailabel_server(tmp_path, tmp_path / "studies", conf) as url:
-        set_info = requests.put(f"{url}/datastore/image/info", params={"image": "mni152_t1"},
-                                data={"info": json.dumps({"modality": "mr"})}, timeout=60)
-        assert set_info.status_code == 200, set_info.text
-        undeclared = _batch(url, {})  # no image's CT-ness is known: nothing is assumed
-        assert "skipping ts_ct_dicom_part1: its modality is unknown" in undeclared
-        declared = _batch(url, {"modality": "ct"})  # "the images of unknown modality are CT"
-        assert "progress 2/2" in declared and "skipping mni152_t1: it is MR" in declared
+        for image in SAMPLE_MR:
+            set_info = requests.put(f"{url}/datastore/image/info", params={"image": image},
+                                    data={"info": json.dumps({"modality": "mr"})}, timeout=60)
+            assert set_info.status_code == 200, set_info.text
+        undeclared = _batch(url, "delightsam_ct", {})  # no image's CT-ness is known: nothing is assumed
+        assert "0/0 done" in undeclared and "skipping ts_ct_dicom_part1: its modality is unknown" in undeclared
+        declared = _batch(url, "delightsam_ct", {"modality": "ct"})  # "the images of unknown modality are CT"
+        assert "6/6 done" in declared and "skipping mni152_t1: it is MR" in declared
+        assert "4/4 done" in _batch(url, "delightsam_mr", {})
+        for image in SAMPLE_CT + SAMPLE_MR:  # the viewers open each as a starting point
+            reply = _original_label(url, image)
+            assert reply.status_code == 200, (image, reply.text)
+            path = tmp_path / f"{image}_original.nii.gz"
+            path.write_bytes(reply.content)
+            source = next((tmp_path / "studies").glob(f"{image}.*"))
+            assert nib.load(path).shape[:3] == read_volume(source).shape[:3], image
         for volume in volumes:
             reply = _original_label(url, volume.image_id)  # the server sees the batch process's labels
             assert reply.status_code == 200, reply.text
@@ -156,7 +174,8 @@ def test_batch_inference_pre_segments_a_datastore_on_the_cpu(tmp_path, samples):
             liver = np.asarray(saved.dataobj) == 1
             truth = np.asarray(reference.dataobj) == 2  # the annotators' "Liver"
             assert 2 * (liver & truth).sum() / (liver.sum() + truth.sum()) > 0.8, volume.image_id
-        assert _original_label(url, "mni152_t1", wait=0).status_code == 404
+        brain = np.asarray(nib.load(tmp_path / "mni152_t1_original.nii.gz").dataobj)
+        assert (brain > 0).mean() > 0.05  # the MR model drew the brain
 
 
 def _original_label(url: str, image_id: str, wait: float = 30):
@@ -169,14 +188,14 @@ def _original_label(url: str, image_id: str, wait: float = 30):
         time.sleep(0.5)
 
 
-def _batch(url: str, params: dict) -> str:
+def _batch(url: str, model: str, params: dict) -> str:
     """Runs /batch/infer as a client does (in the background), waits on its status, returns its log lines."""
-    reply = requests.post(f"{url}/batch/infer/delightsam_ct", params={"images": "unlabeled"}, json=params, timeout=60)
+    reply = requests.post(f"{url}/batch/infer/{model}", params={"images": "unlabeled"}, json=params, timeout=60)
     assert reply.status_code == 200, reply.text
     deadline = time.time() + 600
-    while True:
+    while True:  # the state of this task (the status answers the latest one, an earlier one until this starts)
         status = requests.get(f"{url}/batch/infer", timeout=30).json()
-        if status.get("status") in ("DONE", "ERROR"):
+        if status.get("id") == reply.json()["id"] and status.get("status") in ("DONE", "ERROR"):
             break
         assert time.time() < deadline, status
         time.sleep(1)

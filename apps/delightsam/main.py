@@ -130,7 +130,11 @@ class DeLightSAMApp(MONAILabelApp):
         modality left to score."""
         if method is None:
             busy = processes("scoring") or any(t.get("status") == "SUBMITTED" for t in tasks("scoring"))
-            if busy or not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
+            try:
+                if busy or not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
+                    return {}
+            except Exception as e:  # never a reason for the server not to start or a Next Sample to fail
+                logger.exception(f"could not tell whether any image is left to score: {e}")
                 return {}
         return super().async_scoring(method, params)
 

@@ -72,7 +72,10 @@ class UncertaintyScoring(ScoringMethod):
         for image_id in sorted(datastore.get_unlabeled_images()):
             if image_id in scored:
                 continue
-            modality, why = image_modality(datastore, image_id, self.served, self.served.settings.modality)
+            try:
+                modality, why = image_modality(datastore, image_id, self.served, self.served.settings.modality)
+            except Exception as e:  # a series the PACS cannot describe or send: the others go on
+                modality, why = None, f"its modality could not be read: {type(e).__name__}: {str(e)[:200]}"
             if modality is None:
                 skipped[image_id] = why
             else:
