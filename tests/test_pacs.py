@@ -201,12 +201,13 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp
     from monailabel.client import MONAILabelClient
 
     client = MONAILabelClient(pacs["app"], tmpdir=str(tmp_path))
-    client.train_start("delightsam", {"max_epochs": 1, "steps_per_epoch": 1, "train_batch_size": 1,
-                                      "teacher": "none", "tracking": "none", "val_split": 0})
+    task = client.train_start("delightsam", {"max_epochs": 1, "steps_per_epoch": 1, "train_batch_size": 1,
+                                             "teacher": "none", "tracking": "none", "val_split": 0})
     deadline = time.time() + 600
-    while (status := client.train_status()).get("status") not in ("DONE", "ERROR", "STOPPED"):
+    # the state of this run (the status answers the latest task, an earlier one until this one registers)
+    while (status := client.train_status()).get("id") != task["id"] or status["status"] in ("SUBMITTED", "RUNNING"):
         assert time.time() < deadline, status
-        time.sleep(2)
+        time.sleep(0.5)
     assert status["status"] == "DONE", status
     stats = client.info()["train_stats"]["delightsam"]
     assert stats["train_items"] == 1
