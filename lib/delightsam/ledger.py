@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 from .config import Structure
 from .files import write_bytes, write_text
@@ -80,22 +81,23 @@ class Ledger:
         prediction's grid whatever its voxel order; its values name structures by ``label_names``, brought to
         each version's own label ids), on the structures the user's label names (``known``)."""
         from .evaluation import score
+        from .geometry import spacing_of
+        from .training import relabel
         from .volume import read_label, read_volume
 
         entry = {"image": image_id, "modality": modality, "saved_ts": time.time(), "structures": known, "versions": {}}
+        user = None  # the user's label on the predictions' grid (every version segmented the same image): read once
         for version, record in self.predictions(image_id).items():
             if record["modality"] != modality:
                 continue
             predicted = read_volume(record["path"])
-            reference = np.asarray(read_label(final_label, predicted)).round().astype(np.int64)
+            if user is None:
+                user = read_label(final_label, predicted).as_subclass(torch.Tensor).round().to(torch.int64).clamp_(min=0)
             ids = {n: i for n, i, _ in record["structures"]}  # this version's label ids
-            table = np.zeros(max(int(reference.max(initial=0)), *label_names, 0) + 1, np.uint8)
-            for value, name in label_names.items():
-                table[value] = ids.get(name, 0)
-            reference = table[reference.clip(0)]
+            reference = relabel(user, {v: ids[n] for v, n in label_names.items() if n in ids}).numpy()
             structures = [Structure(n, i, 0, list(parts)) for n, i, parts in record["structures"] if n in known]
-            spacing = np.sqrt((np.asarray(predicted.affine)[:3, :3] ** 2).sum(0))
-            scores = score(np.asarray(predicted).astype(np.uint8), reference.astype(np.uint8), structures, spacing)
+            scores = score(np.asarray(predicted).astype(np.uint8), reference.astype(np.uint8), structures,
+                           spacing_of(predicted))
             dice = [s["dice"] for s in scores.values() if s["dice"] is not None]
             entry["versions"][version] = {"structures": scores, "mean_dice": float(np.mean(dice)) if dice else None,
                                           "predicted_ts": record["ts"], "source": record["source"]}

@@ -61,10 +61,13 @@ class TrainItem:
 def item_label(item: TrainItem, image) -> torch.Tensor:
     """An item's label on the image's grid, in the modality's label ids."""
     label = read_label(item.label, image).as_subclass(torch.Tensor).round().to(torch.int64).clamp_(min=0)
-    if item.values is None:
-        return label
-    table = torch.zeros(max(int(label.max()), *item.values) + 1, dtype=torch.int64)
-    for value, label_id in item.values.items():
+    return label if item.values is None else relabel(label, item.values)
+
+
+def relabel(label: torch.Tensor, values: dict[int, int]) -> torch.Tensor:
+    """A label map's values (int64, >= 0) as label ids: ``values`` maps each to its id; any other value is 0."""
+    table = torch.zeros(max(int(label.max()), *values, 0) + 1, dtype=torch.int64)
+    for value, label_id in values.items():
         table[value] = label_id
     return table[label]
 
