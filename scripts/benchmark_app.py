@@ -96,31 +96,39 @@ def lite_medsam_per_slice(slices: torch.Tensor) -> float:
         return timed(run, 3)
 
 
-def make_large_ct(data: Path, out: Path, slices: int = 100) -> Path:
-    """lung2 (512x512x61, 5 mm) resampled along z to ``slices`` slices: a 512x512x100 (or x600) real CT."""
-    image = sitk.ReadImage(str(data / "studies" / "radiomics_lung2.nrrd"))
-    spacing = list(image.GetSpacing())
-    spacing[2] = spacing[2] * image.GetSize()[2] / slices
-    size = [image.GetSize()[0], image.GetSize()[1], slices]
-    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
-                              image.GetDirection(), -1024, image.GetPixelID())
+# 512x512xN CTs made from real ones: (file under studies/, name prefix)
+SOURCES = {"lung2": ("radiomics_lung2.nrrd", "ct"), "ts_ct": ("ts_ct.nii.gz", "abdomen_ct")}
+
+
+def make_large_ct(data: Path, out_dir: Path, slices: int = 100, source: str = "lung2") -> Path:
+    """A real CT resampled over its own field of view to 512x512x``slices``: lung2 (chest, 512x512x61, 5 mm) or
+    ts_ct (abdomen, 122x101x112, 3 mm: liver, spleen and stomach on most slices, what ``refine`` works on)."""
+    file, prefix = SOURCES[source]
+    image = sitk.ReadImage(str(data / "studies" / file))
+    size = [512, 512, slices]
+    spacing = [s * n / m for s, n, m in zip(image.GetSpacing(), image.GetSize(), size)]
+    origin = image.TransformContinuousIndexToPhysicalPoint([0.5 * (m / n) - 0.5 for n, m in zip(size, image.GetSize())])
+    resampled = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, origin, spacing,
+                              image.GetDirection(), -1024, sitk.sitkInt16)
+    out = out_dir / f"{prefix}_512x512x{slices}.nrrd"
     sitk.WriteImage(resampled, str(out))
     return out
 
 
 def per_volume(data: Path, checkpoint: Path, tmp: Path, batch: int, slices: list[int] = (100,),
-               params: dict | None = None, only_large: bool = False) -> list[dict]:
+               params: dict | None = None, only_large: bool = False, source: str = "lung2",
+               conf: list[str] | None = None) -> list[dict]:
     """Each volume twice through a real server's /infer (the first request also loads the model); ``params``:
-    more request options (such as refine); ``slices``: the sizes of the 512x512 CT made from lung2."""
+    more request options (such as refine); ``slices``: the sizes of the 512x512 CT made from ``source``."""
     studies = tmp / "studies"
     studies.mkdir(exist_ok=True)
     names = [] if only_large else ["ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2"]
     for name in ("ts_ct_small.nii.gz", "ts_ct.nii.gz", "radiomics_lung1.nrrd", "radiomics_lung2.nrrd"):
         shutil.copyfile(data / "studies" / name, studies / name)
     for n in slices:
-        names.append(make_large_ct(data, studies / f"ct_512x512x{n}.nrrd", n).name.removesuffix(".nrrd"))
+        names.append(make_large_ct(data, studies, n, source).name.removesuffix(".nrrd"))
     rows = []
-    conf = ["--conf", "checkpoint", str(checkpoint), "--conf", "batch_size", str(batch)]
+    conf = ["--conf", "checkpoint", str(checkpoint), "--conf", "batch_size", str(batch), *(conf or [])]
     request = {"result_extension": ".nrrd", "result_dtype": "uint8", **(params or {})}
     with running_server(tmp, studies, conf) as (url, proc):
         for name in names:
@@ -147,6 +155,9 @@ def main() -> None:
     parser.add_argument("--refine", choices=("3d", "slice"), help="two-stage inference with these prompts")
     parser.add_argument("--slices", type=int, nargs="+", default=[100],
                         help="slices of the 512x512 CTs made from lung2 (600: the memory check)")
+    parser.add_argument("--source", choices=sorted(SOURCES), default="lung2",
+                        help="the real CT the 512x512 volumes are made from (ts_ct: an abdomen, for --refine)")
+    parser.add_argument("--refine-size", type=int, help="the server's refine_size (default the app's)")
     parser.add_argument("--volumes-only", action="store_true", help="only the 512x512 CTs through /infer")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="delightsam-bench-"))
@@ -154,8 +165,11 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     per_slice = [] if args.volumes_only else per_slice_rows(args, checkpoint)
     params = {"refine": True, "prompts": args.refine} if args.refine else {}
-    volumes = per_volume(args.data, checkpoint, tmp, args.batch, args.slices, params, only_large=args.volumes_only)
-    title = f"volume (/infer, {checkpoint.name}{', refine ' + args.refine if args.refine else ''})"
+    conf = ["--conf", "refine_size", str(args.refine_size)] if args.refine_size else []
+    volumes = per_volume(args.data, checkpoint, tmp, args.batch, args.slices, params, only_large=args.volumes_only,
+                         source=args.source, conf=conf)
+    title = f"volume (/infer, {checkpoint.name}{', refine ' + args.refine if args.refine else ''}" + \
+        (f" at {args.refine_size}" if args.refine and args.refine_size else "") + ")"
     print(f"\n{title:<44}{'size':>16}{'first s':>9}{'warm s':>8}{'peak RSS MB':>13}")
     for r in volumes:
         print(f"{r['volume']:<44}{'x'.join(map(str, r['size'])):>16}{r['first_s']:>9.2f}{r['warm_s']:>8.2f}"

@@ -62,6 +62,11 @@ SPLIT = {
 }
 # the other fold: the same recipe trained on the DICOM CT and evaluated on the NIfTI one (`--reverse`)
 REVERSE = {**SPLIT, "train": [SPLIT["evaluation"][0], SPLIT["train"][1]], "evaluation": [SPLIT["train"][0]]}
+# The CT slices' scale: None fits each slice's longer side to the input, as the shipped model was trained; a number
+# shows them at that many mm per input pixel (``Modality.pixel_mm``: 2.0 fits a 512 mm field of view, and an organ
+# keeps its size in pixels from a 366 mm to a 500 mm scan). Not yet measured at the recipe's budget (model card).
+CT_PIXEL_MM = None
+REFINE_SIZE, REFINE_EVERY_MM = 96, 10.0  # the app's refine defaults (refine_size, refine_every_mm)
 BUDGETS = {"distill": 300.0, "segment": 2700.0}  # CPU seconds (all threads of the process)
 AUGMENT = 0.5  # share of augmented slices (training.augmentation), for De-LightSAM and the U-Net alike
 QUICK_BUDGETS = {"distill": 10.0, "segment": 20.0}
@@ -98,7 +103,7 @@ def build_model(version: str, teacher_weights: Path | None = None) -> DeLightSAM
     model = DeLightSAM(DeLightSAMConfig(img_size=256, version=version, description=(
         "De-LightSAM starter model (CT abdomen, MR brain), trained by scripts/train_starter.py")))
     model.add_modality("ct", [(n, i) for n, i, _ in CT_STRUCTURES], intensity=DEFAULT_INTENSITY["ct"],
-                       controller="radiology", title="CT abdomen")
+                       controller="radiology", title="CT abdomen", pixel_mm=CT_PIXEL_MM)
     model.add_modality("mr", MR_STRUCTURES, intensity=DEFAULT_INTENSITY["mr"], controller="radiology", title="MR brain")
     loaded, skipped = init_trunk_from(model, "lite_medsam", teacher_weights)
     print(f"trunk from LiteMedSAM: {len(loaded)} tensors loaded, {len(skipped)} skipped ({', '.join(skipped)})")
@@ -201,18 +206,23 @@ def main() -> int:
 
     starter, distilled = load_model(work / "starter.safetensors"), load_model(work / "distilled.safetensors")
     unet, unet_meta = load_unet(work / "unet_baseline.safetensors")
-    from delightsam.foundation import foundation_model
+    from delightsam.foundation import foundation_model, resized
 
     refiner = foundation_model(starter)  # all of LiteMedSAM, decoding the starter's own boxes
+    organs = ("ct",)  # boxes do not define brain tissue: the foundation rows run on the CT only (model card)
     methods = [DeLightSAMMethod("De-LightSAM starter", starter),
-               DeLightSAMMethod("De-LightSAM starter + foundation, automatic 3-D boxes", starter, refiner=refiner),
+               DeLightSAMMethod("De-LightSAM starter + foundation, automatic 3-D boxes", starter, refiner=refiner,
+                                modalities=organs),
+               DeLightSAMMethod(f"De-LightSAM starter + foundation at input {REFINE_SIZE}, a slice per {REFINE_EVERY_MM:g} mm "
+                                "(the app's refine)", starter, refiner=resized(refiner, REFINE_SIZE), modalities=organs,
+                                every_mm=REFINE_EVERY_MM),
                DeLightSAMMethod("De-LightSAM starter + foundation, automatic boxes per slice", starter, refiner=refiner,
-                                prompts="slice"),
+                                prompts="slice", modalities=organs),
                DeLightSAMMethod("De-LightSAM distilled only (before fine-tuning)", distilled),
                UNetMethod("MONAI 2-D U-Net, same data and " + ("training time" if training.get("budget") == "wall"
                                                                       else "CPU time"), unet, unet_meta, starter.config),
                GuidedMethod("LiteMedSAM + box from the reference (prompted)", starter.config,
-                            lambda spec: LiteMedSAMBoxNetwork(spec.structures))]
+                            lambda spec: LiteMedSAMBoxNetwork(spec.structures), modalities=organs)]
     sets = {"held-out": split["evaluation"]} if (args.quick or args.reverse) else {
         "held-out": split["evaluation"], "training fit (not held out)": split["training_fit"]}
     cases = {name: [Case(case_id, str(args.data / image), str(labels[case_id]), modality)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import nibabel as nib
@@ -198,7 +199,10 @@ def test_refine_runs_the_second_stage_on_request(env):
     parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
     params = json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))
     assert params["refined"] is True and params["prompts"] == "slice"
-    assert any(note.startswith("refined ") and "boxes per slice" in note for note in params["notes"])
+    note = next(note for note in params["notes"] if note.startswith("refined "))
+    assert "boxes per slice" in note
+    # the app's refine_size (96): the foundation sees a whole slice at 96 pixels, a part of it at most that
+    assert int(re.search(r"at input (\d+)\)", note).group(1)) <= 96
     bad = _infer(env["client"], {"refine": True, "prompts": "lasso"}, image="ts_ct_small")
     assert bad.status_code == 422 and "prompts must be one of 3d, slice" in bad.json()["detail"]
 

@@ -169,3 +169,27 @@ def test_the_verdict_says_where_the_model_under_test_loses(tmp_path, samples):
     second = (tmp_path / "second" / "report.md").read_text()
     assert f"- {names[1]} is at least as good as {names[0]} on every scored structure." in second
     assert "loses" not in second
+
+
+def test_a_method_for_some_modalities_is_left_out_of_the_others_tables(tmp_path, samples):
+    """The foundation rows run on CT organs only: a method restricted to CT is scored on the CT and absent from
+    the MR table (not a row of zeros), while an unrestricted one is in both."""
+    from delightsam.evaluation import Case, DeLightSAMMethod, evaluate
+
+    model = delightsam.DeLightSAM(delightsam.DeLightSAMConfig(img_size=64, version="tiny"))
+    model.add_modality("ct", [("liver", 1)], intensity={"window": [-160, 240]})
+    model.add_modality("mr", [("brain", 1)], intensity={"percentiles": [0.5, 99.5]})
+    model.eval()
+    cases = {}
+    for modality, name, ts_class in (("ct", "ts_ct_small", 5), ("mr", "ts_mr_small", 5)):
+        raw = nib.load(samples / "samples" / "labels" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image((np.asarray(raw.dataobj) == ts_class).astype(np.uint8), raw.affine), tmp_path / f"{name}.nii.gz")
+        cases[modality] = [Case(name, str(samples / "studies" / f"{name}.nii.gz"), str(tmp_path / f"{name}.nii.gz"), modality)]
+    methods = [DeLightSAMMethod("everywhere", model), DeLightSAMMethod("ct only", model, modalities=("ct",))]
+    results = evaluate(methods, cases, tmp_path / "report", progress=False)
+    assert set(results["sets"]["ct"][0]["methods"]) == {"everywhere", "ct only"}
+    assert set(results["sets"]["mr"][0]["methods"]) == {"everywhere"}
+    text = (tmp_path / "report" / "report.md").read_text()
+    ct_table, mr_table = text.split("\n## mr\n")
+    assert "| ct only |" in ct_table and "| everywhere |" in ct_table
+    assert "| ct only |" not in mr_table and "| everywhere |" in mr_table

@@ -121,6 +121,23 @@ def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
 
     assert dice(liver) > 0.9 and dice(liver) > dice(coarse) + 0.05, (dice(liver), dice(coarse))
     assert any("refined 20 of 20 slices" in note for note in refined.notes)
+    # the app's defaults: the foundation at input 96 on one slice in 10 mm (these are 2 mm: every fifth, and the
+    # last), the slices between interpolated; the liver loses little
+    from delightsam.foundation import resized
+
+    quick = segment_volume(starter, image, "ct", refiner=resized(student, 96), prompts="3d", refine_every_mm=10)
+    assert any("refined 20 of 20 slices with 3-D boxes (5 decoded, the others interpolated" in note
+               for note in quick.notes), quick.notes
+    assert dice(quick.labels == 1) > max(0.9, dice(liver) - 0.03), (dice(quick.labels == 1), dice(liver))
+
+
+def test_keyframes_run_by_run():
+    from delightsam.volume import keyframes, refine_stride
+
+    assert keyframes([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17], 3) == [0, 3, 6, 9, 15, 17]
+    assert keyframes([4, 5, 6], 1) == [4, 5, 6] and keyframes([7], 5) == [7]
+    assert refine_stride(None, 2.0) == 1 and refine_stride(6, 2.0) == 3 and refine_stride(6, 3.36) == 2
+    assert refine_stride(6, 5.0) == 1 and refine_stride(6, 0.5) == 12
 
 
 def test_mobile_sam_transfers_whole_from_its_file(tmp_path):

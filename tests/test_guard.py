@@ -182,6 +182,27 @@ def test_a_published_model_is_served_only_with_the_checkpoint_it_came_from(tmp_p
     assert f"was trained from another one ({a})" in caplog.text
 
 
+@pytest.mark.parametrize("value", ["100", "32", "2048"])
+def test_a_refine_size_the_foundation_cannot_take_is_refused_by_name(tmp_path, value):
+    from delightsam_app.settings import AppSettings
+
+    assert AppSettings.from_conf({"model_dir": str(tmp_path)}, APP_DIR).refine_size == 96
+    with pytest.raises(ValueError, match=f"refine_size must be a multiple of 32 from 64 to 1024, got {value}"):
+        AppSettings.from_conf({"model_dir": str(tmp_path), "refine_size": value}, APP_DIR)
+
+
+def test_refine_by_default_is_chosen_per_modality(tmp_path):
+    from delightsam_app.settings import AppSettings
+
+    def refines(value):
+        settings = AppSettings.from_conf({"model_dir": str(tmp_path), "refine": value}, APP_DIR)
+        return settings.refines("ct"), settings.refines("mr")
+
+    assert refines("false") == refines("none") == (False, False)
+    assert refines("true") == refines("all") == (True, True)
+    assert refines("ct") == refines("CT, ") == (True, False)  # CT organs in two stages, MR brain tissue never
+
+
 def test_the_ohif_toast_patch_still_applies_to_the_bundled_viewer():
     """The app appends the server's message to OHIF's "Failed to Run Segmentation" toast by patching the
     minified script of monailabel's bundled OHIF: an upgrade that changes that script must fail here, loudly."""

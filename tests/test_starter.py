@@ -100,7 +100,8 @@ def test_the_recipe_runs_end_to_end_in_short(tmp_path, samples):
     budget = training["distill"]["cpu_seconds"] + training["segment"]["cpu_seconds"]
     assert training["unet"]["cpu_seconds"] >= budget
     report = json.loads((bundle / "docs" / "evaluation" / "report.json").read_text())
-    assert len(report["methods"]) == 6  # prompt-free, two-stage (3-D and per-slice boxes), distilled, U-Net, LiteMedSAM
+    # prompt-free, two-stage (3-D boxes; the app's refine; boxes per slice), distilled, U-Net, LiteMedSAM
+    assert len(report["methods"]) == 7
     assert report["context"]["split"]["evaluation"] == ["ts_ct_dicom"]
     assert not set(report["context"]["split"]["evaluation"]) & set(report["context"]["split"]["train"])
     assert (bundle / "docs" / "evaluation" / "figures" / "held_out_ts_ct_dicom.png").is_file()

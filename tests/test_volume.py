@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, make_test_checkpoint
 from delightsam import load_model
-from delightsam.geometry import acquisition_plane, to_grey_levels
+from delightsam.geometry import acquisition_plane, fitted_size, to_grey_levels
+from delightsam.training import SliceData, TrainItem
 from delightsam.volume import combine, read_label, read_volume, segment_volume
 
 
@@ -50,6 +52,55 @@ def test_each_slice_is_segmented_on_its_own(starter, samples):
     single = segment_volume(starter, image[:, :, 15:16], "ct", affine=image.affine).labels
     assert (full[:, :, 15] == 1).sum() > 100  # the liver is in that slice
     np.testing.assert_array_equal(full[:, :, 15:16], single)
+
+
+def test_fixed_physical_scale_fits_every_field_of_view():
+    assert fitted_size((101, 122), 256) == (212, 256)  # SAM's convention: the longer side fills the input
+    # 2 mm per input pixel: a 366 x 303 mm slice (3 mm pixels) and a 500 mm one (0.98 mm pixels) keep their size
+    assert fitted_size((101, 122), 256, (3.0, 3.0), 2.0) == (152, 183)
+    assert fitted_size((512, 512), 256, (0.9765625, 0.9765625), 2.0) == (250, 250)
+    assert fitted_size((512, 512), 256, (1.5, 1.5), 2.0) == (256, 256)  # 768 mm does not fit: shrunk
+    assert fitted_size((100, 200), 256, (2.0, 1.0), 2.0) == (100, 100)  # non-square pixels come out square
+
+
+def _network_inputs(model, image, modality="ct") -> torch.Tensor:
+    """What the network is given for each slice of ``image`` by whole-volume inference."""
+    seen = []
+    handle = model.register_forward_pre_hook(lambda _, args: seen.append(args[0].clone()))
+    try:
+        segment_volume(model, image, modality)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def test_a_fixed_scale_model_sees_an_organ_at_one_size_in_any_field_of_view_and_trains_on_what_it_sees(tmp_path, samples):
+    """With ``pixel_mm``, a real CT (366 x 303 mm) and the same CT in a wider field of view (486 x 423 mm, air
+    around it, stored LPS) reach the network with the anatomy at the same place and size in pixels (fitting the
+    longer side would shrink it by a third); and training cuts exactly the slices that inference cuts."""
+    model = load_model(make_test_checkpoint(tmp_path / "m.safetensors"))
+    model.config.modality("ct").pixel_mm = 2.0
+    path = samples / "studies" / "ts_ct_small.nii.gz"
+    source = nib.load(path)
+    wide = np.pad(source.get_fdata(dtype=np.float32), ((20, 20), (20, 20), (0, 0)), constant_values=-1024.0)
+    affine = source.affine.copy()
+    affine[:3, 3] -= 20 * source.affine[:3, :2].sum(1)
+    lps = nib.Nifti1Image(wide, affine).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]]))
+    nib.save(lps, tmp_path / "wide_lps.nii.gz")
+    inputs = _network_inputs(model, read_volume(path))
+    wide_inputs = _network_inputs(model, read_volume(tmp_path / "wide_lps.nii.gz"))
+    assert inputs.shape == wide_inputs.shape == (30, 3, 256, 256)
+    slice_area = inputs[:, 0] != 0
+    assert slice_area[:, 151, :183].any() and not slice_area[:, 152:].any() and not slice_area[:, :, 183:].any()
+    assert (wide_inputs[:, 0] != 0)[:, 211].any() and not (wide_inputs[:, 0] != 0)[:, 212:].any()  # 423 mm at 2 mm
+    # 20 voxels of 3 mm = 30 input pixels of margin; the same picture inside it (off the interpolated rim)
+    inner = (slice(None), slice(None), slice(2, 148), slice(2, 180))
+    difference = (inputs[inner] - wide_inputs[..., 30:, 30:][inner]).abs()
+    assert difference.mean() < 0.02 * inputs[inner].abs().mean()
+    data = SliceData([TrainItem("ts_ct_small", str(path), str(samples / "samples" / "labels" / "ts_ct_small.nii.gz"), "ct")],
+                     model)
+    trained_on = data.batch([(0, z) for z in range(30)])[0]
+    torch.testing.assert_close(trained_on, inputs, atol=0.02, rtol=0)  # grey levels kept as float16
 
 
 def test_overlapping_structures_resolve_deterministically():

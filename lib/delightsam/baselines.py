@@ -103,8 +103,8 @@ def load_unet(path: str | Path) -> tuple[UNet, dict]:
 
 
 class UNetSliceNetwork(FittedSliceNetwork):
-    def __init__(self, net: UNet, first_channel: int, structures: int, size: int) -> None:
-        super().__init__(size, torch.device("cpu"))
+    def __init__(self, net: UNet, first_channel: int, structures: int, size: int, pixel_mm: float | None = None) -> None:
+        super().__init__(size, torch.device("cpu"), pixel_mm)
         self.net, self.first, self.count = net, first_channel, structures
 
     def logits(self, grey, fitted, guide):

@@ -69,6 +69,11 @@ class Modality:
     intensity: dict | None = None
     # what the viewers list as this modality's auto-segmentation model, e.g. "CT abdomen"; "" for the name
     title: str = ""
+    # In-plane millimetres per input pixel: slices are shown to the network at this fixed physical scale (an
+    # organ has the same size in pixels whatever the scan's field of view), shrunk further only where a slice
+    # would not fit. None: the slice's longer side fills the input (SAM's convention; the scale then follows
+    # the field of view).
+    pixel_mm: float | None = None
 
 
 @dataclass
@@ -174,6 +179,8 @@ class DeLightSAMConfig:
                                             or len(next(iter(m.intensity.values()))) != 2):
                 raise ValueError(f"modality {m.name!r}: intensity must be {{'window': [low, high]}} or "
                                  f"{{'percentiles': [low, high]}}, got {m.intensity}")
+            if m.pixel_mm is not None and not m.pixel_mm > 0:
+                raise ValueError(f"modality {m.name!r}: pixel_mm must be a positive number of millimetres, got {m.pixel_mm}")
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -200,7 +207,8 @@ class DeLightSAMConfig:
 def _modality_from_dict(data: dict) -> Modality:
     structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
-                    structures=structures, intensity=data.get("intensity"), title=data.get("title", ""))
+                    structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
+                    pixel_mm=data.get("pixel_mm"))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

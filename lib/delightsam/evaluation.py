@@ -37,13 +37,14 @@ class DeLightSAMMethod:
     """De-LightSAM prompt-free; with a ``refiner``, two-stage (its own coarse masks become box prompts)."""
 
     def __init__(self, name: str, model: DeLightSAM, batch_size: int = 4, refiner: DeLightSAM | None = None,
-                 prompts: str = "3d") -> None:
+                 prompts: str = "3d", modalities: tuple[str, ...] | None = None, every_mm: float | None = None) -> None:
         self.name, self.model, self.batch_size, self.refiner, self.prompts = name, model, batch_size, refiner, prompts
-        self.config = model.config
+        self.config, self.every_mm = model.config, every_mm
+        self.modalities = modalities  # the modalities it is run on (None: all); the report leaves the others out
 
     def segment(self, image, label: np.ndarray, modality: str) -> np.ndarray:
         return segment_volume(self.model, image, modality, batch_size=self.batch_size, refiner=self.refiner,
-                              prompts=self.prompts).labels
+                              prompts=self.prompts, refine_every_mm=self.every_mm).labels
 
 
 class UNetMethod:
@@ -54,15 +55,18 @@ class UNetMethod:
         from .baselines import UNetSliceNetwork
 
         spec = self.config.modality(modality)
-        network = UNetSliceNetwork(self.net, self.meta["offsets"][modality], len(spec.structures), self.meta["img_size"])
+        network = UNetSliceNetwork(self.net, self.meta["offsets"][modality], len(spec.structures), self.meta["img_size"],
+                                   spec.pixel_mm)
         return segment_with(network, image, spec, batch_size=4).labels
 
 
 class GuidedMethod:
     """A prompted method: its network sees the reference label map as a second channel (for boxes)."""
 
-    def __init__(self, name: str, config: DeLightSAMConfig, factory: Callable[[Modality], FittedSliceNetwork]) -> None:
+    def __init__(self, name: str, config: DeLightSAMConfig, factory: Callable[[Modality], FittedSliceNetwork],
+                 modalities: tuple[str, ...] | None = None) -> None:
         self.name, self.config, self.factory, self.networks = name, config, factory, {}
+        self.modalities = modalities
 
     def segment(self, image, label: np.ndarray, modality: str) -> np.ndarray:
         spec = self.config.modality(modality)
@@ -160,6 +164,9 @@ def evaluate(methods: list, sets: dict[str, list[Case]], output: str | Path, con
                      "spacing_mm": [round(s, 4) for s in spacing_of(image)], "methods": {}}
             predictions = {}
             for method in methods:
+                if case.modality not in (getattr(method, "modalities", None) or (case.modality,)):
+                    bar.update()
+                    continue
                 bar.set_postfix_str(f"{case.id}: {method.name[:30]}")
                 began = time.perf_counter()
                 labels = method.segment(image, reference, case.modality)
@@ -215,13 +222,14 @@ def markdown(results: dict, config: DeLightSAMConfig) -> str:
             lines += [f"### {modality}: {', '.join(e['case'] for e in chosen)}", "",
                       "| method | " + " | ".join(names) + " | mean Dice | s / volume |",
                       "|---|" + "---|" * (len(names) + 2)]
-            for method in results["methods"]:
+            run = [m for m in results["methods"] if all(m in e["methods"] for e in chosen)]
+            for method in run:
                 s = summary(chosen, method)
                 dice = [s[n]["dice"] for n in names if s[n]["dice"] is not None]
                 seconds = np.mean([e["methods"][method]["seconds"] for e in chosen])
                 cells = [f"{_fmt(s[n]['dice'])} ({_fmt(s[n]['hd95_mm'], 1)})" for n in names]
                 lines.append(f"| {method} | " + " | ".join(cells) + f" | {_fmt(np.mean(dice) if dice else None)} | {seconds:.1f} |")
-            lines += [""] + _verdicts(chosen, results["methods"], names) + [""]
+            lines += [""] + _verdicts(chosen, run, names) + [""]
         lines += ["Per volume:", ""]
         for e in entries:
             lines += [f"- **{e['case']}** ({e['modality']}, {'x'.join(map(str, e['shape']))} voxels, spacing "

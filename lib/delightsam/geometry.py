@@ -186,17 +186,31 @@ def grey_volume(oriented: Oriented, spec) -> tuple[torch.Tensor, int]:
 
 
 # ---- fitting slices to the network's input --------------------------------------------------------
-def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear") -> tuple[torch.Tensor, tuple[int, int]]:
-    """[B, C, H, W] -> [B, C, size, size]: longer side resized to ``size``, zero-padded bottom/right (SAM's
-    convention, so nothing is distorted). Returns the resized (unpadded) height and width too.
-    ``mode="nearest"`` for label masks."""
+def fitted_size(shape: tuple[int, int], size: int, spacing=None, pixel_mm: float | None = None) -> tuple[int, int]:
+    """(height, width) that a slice of ``shape`` takes inside the square input of side ``size``: its longer side
+    at ``size``; or, with ``pixel_mm`` and the slice's ``spacing`` (mm per row, per column), each side at
+    ``pixel_mm`` millimetres per pixel (so non-square pixels come out square), shrunk to fit only where the
+    field of view is wider than ``size * pixel_mm``."""
+    h, w = shape
+    if pixel_mm is None or spacing is None:
+        scale = size / max(h, w)
+        return max(1, round(h * scale)), max(1, round(w * scale))
+    mh, mw = h * float(spacing[0]) / pixel_mm, w * float(spacing[1]) / pixel_mm
+    shrink = min(1.0, size / max(mh, mw))
+    return max(1, min(size, round(mh * shrink))), max(1, min(size, round(mw * shrink)))
+
+
+def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear",
+                  fitted: tuple[int, int] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """[B, C, H, W] -> [B, C, size, size]: resized to ``fitted`` (default ``fitted_size``'s longer side at
+    ``size``), zero-padded bottom/right (SAM's convention, so nothing is distorted). Returns the resized
+    (unpadded) height and width too. ``mode="nearest"`` for label masks."""
     h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    nh, nw = fitted or fitted_size((h, w), size)
     if mode == "nearest":
         x = F.interpolate(images, (nh, nw), mode="nearest-exact")
     else:
-        x = F.interpolate(images, (nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+        x = F.interpolate(images, (nh, nw), mode="bilinear", align_corners=False, antialias=nh < h or nw < w)
     return F.pad(x, (0, size - nw, 0, size - nh)), (nh, nw)
 
 

@@ -80,7 +80,8 @@ class DeLightSAM(nn.Module):
         return [self.config.modality(n) for n in names]
 
     def add_modality(self, name: str, structures: Sequence[str | tuple | Structure], copy_controller_from: str | None = None,
-                     intensity: dict | None = None, controller: str | None = None, title: str = "") -> Modality:
+                     intensity: dict | None = None, controller: str | None = None, title: str = "",
+                     pixel_mm: float | None = None) -> Modality:
         """Adds a modality with its own query group (one query per structure) and a controller: a new one named
         after the modality, or ``controller``: shared if one of that name exists (as the released modalities
         share theirs), else new under that name.
@@ -93,7 +94,7 @@ class DeLightSAM(nn.Module):
         if name in self.config.modality_names or name in self.config.query_groups or (shared and controller == name):
             raise ValueError(f"modality {name!r} exists already")
         specs = [_structure(s, token) for token, s in enumerate(structures)]
-        modality = Modality(name, controller, name, specs, intensity, title)
+        modality = Modality(name, controller, name, specs, intensity, title, pixel_mm)
         config = self.config.replace(query_groups={**self.config.query_groups, name: len(specs)},
                                      modalities=[*self.config.modalities, modality])
         if not shared:

@@ -37,7 +37,7 @@ from .losses import DeLightSAMLoss, LossWeights
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .teachers import load_teacher
-from .geometry import fit_to_square, grey_volume, model_input, orient
+from .geometry import fit_to_square, fitted_size, grey_volume, model_input, orient
 from .volume import read_label, read_volume, segment_volume, structure_mask
 
 logger = logging.getLogger(__name__)
@@ -179,8 +179,9 @@ class SliceData:
         grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
         label = oriented.to_layout(item_label(item, image)).movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
-        grey, fitted = fit_to_square(grey[:, None], self.size)
-        masks, _ = fit_to_square(masks, self.size, mode="nearest")
+        fitted = fitted_size(tuple(grey.shape[-2:]), self.size, oriented.spacing[:2], spec.pixel_mm)
+        grey, fitted = fit_to_square(grey[:, None], self.size, fitted=fitted)
+        masks, _ = fit_to_square(masks, self.size, mode="nearest", fitted=fitted)
         return grey.to(torch.float16), fitted, masks.bool()
 
     def sample(self, epoch: int, step: int, n: int, seed: int, fg_fraction: float) -> list[tuple[int, int]]:

@@ -21,7 +21,7 @@ from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
 from .config import Modality, Structure
-from .geometry import as_volume, fit_to_square, grey_levels, intensity_of, model_input, orient, spacing_of
+from .geometry import as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .uncertainty import DoubtMeter
@@ -124,22 +124,25 @@ class FittedSliceNetwork(nn.Module):
     """The 2-D step of whole-volume inference: slices [b, C, H, W] -> probabilities [b, S, H, W].
 
     Channel 0 holds grey levels; further channels (a reference label map, for prompted baselines) are
-    carried along. Each slice is resized so that its longer side is the input size and padded bottom/right
-    (so no slice is distorted); ``logits`` gives square logits at any resolution, which are brought to the
-    input size, cropped to the slice and resized back, as SAM does."""
+    carried along. Each slice is resized so that its longer side is the input size, or to ``pixel_mm``
+    millimetres per pixel (``geometry.fitted_size``), and padded bottom/right (so no slice is distorted);
+    ``logits`` gives square logits at any resolution, which are brought to the input size, cropped to the slice
+    and resized back, as SAM does."""
 
-    def __init__(self, size: int, device: torch.device) -> None:
+    def __init__(self, size: int, device: torch.device, pixel_mm: float | None = None) -> None:
         super().__init__()
-        self.size, self.device = size, device
+        self.size, self.device, self.pixel_mm = size, device, pixel_mm
 
     def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, slices: torch.Tensor) -> torch.Tensor:
+    def forward(self, slices: torch.Tensor, spacing=None) -> torch.Tensor:
+        """``spacing``: the slices' mm per row and per column (used with ``pixel_mm``)."""
         b, c, h, w = slices.shape
         slices = slices.float().to(self.device)
-        grey, fitted = fit_to_square(slices[:, :1], self.size)
-        guide = fit_to_square(slices[:, 1:], self.size, mode="nearest")[0] if c > 1 else None
+        fitted = fitted_size((h, w), self.size, spacing, self.pixel_mm)
+        grey, fitted = fit_to_square(slices[:, :1], self.size, fitted=fitted)
+        guide = fit_to_square(slices[:, 1:], self.size, mode="nearest", fitted=fitted)[0] if c > 1 else None
         return probabilities_on_slice(self.logits(grey, fitted, guide), self.size, fitted, (h, w))
 
 
@@ -155,7 +158,7 @@ class SliceNetwork(FittedSliceNetwork):
     """De-LightSAM on grey slices: replicated to three channels and normalised as the checkpoint expects."""
 
     def __init__(self, model: DeLightSAM, modality: str) -> None:
-        super().__init__(model.config.img_size, next(model.parameters()).device)
+        super().__init__(model.config.img_size, next(model.parameters()).device, model.config.modality(modality).pixel_mm)
         self.model, self.modality = model, modality
         self.normalise = get_normalization(model)
 
@@ -224,19 +227,23 @@ PROMPTS = ("3d", "slice")
 @torch.inference_mode()
 def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
                    threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
-                   refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False) -> VolumeResult:
+                   refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False,
+                   refine_every_mm: float | None = None) -> VolumeResult:
     """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
     or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
 
     With a ``refiner`` (a model with box prompts, such as ``foundation.foundation_model``), inference has two
     stages: ``model`` segments every slice prompt-free, then each structure's largest connected component
     becomes its automatic prompt, one 3-D box (``prompts="3d"``: the same box on every slice of its extent,
-    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one.
+    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one
+    (with ``refine_every_mm``, one slice in about that many millimetres, the others interpolated: ``_refine``).
     ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``)."""
     spec = model.config.modality(modality)
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
-    refine = None if refiner is None else (lambda grey, coarse: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold))
+    refine = None if refiner is None else (
+        lambda grey, coarse, slice_mm: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
+                                               refine_stride(refine_every_mm, slice_mm)))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
                         affine=affine, refine=refine, doubt=doubt)
 
@@ -247,7 +254,8 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                  affine=None, refine=None, doubt: bool = False) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
-    ``refine(grey, coarse labels) -> (labels, notes)`` is a second stage (see ``segment_volume``)."""
+    ``refine(grey, coarse labels, slice spacing in mm) -> (labels, notes)`` is a second stage (see
+    ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
@@ -262,12 +270,12 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
         stack = levels(oriented.data[..., zs])[None]
         if guide is not None:
             stack = torch.cat([stack, guide[..., zs].float()[None]])
-        probabilities = network(stack.permute(3, 0, 1, 2))  # [b, S, rows, columns]
+        probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
         if meter is not None:
             meter.add(probabilities)
         labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
-        labels, refined = refine(levels(oriented.data), labels)
+        labels, refined = refine(levels(oriented.data), labels, oriented.spacing[2])
         notes.append(refined)
     if cleanup:
         labels = clean_up(labels, spec.structures)
@@ -323,13 +331,33 @@ def slice_boxes(regions: list[torch.Tensor | None], prompts: str, depth: int) ->
     return boxes
 
 
+def refine_stride(every_mm: float | None, slice_mm: float) -> int:
+    """Slices from one decoded slice to the next for a decoded slice about every ``every_mm`` millimetres
+    (None: every slice)."""
+    return 1 if not every_mm else max(1, round(float(every_mm) / float(slice_mm)))
+
+
+def keyframes(slices: list[int], stride: int) -> list[int]:
+    """Every ``stride``-th of ``slices`` (sorted) along each run of consecutive ones, and each run's last: the
+    slices the refiner decodes; those between two keyframes take the interpolation of theirs."""
+    keys, start = [], None
+    for i, z in enumerate(slices):
+        if i == 0 or slices[i - 1] != z - 1:
+            start = z  # a new run
+        if (z - start) % max(int(stride), 1) == 0 or i == len(slices) - 1 or slices[i + 1] != z + 1:
+            keys.append(z)
+    return keys
+
+
 def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torch.Tensor, prompts: str,
-            batch_size: int, threshold: float) -> tuple[torch.Tensor, str]:
+            batch_size: int, threshold: float, stride: int = 1) -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
     The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
     the scale a whole slice would have at its input size: the same anatomy at the same size in pixels, and an
-    input (and a cost) as much smaller as the part is."""
+    input (and a cost) as much smaller as the part is. With ``stride`` k > 1 it decodes every k-th slice of each
+    run (``keyframes``), and a slice between two takes their probabilities interpolated linearly: organs change
+    little over a few millimetres, and the cost falls k-fold."""
     from .foundation import resized
 
     rows, columns, depth = grey.shape
@@ -351,13 +379,24 @@ def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: tor
     normalise, device = get_normalization(model), next(model.parameters()).device
     offset = torch.tensor([c0, r0, c0, r0], dtype=torch.float32)
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
-    for start in range(0, len(todo), batch_size):
-        zs = todo[start: start + batch_size]
+    keys, wanted, previous = keyframes(todo, stride), set(todo), None
+
+    def draw(z: int, probabilities: torch.Tensor) -> None:  # [S, part rows, part columns]
+        labels[r0: r1 + 1, c0: c1 + 1, z] = combine(probabilities, label_ids, threshold, parts)
+
+    for start in range(0, len(keys), batch_size):
+        zs = keys[start: start + batch_size]
         fitted_grey, fitted = fit_to_square(part[..., zs].permute(2, 0, 1)[:, None].float(), size)
         inputs = model_input(fitted_grey, fitted, normalise).to(device)
         logits = model(inputs, spec.name, ((boxes[zs] - offset) * scale).to(device)).low_res_logits
         logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
-        probabilities = probabilities_on_slice(logits, size, fitted, part.shape[:2]).permute(1, 2, 3, 0)
-        labels[r0: r1 + 1, c0: c1 + 1, zs] = combine(probabilities, label_ids, threshold, parts)
-    return labels, (f"refined {len(todo)} of {depth} slices with {'3-D boxes' if prompts == '3d' else 'boxes per slice'} "
-                           f"(a {part.shape[0]}x{part.shape[1]} part of each, at input {size})")
+        for z, probabilities in zip(zs, probabilities_on_slice(logits, size, fitted, part.shape[:2])):
+            if previous is not None:  # the slices between the last keyframe and this one, in the same run
+                for y in range(previous[0] + 1, z):
+                    if y in wanted:
+                        draw(y, torch.lerp(previous[1], probabilities, (y - previous[0]) / (z - previous[0])))
+            draw(z, probabilities)
+            previous = (z, probabilities)
+    kind = "3-D boxes" if prompts == "3d" else "boxes per slice"
+    decoded = f"{len(keys)} decoded, the others interpolated; " if len(keys) < len(todo) else ""
+    return labels, f"refined {len(todo)} of {depth} slices with {kind} ({decoded}a {part.shape[0]}x{part.shape[1]} part of each, at input {size})"

