@@ -559,3 +559,49 @@ def _answers(url: str) -> bool:
         return True
     except requests.RequestException:
         return False
+
+
+class _CutDownload:
+    """Stands in for monailabel's DICOMweb datastore where a transfer is cut exactly where a part ends (the Orthanc
+    test above hits that only when the kill lands there): ``arrive`` instances are written, then the parse of the
+    cut part fails (``fails``) or the shorter series is returned as if whole. The only stand-in in this file."""
+
+    def __init__(self, root: Path, arrive: int, fails: Exception | None) -> None:
+        from types import SimpleNamespace
+
+        self.root, self.arrive, self.fails = root, arrive, fails
+        self._client = SimpleNamespace(base_url="http://127.0.0.1:1/dicom-web")
+        self._datastore = SimpleNamespace(image_path=lambda: str(root))
+
+    def get_image_uri(self, series_uid: str) -> str:
+        folder = self.root / series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(self.arrive):
+            (folder / f"{k}.dcm").write_bytes(b"DICM")
+        if self.fails is not None:
+            raise self.fails
+        return str(folder)
+
+
+@pytest.mark.parametrize("arrive, fails, status", [(7, KeyError("(0008, 0018)"), 502), (7, None, 502),
+                                                   (25, ValueError("no image geometry"), 422), (25, None, 200)])
+def test_a_series_that_did_not_all_come_is_the_pacs_failure(tmp_path, arrive, fails, status):
+    """The PACS says the series holds 25 instances: fewer arrived (a parse error on the cut part, or a shorter
+    series that reads) is a 502 naming the PACS, and nothing is kept; all arrived but unreadable is the image's
+    fault (422); all arrived and readable is served."""
+    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
+    from fastapi import HTTPException
+
+    from delightsam_app.pacs import _download
+
+    store = _CutDownload(tmp_path, arrive, fails)
+    folder = str(tmp_path / "1.2.3")
+    if status == 200:
+        assert _download(store, "1.2.3", "MR", folder, expected=25) == folder
+        return
+    with pytest.raises(HTTPException) as raised:
+        _download(store, "1.2.3", "MR", folder, expected=25)
+    assert raised.value.status_code == status
+    if status == 502:
+        assert f"the transfer broke after {arrive} of its 25 instances" in raised.value.detail
+    assert not (tmp_path / "1.2.3").exists()  # nothing partial left for the next request to trust

@@ -164,24 +164,44 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
         raise _fail(422, f"series {series_uid} has Modality {modality}; De-LightSAM segments "
                          f"{' and '.join(modalities)} series")
     image_dir = os.path.join(datastore._datastore.image_path(), series_uid)
+    expected = Dataset.from_json(found[0]).get("NumberOfSeriesRelatedInstances")  # what the PACS says it holds
     with _locks[series_uid]:  # concurrent requests for one series share one download
-        return _download(datastore, series_uid, modality, image_dir)
+        return _download(datastore, series_uid, modality, image_dir, int(expected) if expected else None)
 
 
-def _download(datastore, series_uid: str, modality: str, image_dir: str) -> str:
+def _download(datastore, series_uid: str, modality: str, image_dir: str, expected: int | None = None) -> str:
+    """``expected``: the instances the PACS says the series holds. A transfer cut where a part ends can parse as a
+    shorter series, or as a dataset without its identifiers: both are the PACS's failure (502), not the image's."""
     pacs = datastore._client.base_url
     try:
-        return datastore.get_image_uri(series_uid)
+        path = datastore.get_image_uri(series_uid)
     except PACS_ERRORS as e:
         _forget(datastore, series_uid, image_dir)
         raise _fail(502, f"the PACS at {pacs} could not send series {series_uid} ({modality}): {_reason(e)}") from e
     except OSError as e:  # disk full, permissions: not the series' fault
         _forget(datastore, series_uid, image_dir)
         raise _fail(500, f"series {series_uid} could not be stored in the cache: {e}") from e
-    except Exception as e:  # the series came, but is no readable volume (transfer syntax, geometry)
+    except Exception as e:  # the series came, but is no readable volume (transfer syntax, geometry), or did not all come
+        arrived = _arrived(image_dir)
         _forget(datastore, series_uid, image_dir)
+        if expected and arrived < expected:
+            raise _broken(pacs, series_uid, modality, arrived, expected, f" ({type(e).__name__}: {str(e)[:200]})") from e
         raise _fail(422, f"series {series_uid} ({modality}) could not be read as an image volume: "
                          f"{type(e).__name__}: {str(e)[:300]}") from e
+    arrived = _arrived(image_dir)
+    if expected and os.path.isdir(image_dir) and arrived < expected:
+        _forget(datastore, series_uid, image_dir)
+        raise _broken(pacs, series_uid, modality, arrived, expected)
+    return path
+
+
+def _arrived(image_dir: str) -> int:
+    return len(os.listdir(image_dir)) if os.path.isdir(image_dir) else 0
+
+
+def _broken(pacs: str, series_uid: str, modality: str, arrived: int, expected: int, cause: str = "") -> HTTPException:
+    return _fail(502, f"the PACS at {pacs} could not send series {series_uid} ({modality}): the transfer broke after "
+                      f"{arrived} of its {expected} instances{cause}")
 
 
 def _forget(datastore, series_uid: str, image_dir: str) -> None:
