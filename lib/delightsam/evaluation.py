@@ -50,6 +50,7 @@ class DeLightSAMMethod:
 class UNetMethod:
     def __init__(self, name: str, net, meta: dict, config: DeLightSAMConfig) -> None:
         self.name, self.net, self.meta, self.config = name, net, meta, config
+        self.modalities = None  # every modality
 
     def segment(self, image, label: np.ndarray, modality: str) -> np.ndarray:
         from .baselines import UNetSliceNetwork
@@ -164,7 +165,7 @@ def evaluate(methods: list, sets: dict[str, list[Case]], output: str | Path, con
                      "spacing_mm": [round(s, 4) for s in spacing_of(image)], "methods": {}}
             predictions = {}
             for method in methods:
-                if case.modality not in (getattr(method, "modalities", None) or (case.modality,)):
+                if method.modalities is not None and case.modality not in method.modalities:
                     bar.update()
                     continue
                 bar.set_postfix_str(f"{case.id}: {method.name[:30]}")

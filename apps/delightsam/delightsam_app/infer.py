@@ -120,7 +120,7 @@ class DeLightSAMInfer(BasicInferTask):
             result = segment_volume(model, image, self.modality, batch_size=batch_size,
                                     cleanup=strtobool(str(data.get("cleanup", False))), prompts=prompts,
                                     refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image),
-                                    refine_every_mm=self.served.settings.refine_every_mm or None)
+                                    refine_every_mm=self.served.settings.refine_every_mm)
         except ValueError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         if loop_image:

@@ -62,11 +62,11 @@ class PacsDatastore(DICOMWebDatastore):
     def series_modality(self, series_uid: str) -> str | None:
         """The series' Modality tag from the PACS's search (QIDO), without downloading the series."""
         try:
-            found = self._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+            entry = search_series(self._client, series_uid)
         except PACS_ERRORS as e:
             logger.error(f"the PACS at {self._client.base_url} did not answer for series {series_uid}: {_reason(e)}")
             return None
-        return (str(Dataset.from_json(found[0]).get("Modality", "")) or None) if found else None
+        return (str(entry.get("Modality", "")) or None) if entry is not None else None
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
         save = save_label_with_codes(self, self.structures_of, super().save_label)
@@ -142,21 +142,27 @@ def _reason(error: Exception) -> str:
 _locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
+def search_series(client, series_uid: str) -> Dataset | None:
+    """The PACS's search (QIDO) entry of one series (Modality, NumberOfSeriesRelatedInstances...), or None."""
+    found = client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+    return Dataset.from_json(found[0]) if found else None
+
+
 def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
     """Checks a series before it is downloaded, downloads it (once; monailabel caches it) and returns its local
     path, or raises an HTTPException that names the problem. A failed download leaves no partial copy."""
     pacs = datastore._client.base_url
     try:
-        found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": series_uid})
+        entry = search_series(datastore._client, series_uid)
     except requests.HTTPError as e:
         if e.response is not None and e.response.status_code < 500:  # it answered, and refused (a malformed UID)
             raise _fail(400, f"the PACS at {pacs} refused the search for series {series_uid}: {_reason(e)}") from e
         raise _fail(502, f"the PACS at {pacs} failed the search for series {series_uid}: {_reason(e)}") from e
     except PACS_ERRORS as e:
         raise _fail(502, f"the PACS at {pacs} did not answer the search for series {series_uid}: {_reason(e)}") from e
-    if not found:
+    if entry is None:
         raise _fail(404, f"no series {series_uid} in the PACS at {pacs}")
-    modality = str(Dataset.from_json(found[0]).get("Modality", "") or "none")
+    modality = str(entry.get("Modality", "") or "none")
     if modality == "SEG":
         raise _fail(422, f"series {series_uid} is a DICOM SEG (a segmentation), not an image: run "
                          f"auto-segmentation on the image series it refers to")
@@ -164,7 +170,7 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
         raise _fail(422, f"series {series_uid} has Modality {modality}; De-LightSAM segments "
                          f"{' and '.join(modalities)} series")
     image_dir = os.path.join(datastore._datastore.image_path(), series_uid)
-    expected = Dataset.from_json(found[0]).get("NumberOfSeriesRelatedInstances")  # what the PACS says it holds
+    expected = entry.get("NumberOfSeriesRelatedInstances")  # what the PACS says the series holds
     with _locks[series_uid]:  # concurrent requests for one series share one download
         return _download(datastore, series_uid, modality, image_dir, int(expected) if expected else None)
 
@@ -226,8 +232,8 @@ def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]]
     def save(image_id, label_filename, label_tag, label_info, label_id=""):
         modality = str(datastore.get_image_info(image_id).get("Modality") or "")
         if not modality:
-            found = datastore._client.search_for_series(search_filters={"SeriesInstanceUID": image_id})
-            modality = str(Dataset.from_json(found[0]).get("Modality", "")) if found else ""
+            entry = search_series(datastore._client, image_id)
+            modality = str(entry.get("Modality", "")) if entry is not None else ""
         ids = structures(modality.lower())
         written = []
         if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
