@@ -48,7 +48,8 @@ PR = "pyradiomics-3.0.1/data/"
 # studies name: (archive member, expected size (x, y, z), reference label member or None)
 VOLUMES = {
     "ts_ct_small.nii.gz": (TS + "example_ct_sm.nii.gz", (122, 101, 30), TS + "example_seg.nii.gz"),
-    "ts_ct.nii.gz": (TS + "example_ct.nii.gz", (122, 101, 112), None),
+    # the whole scan ts_ct_small was cut from (its slices 82-111), labelled by TotalSegmentator's fast model
+    "ts_ct.nii.gz": (TS + "example_ct.nii.gz", (122, 101, 112), TS + "example_seg_fast_force_split.nii.gz"),
     "ts_mr_small.nii.gz": (TS + "example_mr_sm.nii.gz", (117, 91, 20), TS + "example_seg_mr.nii.gz"),
     "radiomics_lung1.nrrd": (PR + "lung1_image.nrrd", (512, 512, 48), PR + "lung1_label.nrrd"),
     "radiomics_lung2.nrrd": (PR + "lung2_image.nrrd", (512, 512, 61), PR + "lung2_label.nrrd"),

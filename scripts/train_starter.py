@@ -26,6 +26,7 @@ wall time) and stops before the evaluation, which ``--skip-training --work DIR -
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 import shutil
@@ -42,7 +43,7 @@ from delightsam.baselines import LiteMedSAMBoxNetwork, load_unet, save_unet, tra
 from delightsam.losses import LossWeights
 from delightsam.model import DeLightSAM
 from delightsam.teachers import init_trunk_from
-from delightsam.training import SliceData, TrainConfig, TrainItem, train
+from delightsam.training import SliceData, TrainConfig, TrainItem, train, update_box_atlas
 from delightsam.geometry import DEFAULT_INTENSITY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,10 @@ SPLIT = {
               ("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz")],
     "evaluation": [("ct", "ts_ct_dicom", "samples/ts_ct_dicom", "ts_ct_dicom.nii.gz")],
     # the only labelled brain MR available offline is the template trained on: scored, and reported as a
-    # fit to the training volume, never as held-out accuracy
-    "training_fit": [("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz")],
+    # fit to the training volume, never as held-out accuracy; the CT the training crop was cut from (its slices
+    # 82-111 are ts_ct_small), whole: pelvis to upper abdomen, 82 slices never trained on
+    "training_fit": [("mr", "mni152_t1", "studies/mni152_t1.nii.gz", "mni152_t1.nii.gz"),
+                     ("ct", "ts_ct", "studies/ts_ct.nii.gz", "ts_ct.nii.gz")],
 }
 # the other fold: the same recipe trained on the DICOM CT and evaluated on the NIfTI one (`--reverse`)
 REVERSE = {**SPLIT, "train": [SPLIT["evaluation"][0], SPLIT["train"][1]], "evaluation": [SPLIT["train"][0]]}
@@ -66,7 +69,7 @@ REVERSE = {**SPLIT, "train": [SPLIT["evaluation"][0], SPLIT["train"][1]], "evalu
 # shows them at that many mm per input pixel (``Modality.pixel_mm``: 2.0 fits a 512 mm field of view, and an organ
 # keeps its size in pixels from a 366 mm to a 500 mm scan). 2.0 measured worse at a third of the budget (model card).
 CT_PIXEL_MM = None
-REFINE_SIZE, REFINE_EVERY_MM = 96, 10.0  # the app's refine defaults (refine_size, refine_every_mm)
+REFINE_SIZE, REFINE_EVERY_MM, REFINE_PROMPTS = 96, 10.0, "slice"  # the app's refine defaults (refine_size, ...)
 BUDGETS = {"distill": 300.0, "segment": 2700.0}  # CPU seconds (all threads of the process)
 AUGMENT = 0.5  # share of augmented slices (training.augmentation), for De-LightSAM and the U-Net alike
 QUICK_BUDGETS = {"distill": 10.0, "segment": 20.0}
@@ -205,6 +208,12 @@ def main() -> int:
 
 
     starter, distilled = load_model(work / "starter.safetensors"), load_model(work / "distilled.safetensors")
+    # where the training labels put each structure (training adds it; a starter trained before the box atlas
+    # existed gets it here): the second stage's context prompts
+    update_box_atlas(starter, SliceData(train_items, starter).atlas)
+    no_atlas = copy.deepcopy(starter)
+    for spec in no_atlas.config.modalities:
+        spec.box_atlas = []
     unet, unet_meta = load_unet(work / "unet_baseline.safetensors")
     from delightsam.foundation import foundation_model, resized
 
@@ -213,9 +222,12 @@ def main() -> int:
     methods = [DeLightSAMMethod("De-LightSAM starter", starter),
                DeLightSAMMethod("De-LightSAM starter + foundation, automatic 3-D boxes", starter, refiner=refiner,
                                 modalities=organs),
-               DeLightSAMMethod(f"De-LightSAM starter + foundation at input {REFINE_SIZE}, a slice per {REFINE_EVERY_MM:g} mm "
+               DeLightSAMMethod(f"De-LightSAM starter + foundation at input {REFINE_SIZE}, a slice per {REFINE_EVERY_MM:g} mm, boxes per slice "
                                 "(the app's refine)", starter, refiner=resized(refiner, REFINE_SIZE), modalities=organs,
-                                every_mm=REFINE_EVERY_MM),
+                                every_mm=REFINE_EVERY_MM, prompts=REFINE_PROMPTS),
+               DeLightSAMMethod("the app's refine without the box atlas (no context prompts)", no_atlas,
+                                refiner=resized(refiner, REFINE_SIZE), modalities=organs, every_mm=REFINE_EVERY_MM,
+                                prompts=REFINE_PROMPTS),
                DeLightSAMMethod("De-LightSAM starter + foundation, automatic boxes per slice", starter, refiner=refiner,
                                 prompts="slice", modalities=organs),
                DeLightSAMMethod("De-LightSAM distilled only (before fine-tuning)", distilled),

@@ -77,7 +77,8 @@ def samples() -> Path:
     import subprocess
     import sys
 
-    if not (DATA / "studies" / "ts_ct_small.nii.gz").exists() or not (DATA / "samples" / "ts_ct_dicom").exists():
+    needed = (DATA / "studies" / "ts_ct_small.nii.gz", DATA / "samples" / "ts_ct_dicom", DATA / "samples" / "labels" / "ts_ct.nii.gz")
+    if not all(p.exists() for p in needed):
         subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_samples.py")], check=True)
     return DATA
 

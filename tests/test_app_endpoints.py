@@ -189,12 +189,12 @@ def test_refine_runs_the_second_stage_on_request(env):
     """refine=true: the model's coarse masks become box prompts for the foundation (LiteMedSAM); the label is on
     the input grid and the result says what was done (the random test model's boxes: the path, not accuracy)."""
     info = env["client"].get("/info/").json()["models"]["delightsam_ct"]["config"]
-    assert info["refine"] is False and info["prompts"] == ["3d", "slice"]
+    assert info["refine"] is False and info["prompts"] == ["slice", "3d"]
     image = nib.load(env["studies"] / "ts_ct_small.nii.gz")  # six slices of it: the foundation is slow on a CPU
     path = env["tmp"] / "six_slices.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., 12:18], image.affine), path)
     reply = env["client"].post("/infer/delightsam_ct?output=all", files={"file": (path.name, open(path, "rb"))},
-                               data={"params": json.dumps({"refine": True, "prompts": "slice", **NRRD_UINT8})})
+                               data={"params": json.dumps({"refine": True, **NRRD_UINT8})})  # the default prompts
     assert reply.status_code == 200, reply.text
     parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
     params = json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))

@@ -131,6 +131,41 @@ def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
     assert dice(quick.labels == 1) > max(0.9, dice(liver) - 0.03), (dice(quick.labels == 1), dice(liver))
 
 
+def test_context_prompts_find_the_stomach_the_first_stage_missed(student, samples, tmp_path):
+    """The held-out CT's stomach is full where the training CT's was collapsed: the starter does not see it, and
+    without its box atlas the second stage has no stomach; the atlas puts the stomach's box where the liver and
+    spleen found say it is, and the foundation finds it there: in the app's setting, in the DICOM series' storage
+    order and reversed in all three axes."""
+    import copy
+
+    import nibabel as nib
+
+    from delightsam.foundation import resized
+
+    starter = delightsam.load_model(STARTER)
+    assert [e["id"] for e in starter.config.modality("ct").box_atlas] == ["ts_ct_small"]  # its training CT
+    without = copy.deepcopy(starter)
+    without.config.modality("ct").box_atlas = []
+    quick = resized(student, 96)
+    series = samples / "samples" / "ts_ct_dicom"
+    image = read_volume(series)
+    nib.save(nib.Nifti1Image(np.asarray(image), np.asarray(image.affine)).as_reoriented(np.array([[0, -1], [1, -1], [2, -1]])),
+             tmp_path / "reversed.nii.gz")
+
+    def dice(labels, volume, ours, theirs):
+        reference = np.asarray(read_label(samples / "samples" / "labels" / "ts_ct_dicom.nii.gz", volume)) == theirs
+        return 2 * ((labels == ours) & reference).sum() / ((labels == ours).sum() + reference.sum())
+
+    plain = segment_volume(without, image, "ct", refiner=quick, refine_every_mm=10)
+    assert dice(plain.labels, image, 5, 6) < 0.1
+    for path in (series, tmp_path / "reversed.nii.gz"):
+        volume = read_volume(path)
+        result = segment_volume(starter, volume, "ct", refiner=quick, refine_every_mm=10)
+        assert any("box atlas" in note and "stomach" in note for note in result.notes), result.notes
+        stomach, liver = dice(result.labels, volume, 5, 6), dice(result.labels, volume, 1, 5)
+        assert stomach > 0.7 and liver > 0.9, (path.name, stomach, liver)
+
+
 def test_keyframes_run_by_run():
     from delightsam.volume import keyframes, refine_stride
 

@@ -93,6 +93,7 @@ def test_the_recipe_runs_end_to_end_in_short(tmp_path, samples):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rebuilt = delightsam.load_model(bundle / "models" / "model.safetensors")
     assert {m.name: {s.name: s.label for s in m.structures} for m in rebuilt.config.modalities} == CARD
+    assert [e["id"] for e in rebuilt.config.modality("ct").box_atlas] == ["ts_ct_small"]  # what it trained on
     assert (bundle / "models" / "model.safetensors").stat().st_size <= 30_000_000
     training = json.loads((work / "training.json").read_text())
     assert training["distill"]["steps"] >= 1 and training["segment"]["steps"] >= 1 and training["unet"]["steps"] >= 1
@@ -100,8 +101,9 @@ def test_the_recipe_runs_end_to_end_in_short(tmp_path, samples):
     budget = training["distill"]["cpu_seconds"] + training["segment"]["cpu_seconds"]
     assert training["unet"]["cpu_seconds"] >= budget
     report = json.loads((bundle / "docs" / "evaluation" / "report.json").read_text())
-    # prompt-free, two-stage (3-D boxes; the app's refine; boxes per slice), distilled, U-Net, LiteMedSAM
-    assert len(report["methods"]) == 7
+    # prompt-free, two-stage (3-D boxes; the app's refine, with and without the box atlas; boxes per slice),
+    # distilled, U-Net, LiteMedSAM
+    assert len(report["methods"]) == 8
     assert report["context"]["split"]["evaluation"] == ["ts_ct_dicom"]
     assert not set(report["context"]["split"]["evaluation"]) & set(report["context"]["split"]["train"])
     assert (bundle / "docs" / "evaluation" / "figures" / "held_out_ts_ct_dicom.png").is_file()

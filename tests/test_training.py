@@ -218,6 +218,8 @@ def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     assert stats["best_metric"] >= before + 0.2, stats
     assert published and published[-1]["mean_dice"] == stats["best_metric"]
     assert stats["cache"]["misses"] <= 30 < stats["cache"]["hits"]  # 30 slices: each embedded once
+    assert [e["id"] for e in model.config.modality("ct").box_atlas] == ["small"]  # what it trained on joins the atlas
+    assert set(model.config.modality("ct").box_atlas[0]["boxes"]) == {"liver"}
     assert list((tmp_path / "run" / "tensorboard").iterdir())
     # resume: a longer run picks up after epoch 3, with the trained weights, instead of starting over
     config.epochs = 4

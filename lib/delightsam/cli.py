@@ -171,6 +171,34 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def atlas_command(args: argparse.Namespace) -> int:
+    """Adds labelled volumes to a checkpoint's box atlas (what the second stage's context prompts use; the train
+    task adds the volumes it trains on), without training; writes the checkpoint to --output."""
+    from .training import SliceData, TrainItem, update_box_atlas
+
+    model = load_model(args.checkpoint)
+    items = []
+    for spec in args.case:
+        modality, sep, rest = spec.partition(":")
+        image, sep2, label = rest.partition(":")
+        if not (sep and sep2 and modality and image and label):
+            raise ValueError(f"--case wants MODALITY:IMAGE:LABEL, got {spec!r}")
+        model.config.modality(modality.lower())  # an unknown modality is refused by name
+        items.append(TrainItem(_image_stem(Path(image)), image, label, modality.lower()))
+    data = SliceData(items, model)
+    if data.refused:
+        raise ValueError("; ".join(f"{k}: {v}" for k, v in data.refused.items()))
+    update_box_atlas(model, data.atlas)
+    if args.version:
+        model.config.version = args.version
+    save_model(model, args.output, half=args.half)
+    for name, entries in data.atlas.items():
+        for e in entries:
+            print(f"{name} {e['id']} ({e['plane']}): {', '.join(e['boxes']) or 'no structure'}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def info(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     c = model.config
@@ -183,6 +211,8 @@ def info(args: argparse.Namespace) -> int:
     for m in c.modalities:
         structures = ", ".join(f"{s.label}={s.name}" for s in m.structures)
         print(f"  modality {m.name}: controller {m.controller}, queries {m.query_group}; labels {structures}")
+        if m.box_atlas:
+            print(f"    box atlas: {len(m.box_atlas)} volume(s) ({', '.join(str(e.get('id', '?')) for e in m.box_atlas)})")
     return 0
 
 
@@ -271,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-dir", default="apps/delightsam/model", help="the app's model_dir")
     p.add_argument("--output", help="also write report.md, report.json and dice_by_version.png here")
     p.set_defaults(func=report)
+    p = sub.add_parser("atlas", help="add labelled volumes to a checkpoint's box atlas (context prompts), no training")
+    p.add_argument("checkpoint")
+    p.add_argument("--case", action="append", required=True, metavar="MODALITY:IMAGE:LABEL",
+                   help="a volume and its label map in the model's label ids (repeatable)")
+    p.add_argument("-o", "--output", required=True, help="the checkpoint to write")
+    p.add_argument("--version", help="model version string to record (default: unchanged)")
+    p.add_argument("--half", action="store_true", help="store weights in float16 (as the shipped model is)")
+    p.set_defaults(func=atlas_command)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=info)

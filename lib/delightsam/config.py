@@ -9,6 +9,7 @@ model file records about itself. Shapes that the released code hard-codes for a 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
@@ -74,6 +75,9 @@ class Modality:
     # would not fit. None: the slice's longer side fills the input (SAM's convention; the scale then follows
     # the field of view).
     pixel_mm: float | None = None
+    # Where its structures lie relative to each other (``box_atlas``: the second stage's context prompts): per
+    # training volume, {"plane": acquisition plane, "boxes": {structure name: [6 numbers: low, high corner, mm]}}.
+    box_atlas: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -181,6 +185,7 @@ class DeLightSAMConfig:
                                  f"{{'percentiles': [low, high]}}, got {m.intensity}")
             if m.pixel_mm is not None and not m.pixel_mm > 0:
                 raise ValueError(f"modality {m.name!r}: pixel_mm must be a positive number of millimetres, got {m.pixel_mm}")
+            _check_box_atlas(m)
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -204,11 +209,26 @@ class DeLightSAMConfig:
         return DeLightSAMConfig.from_dict({**self.to_dict(), **changes})
 
 
+def _check_box_atlas(m: Modality) -> None:
+    names = {s.name for s in m.structures}
+    for entry in m.box_atlas:
+        boxes = entry.get("boxes") if isinstance(entry, dict) else None
+        if not isinstance(boxes, dict) or not isinstance(entry.get("plane"), str):
+            raise ValueError(f"modality {m.name!r}: a box atlas entry needs a plane and boxes, got {entry}")
+        for name, box in boxes.items():
+            if name not in names:
+                raise ValueError(f"modality {m.name!r}: the box atlas names {name!r}, not one of its structures")
+            if len(box) != 6 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box) \
+                    or not all(box[i] < box[i + 3] for i in range(3)):
+                raise ValueError(f"modality {m.name!r}: box of {name!r} in the box atlas must be 6 finite numbers, "
+                                 f"low corner below high corner, got {box}")
+
+
 def _modality_from_dict(data: dict) -> Modality:
     structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
                     structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
-                    pixel_mm=data.get("pixel_mm"))
+                    pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

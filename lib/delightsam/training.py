@@ -30,6 +30,7 @@ import torch.distributed as dist
 from monai.metrics import compute_dice
 from torch.nn.parallel import DistributedDataParallel
 
+from .box_atlas import atlas_entry
 from .checkpoint import save_model
 from .embedding_cache import EmbeddingCache
 from .files import atomic_path, write_text
@@ -144,11 +145,12 @@ class SliceData:
     def __init__(self, items: list[TrainItem], model: DeLightSAM, spill_dir: str | Path | None = None) -> None:
         self.size = model.config.img_size
         self.grey, self.fitted, self.masks, self.modality, self.foreground, self.known = [], [], [], [], [], []
+        self.atlas: dict[str, list[dict]] = {}  # per modality, its volumes' box atlas entries (box_atlas)
         self.refused: dict[str, str] = {}  # volumes that could not be read, and why
         self.normalise = get_normalization(model)
         for item in items:
             try:
-                grey, fitted, masks = self._slices(item, model)
+                grey, fitted, masks, entry = self._slices(item, model)
             except (ValueError, RuntimeError, OSError) as e:  # an unreadable file, a label off the image's grid
                 self.refused[item.id] = f"cannot be read for training: {str(e).strip().splitlines()[0][:300]}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
@@ -160,6 +162,7 @@ class SliceData:
             self.fitted.append(fitted)
             self.masks.append(masks)
             self.modality.append(item.modality)
+            self.atlas.setdefault(item.modality, []).append({"id": item.id, **entry})
             self.known.append(known_structures(item, model.config.modality(item.modality)))
             self.foreground.append(masks.flatten(1).any(1))
         if not self.grey:
@@ -170,19 +173,24 @@ class SliceData:
         self.bg_index = [i for i, f in zip(self.index, fg.tolist()) if not f]
         self.max_structures = max(m.shape[1] for m in self.masks)
 
-    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, dict]:
         """A volume's slices as inference cuts them (``geometry``: its plane's layout, grey levels, NaN policy,
-        fitting), and the structure masks of its label on the same slices."""
+        fitting), the structure masks of its label on the same slices, and its box atlas entry (the structures
+        its label speaks for)."""
         spec = model.config.modality(item.modality)
         image = read_volume(item.image)
         oriented = orient(image)
         grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
-        label = oriented.to_layout(item_label(item, image)).movedim(2, 0)
+        label = oriented.to_layout(item_label(item, image))
+        known = known_structures(item, spec).tolist()
+        entry = atlas_entry({s.name: structure_mask(label, s) for s, k in zip(spec.structures, known) if k},
+                            oriented.spacing, oriented.plane)
+        label = label.movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         fitted = fitted_size(tuple(grey.shape[-2:]), self.size, oriented.spacing[:2], spec.pixel_mm)
         grey, fitted = fit_to_square(grey[:, None], self.size, fitted=fitted)
         masks, _ = fit_to_square(masks, self.size, mode="nearest", fitted=fitted)
-        return grey.to(torch.float16), fitted, masks.bool()
+        return grey.to(torch.float16), fitted, masks.bool(), entry
 
     def sample(self, epoch: int, step: int, n: int, seed: int, fg_fraction: float) -> list[tuple[int, int]]:
         """The same n slices on every process for a given (seed, epoch, step)."""
@@ -359,6 +367,15 @@ class _Tracker:
             self.writer.end_run()
 
 
+def update_box_atlas(model: DeLightSAM, entries: dict[str, list[dict]]) -> None:
+    """Adds the training volumes' box atlas entries to their modalities' (``box_atlas``): an entry of the same
+    volume id is replaced, the others are kept (a site's labels join the ones the model shipped with)."""
+    for name, new in entries.items():
+        spec = model.config.modality(name)
+        ids = {e["id"] for e in new}
+        spec.box_atlas = [e for e in spec.box_atlas if e.get("id") not in ids] + new
+
+
 def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[TrainItem], config: TrainConfig,
           output_dir: str | Path, publish: Callable[[DeLightSAM, dict], object] | None = None,
           log: Callable[[str], None] = logger.info, data_report: dict | None = None) -> dict:
@@ -395,6 +412,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     optimizer = torch.optim.Adam(params, lr=config.lr)
     spill = output / f".slices-{rank}"  # memory-mapped training slices, removed when the run ends
     data = SliceData(train_items, model, spill_dir=spill)
+    update_box_atlas(model, data.atlas)
     loss_fn = DeLightSAMLoss(config.loss)
     teacher = load_teacher(config.teacher, config.teacher_checkpoint, config.teacher_dir).to(device) if config.teacher else None
     cache = EmbeddingCache(config.cache_dir) if (teacher and config.cache_dir) else None

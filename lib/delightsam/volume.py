@@ -20,8 +20,9 @@ from monai.data import ITKReader
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
 from torch import nn
 
+from .box_atlas import box_of, context_boxes
 from .config import Modality, Structure
-from .geometry import as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
+from .geometry import Oriented, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .uncertainty import DoubtMeter
@@ -242,8 +243,8 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
     refine = None if refiner is None else (
-        lambda grey, coarse, slice_mm: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
-                                               refine_stride(refine_every_mm, slice_mm)))
+        lambda grey, coarse, oriented: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
+                                               refine_stride(refine_every_mm, oriented.spacing[2]), oriented))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
                         affine=affine, refine=refine, doubt=doubt)
 
@@ -254,7 +255,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                  affine=None, refine=None, doubt: bool = False) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
-    ``refine(grey, coarse labels, slice spacing in mm) -> (labels, notes)`` is a second stage (see
+    ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage (see
     ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
         raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
@@ -275,7 +276,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
             meter.add(probabilities)
         labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
-        labels, refined = refine(levels(oriented.data), labels, oriented.spacing[2])
+        labels, refined = refine(levels(oriented.data), labels, oriented)
         notes.append(refined)
     if cleanup:
         labels = clean_up(labels, spec.structures)
@@ -331,6 +332,29 @@ def slice_boxes(regions: list[torch.Tensor | None], prompts: str, depth: int) ->
     return boxes
 
 
+def context_prompts(boxes: torch.Tensor, regions: list[torch.Tensor | None], spec: Modality, oriented: Oriented) -> str:
+    """Gives each structure whose found region the modality's box atlas contradicts the atlas's 3-D box instead
+    (``box_atlas.context_boxes``; ``boxes`` [slices, S, 4] changed in place); returns a note naming them."""
+    if not spec.box_atlas:
+        return ""
+    spacing = np.asarray(oriented.spacing, dtype=np.float64)
+    found = {s.name: box_of(r, spacing) for s, r in zip(spec.structures, regions) if r is not None}
+    moved, trusted = context_boxes(found, spec.box_atlas, oriented.plane, np.asarray(oriented.data.shape) * spacing)
+    for k, s in enumerate(spec.structures):
+        if s.name not in moved:
+            continue
+        boxes[:, k] = float("nan")
+        if moved[s.name] is not None:
+            low, high = moved[s.name]
+            i0 = np.floor(low / spacing).astype(int)
+            i1 = np.ceil(high / spacing).astype(int) - 1  # inclusive, as boxes_from_masks
+            boxes[i0[2]: i1[2] + 1, k] = torch.tensor([i0[1], i0[0], i1[1], i1[0]], dtype=torch.float32)
+    if not moved:
+        return ""
+    return (f"; boxed where the box atlas puts them relative to {', '.join(trusted)}: {', '.join(moved)}"
+            + "".join(f" ({name} falls outside the volume: not refined)" for name, b in moved.items() if b is None))
+
+
 def refine_stride(every_mm: float | None, slice_mm: float) -> int:
     """Slices from one decoded slice to the next for a decoded slice about every ``every_mm`` millimetres
     (None: every slice)."""
@@ -350,18 +374,21 @@ def keyframes(slices: list[int], stride: int) -> list[int]:
 
 
 def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torch.Tensor, prompts: str,
-            batch_size: int, threshold: float, stride: int = 1) -> tuple[torch.Tensor, str]:
+            batch_size: int, threshold: float, stride: int = 1, oriented: Oriented | None = None) -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
     The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
     the scale a whole slice would have at its input size: the same anatomy at the same size in pixels, and an
     input (and a cost) as much smaller as the part is. With ``stride`` k > 1 it decodes every k-th slice of each
     run (``keyframes``), and a slice between two takes their probabilities interpolated linearly: organs change
-    little over a few millimetres, and the cost falls k-fold."""
+    little over a few millimetres, and the cost falls k-fold. With the ``oriented`` volume's geometry, a structure
+    whose box the modality's box atlas contradicts is prompted where the atlas puts it (``context_prompts``)."""
     from .foundation import resized
 
     rows, columns, depth = grey.shape
-    boxes = slice_boxes(structure_regions(coarse, spec.structures), prompts, depth)
+    regions = structure_regions(coarse, spec.structures)
+    boxes = slice_boxes(regions, prompts, depth)
+    context = context_prompts(boxes, regions, spec, oriented) if oriented is not None else ""
     labels = torch.zeros_like(coarse)
     todo = torch.isfinite(boxes).all(-1).any(-1).nonzero()[:, 0].tolist()
     if not todo:
@@ -399,4 +426,4 @@ def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: tor
             previous = (z, probabilities)
     kind = "3-D boxes" if prompts == "3d" else "boxes per slice"
     decoded = f"{len(keys)} decoded, the others interpolated; " if len(keys) < len(todo) else ""
-    return labels, f"refined {len(todo)} of {depth} slices with {kind} ({decoded}a {part.shape[0]}x{part.shape[1]} part of each, at input {size})"
+    return labels, f"refined {len(todo)} of {depth} slices with {kind} ({decoded}a {part.shape[0]}x{part.shape[1]} part of each, at input {size}){context}"

@@ -28,7 +28,9 @@ class AppSettings:
     # masks become box prompts that all of the foundation (LiteMedSAM) decodes; far more accurate on CT organs,
     # slower, and wrong for brain tissue (the model card). --conf refine: true (all), false (none) or names ("ct")
     refine: frozenset[str]
-    prompts: str  # the automatic prompts of the second stage: "3d" (one box per structure) or "slice"
+    # the automatic prompts of the second stage: "slice" (each slice's own box; the default: a whole scan's
+    # stray first-stage voxels do not widen every slice's box) or "3d" (one box per structure over its extent)
+    prompts: str
     model_dir: Path  # published models, their versions, training runs, the split, the embedding cache
     # the trust boundary (see guard.py): a request names datastore images, never server paths, unless allowed
     allow_server_paths: bool = False
@@ -63,7 +65,7 @@ class AppSettings:
             threads=int(conf.get("threads", 0)),
             cleanup=strtobool(conf.get("cleanup", "false")),
             refine=_refined_modalities(conf.get("refine", "false")),
-            prompts=conf.get("prompts", "3d"),
+            prompts=conf.get("prompts", "slice"),
             refine_size=_refine_size(conf.get("refine_size", "96")),
             refine_every_mm=max(float(conf.get("refine_every_mm", 10)), 0.0),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
