@@ -82,3 +82,20 @@ def test_an_entry_leaves_out_what_the_volume_lacks():
     mask[1:3, 2:5, 1] = True
     entry = atlas_entry({"a": mask, "b": np.zeros_like(mask)}, (2.0, 1.0, 3.0), "axial")
     assert entry == {"plane": "axial", "boxes": {"a": [2.0, 2.0, 3.0, 6.0, 5.0, 6.0]}}
+
+
+def test_the_atlas_command_adds_labelled_volumes_without_training(tmp_path, samples, capsys):
+    from delightsam.cli import main
+
+    source = make_test_checkpoint(tmp_path / "m.safetensors")
+    image, label = samples / "studies" / "ts_ct_small.nii.gz", samples / "samples" / "labels" / "ts_ct_small.nii.gz"
+    out = tmp_path / "with_atlas.safetensors"
+    assert main(["atlas", str(source), "--case", f"ct:{image}:{label}", "-o", str(out)]) == 0
+    model, before = delightsam.load_model(out), delightsam.load_model(source)
+    assert [e["id"] for e in model.config.modality("ct").box_atlas] == ["ts_ct_small"]
+    assert all(np.array_equal(a, b) for a, b in zip(model.state_dict().values(), before.state_dict().values()))
+    assert main(["atlas", str(source), "--case", f"ct:{image}", "-o", str(out)]) == 2
+    assert main(["atlas", str(source), "--case", f"xray:{image}:{label}", "-o", str(out)]) == 2
+    assert main(["atlas", str(source), "--case", f"ct:{image}:{tmp_path / 'missing.nii.gz'}", "-o", str(out)]) == 2
+    errors = capsys.readouterr().err
+    assert "--case wants MODALITY:IMAGE:LABEL" in errors and "xray" in errors and "missing.nii.gz" in errors
