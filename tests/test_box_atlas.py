@@ -99,3 +99,35 @@ def test_the_atlas_command_adds_labelled_volumes_without_training(tmp_path, samp
     assert main(["atlas", str(source), "--case", f"ct:{image}:{tmp_path / 'missing.nii.gz'}", "-o", str(out)]) == 2
     errors = capsys.readouterr().err
     assert "--case wants MODALITY:IMAGE:LABEL" in errors and "xray" in errors and "missing.nii.gz" in errors
+
+
+def test_context_prompts_write_the_atlas_box_in_voxels_and_leave_out_one_beyond_the_volume(tmp_path):
+    """On a volume of 2 x 1 x 3 mm voxels (rows, columns, slices): a misplaced spleen gets the atlas's box as inclusive voxel indices
+    (x = column, y = row) on the slices it spans; a kidney the atlas puts beyond the volume gets no box."""
+    import torch
+
+    from delightsam.geometry import orient
+    from delightsam.volume import context_prompts, slice_boxes
+
+    model = delightsam.load_model(make_test_checkpoint(tmp_path / "m.safetensors"))
+    spec = model.config.modality("ct")  # liver, spleen, kidney
+    spec.box_atlas = [{"plane": "axial", "boxes": {"liver": [0, 0, 0, 40, 40, 30], "spleen": [10, 20, 6, 20, 30, 15],
+                                                   "kidney": [0, 0, 0, 10, 10, 30]}}]
+    # stored RAS x, y, z at 1, 2, 3 mm: the axial layout's rows run along y (2 mm), its columns along x (1 mm)
+    oriented = orient(np.zeros((40, 40, 10), np.float32), spacing=(1.0, 2.0, 3.0))
+    assert oriented.spacing == (2.0, 1.0, 3.0) and tuple(oriented.data.shape) == (40, 40, 10)
+    liver, spleen = torch.zeros(40, 40, 10, dtype=torch.bool), torch.zeros(40, 40, 10, dtype=torch.bool)
+    liver[:20, :40, :10] = True  # 40 x 40 x 30 mm from the origin: the atlas's frame as it is
+    spleen[0:2, 35:40, 0:2] = True  # far from where the atlas puts it
+    boxes = slice_boxes([liver, spleen, None], "slice", 10)
+    note = context_prompts(boxes, [liver, spleen, None], spec, oriented)
+    assert "relative to liver: spleen" in note
+    # spleen 10-20 mm of rows (2 mm): rows 5-9; 20-30 mm of columns (1 mm): columns 20-29; 6-15 mm of slices: 2-4
+    assert torch.isnan(boxes[:2, 1]).all() and torch.isnan(boxes[5:, 1]).all()
+    assert boxes[2:5, 1].tolist() == [[20.0, 5.0, 29.0, 9.0]] * 3
+    kidney = torch.zeros(40, 40, 10, dtype=torch.bool)
+    kidney[30:40, 0:5, 0:3] = True
+    spec.box_atlas[0]["boxes"]["kidney"] = [90, 90, 0, 100, 100, 30]  # beyond the liver's frame and the volume
+    boxes = slice_boxes([liver, None, kidney], "3d", 10)
+    note = context_prompts(boxes, [liver, None, kidney], spec, oriented)
+    assert torch.isnan(boxes[:, 2]).all() and "kidney: the atlas puts it outside this volume" in note

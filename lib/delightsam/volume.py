@@ -352,7 +352,8 @@ def context_prompts(boxes: torch.Tensor, regions: list[torch.Tensor | None], spe
     if not moved:
         return ""
     return (f"; boxed where the box atlas puts them relative to {', '.join(trusted)}: {', '.join(moved)}"
-            + "".join(f" ({name} falls outside the volume: not refined)" for name, b in moved.items() if b is None))
+            + "".join(f" ({name}: the atlas puts it outside this volume, so it is left out)" for name, b in moved.items()
+                      if b is None))
 
 
 def refine_stride(every_mm: float | None, slice_mm: float) -> int:
