@@ -375,21 +375,21 @@ def keyframes(slices: list[int], stride: int) -> list[int]:
 
 
 def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torch.Tensor, prompts: str,
-            batch_size: int, threshold: float, stride: int = 1, oriented: Oriented | None = None) -> tuple[torch.Tensor, str]:
+            batch_size: int, threshold: float, stride: int, oriented: Oriented) -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
     The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
     the scale a whole slice would have at its input size: the same anatomy at the same size in pixels, and an
     input (and a cost) as much smaller as the part is. With ``stride`` k > 1 it decodes every k-th slice of each
     run (``keyframes``), and a slice between two takes their probabilities interpolated linearly: organs change
-    little over a few millimetres, and the cost falls k-fold. With the ``oriented`` volume's geometry, a structure
-    whose box the modality's box atlas contradicts is prompted where the atlas puts it (``context_prompts``)."""
+    little over a few millimetres, and the cost falls k-fold. A structure whose box the modality's box atlas
+    contradicts, given the ``oriented`` volume's geometry, is prompted where the atlas puts it (``context_prompts``)."""
     from .foundation import resized
 
     rows, columns, depth = grey.shape
     regions = structure_regions(coarse, spec.structures)
     boxes = slice_boxes(regions, prompts, depth)
-    context = context_prompts(boxes, regions, spec, oriented) if oriented is not None else ""
+    context = context_prompts(boxes, regions, spec, oriented)
     labels = torch.zeros_like(coarse)
     todo = torch.isfinite(boxes).all(-1).any(-1).nonzero()[:, 0].tolist()
     if not todo:
