@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--checkpoint", type=Path, help="the model to serve (default: random weights of the "
                                                         "shipped shape; speed does not depend on the weights)")
-    parser.add_argument("--refine", choices=("3d", "slice"), help="two-stage inference with these prompts")
+    parser.add_argument("--refine", choices=("3d", "slice"),
+                        help="two-stage inference with these prompts (default: one stage, refine=false)")
     parser.add_argument("--slices", type=int, nargs="+", default=[100],
                         help="slices of the 512x512 CTs made from lung2 (600: the memory check)")
     parser.add_argument("--source", choices=sorted(SOURCES), default="lung2",
@@ -164,11 +165,12 @@ def main() -> None:
     checkpoint = args.checkpoint or make_test_checkpoint(tmp / "bench.safetensors")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     per_slice = [] if args.volumes_only else per_slice_rows(args, checkpoint)
-    params = {"refine": True, "prompts": args.refine} if args.refine else {}
+    # explicit either way: the app refines CT by default
+    params = {"refine": True, "prompts": args.refine} if args.refine else {"refine": False}
     conf = ["--conf", "refine_size", str(args.refine_size)] if args.refine_size else []
     volumes = per_volume(args.data, checkpoint, tmp, args.batch, args.slices, params, only_large=args.volumes_only,
                          source=args.source, conf=conf)
-    title = f"volume (/infer, {checkpoint.name}{', refine ' + args.refine if args.refine else ''}" + \
+    title = f"volume (/infer, {checkpoint.name}{', refine ' + args.refine if args.refine else ', one stage'}" + \
         (f" at {args.refine_size}" if args.refine and args.refine_size else "") + ")"
     print(f"\n{title:<44}{'size':>16}{'first s':>9}{'warm s':>8}{'peak RSS MB':>13}")
     for r in volumes:

@@ -43,7 +43,7 @@ from delightsam.baselines import LiteMedSAMBoxNetwork, load_unet, save_unet, tra
 from delightsam.losses import LossWeights
 from delightsam.model import DeLightSAM
 from delightsam.teachers import init_trunk_from
-from delightsam.training import SliceData, TrainConfig, TrainItem, train, update_box_atlas
+from delightsam.training import SliceData, TrainConfig, TrainItem, atlas_entries, train, update_box_atlas
 from delightsam.geometry import DEFAULT_INTENSITY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def main() -> int:
     starter, distilled = load_model(work / "starter.safetensors"), load_model(work / "distilled.safetensors")
     # where the training labels put each structure (training adds it; a starter trained before the box atlas
     # existed gets it here): the second stage's context prompts
-    update_box_atlas(starter, SliceData(train_items, starter).atlas)
+    update_box_atlas(starter, atlas_entries(train_items, starter))
     no_atlas = copy.deepcopy(starter)
     for spec in no_atlas.config.modalities:
         spec.box_atlas = []

@@ -185,24 +185,34 @@ def test_unknown_modality_model_image_and_checkpoint(env):
     assert _infer(client, image="ts_ct_small").status_code == 200
 
 
-def test_refine_runs_the_second_stage_on_request(env):
-    """refine=true: the model's coarse masks become box prompts for the foundation (LiteMedSAM); the label is on
-    the input grid and the result says what was done (the random test model's boxes: the path, not accuracy)."""
-    info = env["client"].get("/info/").json()["models"]["delightsam_ct"]["config"]
-    assert info["refine"] is False and info["prompts"] == ["slice", "3d"]
+def test_ct_runs_the_second_stage_by_default_and_a_request_can_turn_it_off(env):
+    """CT is segmented in two stages unless a request says refine=false: the model's coarse masks become box
+    prompts for the foundation (LiteMedSAM); the label is on the input grid and the result says what was done (the
+    random test model's boxes: the path, not accuracy). MR brain tissue is never refined by default."""
+    models = env["client"].get("/info/").json()["models"]
+    info = models["delightsam_ct"]["config"]
+    assert info["refine"] is True and info["prompts"] == ["slice", "3d"]
+    assert models["delightsam_mr"]["config"]["refine"] is False
     image = nib.load(env["studies"] / "ts_ct_small.nii.gz")  # six slices of it: the foundation is slow on a CPU
     path = env["tmp"] / "six_slices.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., 12:18], image.affine), path)
-    reply = env["client"].post("/infer/delightsam_ct?output=all", files={"file": (path.name, open(path, "rb"))},
-                               data={"params": json.dumps({"refine": True, **NRRD_UINT8})})  # the default prompts
-    assert reply.status_code == 200, reply.text
-    parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
-    params = json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))
+
+    def infer(**params):
+        reply = env["client"].post("/infer/delightsam_ct?output=all", files={"file": (path.name, open(path, "rb"))},
+                                   data={"params": json.dumps({**params, **NRRD_UINT8})})
+        assert reply.status_code == 200, reply.text
+        parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
+        return json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))
+
+    params = infer()  # the defaults: refine, prompts per slice
     assert params["refined"] is True and params["prompts"] == "slice"
     note = next(note for note in params["notes"] if note.startswith("refined "))
     assert "boxes per slice" in note
     # the app's refine_size (96): the foundation sees a whole slice at 96 pixels, a part of it at most that
     assert int(re.search(r"at input (\d+)\)", note).group(1)) <= 96
+    one_stage = infer(refine=False)
+    assert one_stage["refined"] is False and one_stage["prompts"] is None
+    assert not any(note.startswith("refined ") for note in one_stage["notes"])
     bad = _infer(env["client"], {"refine": True, "prompts": "lasso"}, image="ts_ct_small")
     assert bad.status_code == 422 and "prompts must be one of 3d, slice" in bad.json()["detail"]
 

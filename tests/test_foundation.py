@@ -103,6 +103,28 @@ def test_boxes_come_from_the_coarse_masks():
     assert per_slice[2, 0].tolist() == [3.0, 2.0, 8.0, 4.0] and torch.isnan(per_slice[1, 0]).all()
 
 
+def test_structure_regions_keep_each_structures_largest_26_connected_component():
+    """The second stage's regions: per structure its largest component, voxels touching at a corner connected (as
+    MONAI's KeepLargestConnectedComponent, which it matches exactly on random blobs), specks left out."""
+    from monai.transforms import KeepLargestConnectedComponent
+
+    from delightsam.config import Structure
+
+    structures = [Structure("liver", 1, 0), Structure("spleen", 2, 1), Structure("stomach", 3, 2)]
+    labels = torch.zeros(16, 16, 8, dtype=torch.uint8)
+    labels[1:4, 1:4, 1:3] = 1  # 18 voxels ...
+    labels[4:6, 4:6, 3] = 1  # ... and 4 touching them only at a corner: 22 together
+    labels[9:14, 9:13, 5] = 1  # 20 voxels apart: the largest only if corners did not connect
+    labels[0:2, 14:16, 7] = 2  # 4 voxels: a speck
+    regions = structure_regions(labels, structures)
+    assert int(regions[0].sum()) == 22 and regions[0][4, 4, 3] and not regions[0][10, 10, 5]
+    assert regions[1] is None and regions[2] is None
+    rng = np.random.default_rng(0)
+    blobs = torch.from_numpy((rng.random((40, 40, 12)) < 0.08).astype(np.uint8))  # many small components
+    expected = KeepLargestConnectedComponent(applied_labels=[1])(blobs[None])[0].bool().numpy()
+    assert np.array_equal(structure_regions(blobs, structures[:1])[0], expected) and 20 < expected.sum() < 1000
+
+
 def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
     """Prompt-free two-stage inference on the held-out CT: the starter's coarse liver becomes a 3-D box, the
     foundation decodes it; the liver comes out far closer to the reference than the starter's own."""

@@ -26,13 +26,24 @@ Box = tuple[np.ndarray, np.ndarray]  # (low, high) corners in mm along the layou
 MIN_IOU = 0.25  # a found box overlapping its atlas box less than this is taken to be elsewhere than the structure
 
 
+def mask_extent(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box of index ranges holding a mask, from its projections on each axis; None if it is empty."""
+    extent = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if not len(hit):
+            return None
+        extent.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(extent)
+
+
 def box_of(mask, spacing) -> Box | None:
     """A mask's 3-D box in mm (a voxel spans [index, index + 1) times the spacing); None if the mask is empty."""
-    idx = np.argwhere(np.asarray(mask))
-    if not len(idx):
+    extent = mask_extent(np.asarray(mask))
+    if extent is None:
         return None
     step = np.asarray(spacing, dtype=np.float64)
-    return idx.min(0) * step, (idx.max(0) + 1) * step
+    return np.array([e.start for e in extent]) * step, np.array([e.stop for e in extent]) * step
 
 
 def atlas_entry(masks: dict, spacing, plane: str) -> dict:

@@ -174,7 +174,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def atlas_command(args: argparse.Namespace) -> int:
     """Adds labelled volumes to a checkpoint's box atlas (what the second stage's context prompts use; the train
     task adds the volumes it trains on), without training; writes the checkpoint to --output."""
-    from .training import SliceData, TrainItem, update_box_atlas
+    from .training import TrainItem, atlas_entries, update_box_atlas
 
     model = load_model(args.checkpoint)
     items = []
@@ -185,15 +185,13 @@ def atlas_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--case wants MODALITY:IMAGE:LABEL, got {spec!r}")
         model.config.modality(modality.lower())  # an unknown modality is refused by name
         items.append(TrainItem(_image_stem(Path(image)), image, label, modality.lower()))
-    data = SliceData(items, model)
-    if data.refused:
-        raise ValueError("; ".join(f"{k}: {v}" for k, v in data.refused.items()))
-    update_box_atlas(model, data.atlas)
+    entries = atlas_entries(items, model)
+    update_box_atlas(model, entries)
     if args.version:
         model.config.version = args.version
     save_model(model, args.output, half=args.half)
-    for name, entries in data.atlas.items():
-        for e in entries:
+    for name, added in entries.items():
+        for e in added:
             print(f"{name} {e['id']} ({e['plane']}): {', '.join(e['boxes']) or 'no structure'}")
     print(f"wrote {args.output}")
     return 0

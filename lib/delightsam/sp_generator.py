@@ -47,13 +47,18 @@ class SPGenerator(nn.Module):
 def boxes_from_masks(masks: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
     """Binary masks [..., H, W] -> their bounding boxes [..., 4] (x0, y0, x1, y1 in pixels, grown by ``margin``
     pixels and kept inside the image); NaN where a mask is empty."""
-    h, w = masks.shape[-2:]
-    rows, cols = masks.any(dim=-1), masks.any(dim=-2)
-    idx_r = torch.arange(h, device=masks.device).expand_as(rows)
-    idx_c = torch.arange(w, device=masks.device).expand_as(cols)
-    big = torch.tensor(10**9, device=masks.device)
+    return boxes_from_profiles(masks.any(dim=-1), masks.any(dim=-2), margin)
+
+
+def boxes_from_profiles(rows: torch.Tensor, cols: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """``boxes_from_masks`` from the masks' profiles: ``rows`` [..., H] and ``cols`` [..., W], whether each row
+    and column holds any of the mask (a caller with a volume gets these by cheap reductions)."""
+    h, w = rows.shape[-1], cols.shape[-1]
+    idx_r = torch.arange(h, device=rows.device).expand_as(rows)
+    idx_c = torch.arange(w, device=cols.device).expand_as(cols)
+    big = torch.tensor(10**9, device=rows.device)
     y0, y1 = torch.where(rows, idx_r, big).amin(-1), torch.where(rows, idx_r, -big).amax(-1)
     x0, x1 = torch.where(cols, idx_c, big).amin(-1), torch.where(cols, idx_c, -big).amax(-1)
     boxes = torch.stack([x0 - margin, y0 - margin, x1 + margin, y1 + margin], dim=-1).float()
-    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w - 1, h - 1, w - 1, h - 1], device=masks.device).float())
+    boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([w - 1, h - 1, w - 1, h - 1], device=rows.device).float())
     return torch.where(rows.any(-1, keepdim=True), boxes, torch.full_like(boxes, float("nan")))

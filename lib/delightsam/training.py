@@ -137,6 +137,35 @@ def update_split(path: str | Path, ids: list[str], val_fraction: float = 0.2) ->
 
 
 # ---- the data -------------------------------------------------------------------------------------
+def oriented_label(item: TrainItem, spec):
+    """A labelled volume read as inference reads it: (image, its ``Oriented`` geometry, the label map in the plane's
+    layout, [S] whether the label speaks for each structure)."""
+    image = read_volume(item.image)
+    oriented = orient(image)
+    return image, oriented, oriented.to_layout(item_label(item, image)), known_structures(item, spec)
+
+
+def volume_atlas_entry(oriented, label: torch.Tensor, spec, known: torch.Tensor) -> dict:
+    """A volume's box atlas entry (``box_atlas.atlas_entry``) from its label in the plane's layout: the structures
+    its label speaks for."""
+    return atlas_entry({s.name: structure_mask(label, s) for s, k in zip(spec.structures, known.tolist()) if k},
+                       oriented.spacing, oriented.plane)
+
+
+def atlas_entries(items: list[TrainItem], model: DeLightSAM) -> dict[str, list[dict]]:
+    """Per modality, the box atlas entries of labelled volumes (what ``update_box_atlas`` takes), without cutting
+    their slices for training. A volume that cannot be read is an error that names it."""
+    entries: dict[str, list[dict]] = {}
+    for item in items:
+        spec = model.config.modality(item.modality)
+        try:
+            _, oriented, label, known = oriented_label(item, spec)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"{item.id}: cannot be read: {str(e).strip().splitlines()[0][:300]}") from e
+        entries.setdefault(item.modality, []).append({"id": item.id, **volume_atlas_entry(oriented, label, spec, known)})
+    return entries
+
+
 class SliceData:
     """The training volumes as fitted grey slices and structure masks, with seeded sampling. With ``spill_dir``
     the slices live in memory-mapped files there (a datastore of hundreds of volumes trains in bounded memory;
@@ -150,7 +179,7 @@ class SliceData:
         self.normalise = get_normalization(model)
         for item in items:
             try:
-                grey, fitted, masks, entry = self._slices(item, model)
+                grey, fitted, masks, entry, known = self._slices(item, model)
             except (ValueError, RuntimeError, OSError) as e:  # an unreadable file, a label off the image's grid
                 self.refused[item.id] = f"cannot be read for training: {str(e).strip().splitlines()[0][:300]}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
@@ -163,7 +192,7 @@ class SliceData:
             self.masks.append(masks)
             self.modality.append(item.modality)
             self.atlas.setdefault(item.modality, []).append({"id": item.id, **entry})
-            self.known.append(known_structures(item, model.config.modality(item.modality)))
+            self.known.append(known)
             self.foreground.append(masks.flatten(1).any(1))
         if not self.grey:
             raise ValueError("no training volume could be read: " + "; ".join(f"{k}: {v}" for k, v in self.refused.items()))
@@ -173,24 +202,20 @@ class SliceData:
         self.bg_index = [i for i, f in zip(self.index, fg.tolist()) if not f]
         self.max_structures = max(m.shape[1] for m in self.masks)
 
-    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, dict]:
+    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, dict, torch.Tensor]:
         """A volume's slices as inference cuts them (``geometry``: its plane's layout, grey levels, NaN policy,
-        fitting), the structure masks of its label on the same slices, and its box atlas entry (the structures
-        its label speaks for)."""
+        fitting), the structure masks of its label on the same slices, its box atlas entry and which structures
+        its label speaks for."""
         spec = model.config.modality(item.modality)
-        image = read_volume(item.image)
-        oriented = orient(image)
+        _, oriented, label, known = oriented_label(item, spec)
         grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
-        label = oriented.to_layout(item_label(item, image))
-        known = known_structures(item, spec).tolist()
-        entry = atlas_entry({s.name: structure_mask(label, s) for s, k in zip(spec.structures, known) if k},
-                            oriented.spacing, oriented.plane)
+        entry = volume_atlas_entry(oriented, label, spec, known)
         label = label.movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         fitted = fitted_size(tuple(grey.shape[-2:]), self.size, oriented.spacing[:2], spec.pixel_mm)
         grey, fitted = fit_to_square(grey[:, None], self.size, fitted=fitted)
         masks, _ = fit_to_square(masks, self.size, mode="nearest", fitted=fitted)
-        return grey.to(torch.float16), fitted, masks.bool(), entry
+        return grey.to(torch.float16), fitted, masks.bool(), entry, known
 
     def sample(self, epoch: int, step: int, n: int, seed: int, fg_fraction: float) -> list[tuple[int, int]]:
         """The same n slices on every process for a given (seed, epoch, step)."""

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.data import ITKReader
-from monai.transforms import FillHoles, KeepLargestConnectedComponent, LoadImage
+from monai.transforms import FillHoles, LoadImage
+from scipy import ndimage
 from torch import nn
 
-from .box_atlas import box_of, context_boxes
+from .box_atlas import box_of, context_boxes, mask_extent
 from .config import Modality, Structure
 from .geometry import Oriented, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
@@ -197,7 +198,7 @@ def part_indices(structures: list[Structure]) -> dict[int, list[int]]:
 
 def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
     """Per structure mask (a whole with its parts, see ``structure_mask``): keep the largest connected
-    component and fill its holes (MONAI transforms, 3-D). Wholes are drawn first and their parts over them, so
+    component and fill its holes (3-D). Wholes are drawn first and their parts over them, so
     a part enclosed by its whole (white matter in the brain) is never filled over. A hole is filled only where
     nothing was labelled, by the smallest structure that encloses it (white matter's hole goes to the white
     matter, not to the grey matter around both)."""
@@ -206,8 +207,8 @@ def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
     for s in structures:
         mask = structure_mask(labels, s)
         if mask.any():
-            x = KeepLargestConnectedComponent(applied_labels=[1])(mask[None].to(torch.uint8))
-            cleaned[s.label] = (mask, torch.as_tensor(FillHoles(applied_labels=[1])(x))[0].bool())
+            largest = torch.from_numpy(largest_component(mask.numpy()))[None].to(torch.uint8)
+            cleaned[s.label] = (mask, torch.as_tensor(FillHoles(applied_labels=[1])(largest))[0].bool())
     wholes = [s for s in structures if s.parts and s.label in cleaned]
     others = sorted((s for s in structures if not s.parts and s.label in cleaned), key=lambda s: int(cleaned[s.label][1].sum()))
     for s in wholes:
@@ -297,30 +298,47 @@ def _batches(depth: int, batch_size: int, progress: bool = False):
 
 
 # ---- the second stage: box prompts from the first -------------------------------------------------------
-def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[torch.Tensor | None]:
-    """Per structure, the mask of its largest 3-D connected component in a label map ([rows, columns, slices]);
-    None where the structure is absent (or only specks of fewer than ``min_voxels``)."""
+def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[np.ndarray | None]:
+    """Per structure, the mask ([rows, columns, slices], numpy) of its largest 3-D connected component in a label
+    map; None where the structure is absent (or only specks of fewer than ``min_voxels``)."""
+    volume = np.asarray(labels)
     regions = []
     for s in structures:
-        mask = structure_mask(labels, s)
-        if int(mask.sum()) < min_voxels:
-            regions.append(None)
-            continue
-        largest = torch.as_tensor(KeepLargestConnectedComponent(applied_labels=[1])(mask[None].to(torch.uint8)))[0].bool()
-        regions.append(largest if int(largest.sum()) >= min_voxels else None)
+        mask = structure_mask(volume, s)
+        region = largest_component(mask) if np.count_nonzero(mask) >= min_voxels else None
+        regions.append(region if region is not None and np.count_nonzero(region) >= min_voxels else None)
     return regions
 
 
-def slice_boxes(regions: list[torch.Tensor | None], prompts: str, depth: int) -> torch.Tensor:
+FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours, as MONAI's KeepLargestConnectedComponent
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """A mask's largest 26-connected component. Labelled within the mask's extent only: labelling a whole
+    512x512x100 volume per structure took seconds of the second stage."""
+    out = np.zeros(mask.shape, dtype=bool)
+    extent = mask_extent(mask)
+    if extent is None:
+        return out
+    components, count = ndimage.label(mask[extent], structure=FULL_CONNECTIVITY)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    out[extent] = components == int(sizes.argmax())
+    return out
+
+
+def slice_boxes(regions: list, prompts: str, depth: int) -> torch.Tensor:
     """[slices, S, 4] boxes (x0, y0, x1, y1 = column, row, column, row on the slice; NaN: none) from the
-    structures' regions: one 3-D box over each region's extent and one slice beyond it, or each slice's own box."""
-    from .sp_generator import boxes_from_masks
+    structures' regions ([rows, columns, slices] masks): one 3-D box over each region's extent and one slice beyond
+    it, or each slice's own box."""
+    from .sp_generator import boxes_from_profiles
 
     boxes = torch.full((depth, len(regions), 4), float("nan"))
     for k, region in enumerate(regions):
         if region is None:
             continue
-        per_slice = boxes_from_masks(region.permute(2, 0, 1))  # [slices, 4]
+        region = np.asarray(region)
+        per_slice = boxes_from_profiles(torch.from_numpy(region.any(1).T), torch.from_numpy(region.any(0).T))
         if prompts == "slice":
             boxes[:, k] = per_slice
             continue

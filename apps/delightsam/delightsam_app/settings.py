@@ -26,7 +26,8 @@ class AppSettings:
     cleanup: bool  # largest connected component and hole filling per structure
     # the modalities segmented in two stages by default (a request's `refine` overrides): the model's own coarse
     # masks become box prompts that all of the foundation (LiteMedSAM) decodes; far more accurate on CT organs,
-    # slower, and wrong for brain tissue (the model card). --conf refine: true (all), false (none) or names ("ct")
+    # slower, and wrong for brain tissue (the model card). --conf refine: true (all), false (none) or names (the
+    # default: "ct", the CT organs)
     refine: frozenset[str]
     # the automatic prompts of the second stage: "slice" (each slice's own box; the default: a whole scan's
     # stray first-stage voxels do not widen every slice's box) or "3d" (one box per structure over its extent)
@@ -64,7 +65,7 @@ class AppSettings:
             batch_size=int(conf.get("batch_size", 4)),
             threads=int(conf.get("threads", 0)),
             cleanup=strtobool(conf.get("cleanup", "false")),
-            refine=_refined_modalities(conf.get("refine", "false")),
+            refine=_refined_modalities(conf.get("refine", "ct")),
             prompts=conf.get("prompts", "slice"),
             refine_size=_refine_size(conf.get("refine_size", "96")),
             refine_every_mm=max(float(conf.get("refine_every_mm", 10)), 0.0),
