@@ -120,8 +120,8 @@ def test_context_prompts_write_the_atlas_box_in_voxels_and_leave_out_one_beyond_
     liver[:20, :40, :10] = True  # 40 x 40 x 30 mm from the origin: the atlas's frame as it is
     spleen[0:2, 35:40, 0:2] = True  # far from where the atlas puts it
     boxes = slice_boxes([liver, spleen, None], "slice", 10)
-    note = context_prompts(boxes, [liver, spleen, None], spec, oriented)
-    assert "relative to liver: spleen" in note
+    note, boxed = context_prompts(boxes, [liver, spleen, None], spec, oriented)
+    assert "relative to liver: spleen" in note and boxed == [1]
     # spleen 10-20 mm of rows (2 mm): rows 5-9; 20-30 mm of columns (1 mm): columns 20-29; 6-15 mm of slices: 2-4
     assert torch.isnan(boxes[:2, 1]).all() and torch.isnan(boxes[5:, 1]).all()
     assert boxes[2:5, 1].tolist() == [[20.0, 5.0, 29.0, 9.0]] * 3
@@ -129,5 +129,5 @@ def test_context_prompts_write_the_atlas_box_in_voxels_and_leave_out_one_beyond_
     kidney[30:40, 0:5, 0:3] = True
     spec.box_atlas[0]["boxes"]["kidney"] = [90, 90, 0, 100, 100, 30]  # beyond the liver's frame and the volume
     boxes = slice_boxes([liver, None, kidney], "3d", 10)
-    note = context_prompts(boxes, [liver, None, kidney], spec, oriented)
-    assert torch.isnan(boxes[:, 2]).all() and "kidney: the atlas puts it outside this volume" in note
+    note, boxed = context_prompts(boxes, [liver, None, kidney], spec, oriented)
+    assert torch.isnan(boxes[:, 2]).all() and "kidney: the atlas puts it outside this volume" in note and boxed == []

@@ -156,8 +156,8 @@ def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
 def test_context_prompts_find_the_stomach_the_first_stage_missed(student, samples, tmp_path):
     """The held-out CT's stomach is full where the training CT's was collapsed: the starter does not see it, and
     without its box atlas the second stage has no stomach; the atlas puts the stomach's box where the liver and
-    spleen found say it is, and the foundation finds it there: in the app's setting, in the DICOM series' storage
-    order and reversed in all three axes."""
+    spleen found say it is, and the foundation finds it there, decoding that loose box on whole slices: in the app's
+    setting, in the DICOM series' storage order and reversed in all three axes."""
     import copy
 
     import nibabel as nib
@@ -183,9 +183,10 @@ def test_context_prompts_find_the_stomach_the_first_stage_missed(student, sample
     for path in (series, tmp_path / "reversed.nii.gz"):
         volume = read_volume(path)
         result = segment_volume(starter, volume, "ct", refiner=quick, refine_every_mm=10)
-        assert any("box atlas" in note and "stomach" in note for note in result.notes), result.notes
+        assert any("box atlas" in note and "stomach" in note and "whole slices at input 160" in note
+                   for note in result.notes), result.notes
         stomach, liver = dice(result.labels, volume, 5, 6), dice(result.labels, volume, 1, 5)
-        assert stomach > 0.7 and liver > 0.9, (path.name, stomach, liver)
+        assert stomach > 0.8 and liver > 0.9, (path.name, stomach, liver)
 
 
 def test_keyframes_run_by_run():
