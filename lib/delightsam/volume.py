@@ -418,8 +418,7 @@ def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: tor
     boxes = slice_boxes(regions, prompts, depth)
     context, boxed = context_prompts(boxes, regions, spec, oriented)
     labels = torch.zeros_like(coarse)
-    atlas_boxes, boxes = boxes, boxes.clone()
-    boxes[:, boxed] = float("nan")  # decoded on whole slices instead (_context_pass)
+    boxes, atlas_boxes = _split(boxes, boxed)  # those the atlas boxed are decoded on whole slices (_context_pass)
     todo = _boxed_slices(boxes)  # the atlas boxes a structure only relative to one found, which keeps its boxes
     if not todo:
         return labels, "refined no slice: no structure was found to box"
@@ -444,6 +443,13 @@ def _refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: tor
     kind = "3-D boxes" if prompts == "3d" else "boxes per slice"
     decoded = f"{len(keys)} decoded, the others interpolated; " if len(keys) < len(todo) else ""
     return labels, f"refined {len(todo)} of {depth} slices with {kind} ({decoded}a {part.shape[0]}x{part.shape[1]} part of each, at input {size}){context}"
+
+
+def _split(boxes: torch.Tensor, columns: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``boxes`` [slices, S, 4] as two: without the structures ``columns`` (NaN there), and with only them."""
+    without, only = boxes.clone(), torch.full_like(boxes, float("nan"))
+    without[:, columns], only[:, columns] = float("nan"), boxes[:, columns]
+    return without, only
 
 
 def _boxed_slices(boxes: torch.Tensor) -> list[int]:
@@ -478,11 +484,9 @@ def _decode(model: DeLightSAM, modality: str, grey: torch.Tensor, boxes: torch.T
 
 def _context_pass(model: DeLightSAM, spec: Modality, grey: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
                   boxed: list[int], stride: int, batch_size: int, threshold: float) -> str:
-    """Decodes the structures ``boxed`` by the atlas on whole slices (see CONTEXT_SIZE) and draws them in ``labels``
-    where no other structure is; returns a note."""
-    only = torch.full_like(boxes, float("nan"))
-    only[:, boxed] = boxes[:, boxed]
-    todo = _boxed_slices(only)
+    """Decodes the structures ``boxed`` by the atlas (``boxes`` [slices, S, 4] has only theirs) on whole slices (see
+    CONTEXT_SIZE) and draws them in ``labels`` where no other structure is; returns a note."""
+    todo = _boxed_slices(boxes)
     stride = max(stride, int(np.ceil(len(todo) / (CONTEXT_KEYFRAMES - 1))))
     ids = torch.tensor([spec.structures[k].label for k in boxed], dtype=labels.dtype)
 
@@ -491,5 +495,5 @@ def _context_pass(model: DeLightSAM, spec: Modality, grey: torch.Tensor, labels:
         free = (best > threshold) & (labels[..., z] == 0)
         labels[..., z][free] = ids[index[free]]
 
-    keys = _decode(model, spec.name, grey, only, todo, stride, batch_size, draw)
+    keys = _decode(model, spec.name, grey, boxes, todo, stride, batch_size, draw)
     return f"; those decoded on {len(keys)} whole slices at input {model.config.img_size}"
