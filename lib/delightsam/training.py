@@ -39,7 +39,7 @@ from .model import DeLightSAM
 from .normalization import get_normalization
 from .teachers import load_teacher
 from .geometry import fit_to_square, fitted_size, grey_volume, model_input, orient
-from .volume import read_label, read_volume, segment_volume, structure_mask
+from .volume import READ_ERRORS, read_error, read_label, read_volume, segment_volume, structure_mask
 
 logger = logging.getLogger(__name__)
 TRAINABLE = ("controllers", "modality", "all")
@@ -138,18 +138,18 @@ def update_split(path: str | Path, ids: list[str], val_fraction: float = 0.2) ->
 
 # ---- the data -------------------------------------------------------------------------------------
 def oriented_label(item: TrainItem, spec):
-    """A labelled volume read as inference reads it: (image, its ``Oriented`` geometry, the label map in the plane's
+    """A labelled volume read as inference reads it: (its ``Oriented`` geometry, the label map in the plane's
     layout, [S] whether the label speaks for each structure)."""
     image = read_volume(item.image)
     oriented = orient(image)
-    return image, oriented, oriented.to_layout(item_label(item, image)), known_structures(item, spec)
+    return oriented, oriented.to_layout(item_label(item, image)), known_structures(item, spec)
 
 
-def volume_atlas_entry(oriented, label: torch.Tensor, spec, known: torch.Tensor) -> dict:
-    """A volume's box atlas entry (``box_atlas.atlas_entry``) from its label in the plane's layout: the structures
-    its label speaks for."""
-    return atlas_entry({s.name: structure_mask(label, s) for s, k in zip(spec.structures, known.tolist()) if k},
-                       oriented.spacing, oriented.plane)
+def volume_atlas_entry(item_id: str, oriented, label: torch.Tensor, spec, known: torch.Tensor) -> dict:
+    """A volume's box atlas entry (``box_atlas.atlas_entry``, with its id) from its label in the plane's layout:
+    the structures its label speaks for."""
+    masks = {s.name: structure_mask(label, s) for s, k in zip(spec.structures, known.tolist()) if k}
+    return {"id": item_id, **atlas_entry(masks, oriented.spacing, oriented.plane)}
 
 
 def atlas_entries(items: list[TrainItem], model: DeLightSAM) -> dict[str, list[dict]]:
@@ -159,10 +159,10 @@ def atlas_entries(items: list[TrainItem], model: DeLightSAM) -> dict[str, list[d
     for item in items:
         spec = model.config.modality(item.modality)
         try:
-            _, oriented, label, known = oriented_label(item, spec)
-        except (ValueError, RuntimeError, OSError) as e:
-            raise ValueError(f"{item.id}: cannot be read: {str(e).strip().splitlines()[0][:300]}") from e
-        entries.setdefault(item.modality, []).append({"id": item.id, **volume_atlas_entry(oriented, label, spec, known)})
+            oriented, label, known = oriented_label(item, spec)
+        except READ_ERRORS as e:
+            raise ValueError(f"{item.id}: cannot be read: {read_error(e)}") from e
+        entries.setdefault(item.modality, []).append(volume_atlas_entry(item.id, oriented, label, spec, known))
     return entries
 
 
@@ -180,8 +180,8 @@ class SliceData:
         for item in items:
             try:
                 grey, fitted, masks, entry, known = self._slices(item, model)
-            except (ValueError, RuntimeError, OSError) as e:  # an unreadable file, a label off the image's grid
-                self.refused[item.id] = f"cannot be read for training: {str(e).strip().splitlines()[0][:300]}"
+            except READ_ERRORS as e:  # an unreadable file, a label off the image's grid
+                self.refused[item.id] = f"cannot be read for training: {read_error(e)}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
                 continue
             if spill_dir is not None:
@@ -191,7 +191,7 @@ class SliceData:
             self.fitted.append(fitted)
             self.masks.append(masks)
             self.modality.append(item.modality)
-            self.atlas.setdefault(item.modality, []).append({"id": item.id, **entry})
+            self.atlas.setdefault(item.modality, []).append(entry)
             self.known.append(known)
             self.foreground.append(masks.flatten(1).any(1))
         if not self.grey:
@@ -207,9 +207,9 @@ class SliceData:
         fitting), the structure masks of its label on the same slices, its box atlas entry and which structures
         its label speaks for."""
         spec = model.config.modality(item.modality)
-        _, oriented, label, known = oriented_label(item, spec)
+        oriented, label, known = oriented_label(item, spec)
         grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
-        entry = volume_atlas_entry(oriented, label, spec, known)
+        entry = volume_atlas_entry(item.id, oriented, label, spec, known)
         label = label.movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         fitted = fitted_size(tuple(grey.shape[-2:]), self.size, oriented.spacing[:2], spec.pixel_mm)
@@ -322,8 +322,8 @@ def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
             image = read_volume(item.image)
             truth = item_label(item, image)
             result = segment_volume(model, image, item.modality)
-        except (ValueError, RuntimeError, OSError) as e:
-            skipped[item.id] = str(e).strip().splitlines()[0][:300]
+        except READ_ERRORS as e:
+            skipped[item.id] = read_error(e)
             continue
         predicted = torch.from_numpy(result.labels.astype(np.int64))
         spec = model.config.modality(item.modality)

@@ -87,6 +87,16 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
+# what reading an image or label can raise for a bad file (ITK: RuntimeError; a label off the image's grid: ValueError)
+READ_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def read_error(error: BaseException) -> str:
+    """A reader's error as one line for a message: its first, at most 300 characters (MONAI appends every
+    reader's traceback)."""
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
 def read_volume(path):
     """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its (RAS) affine. A folder is read as
     the largest DICOM series in it or below it."""
@@ -320,7 +330,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     extent = mask_extent(mask)
     if extent is None:
         return out
-    components, count = ndimage.label(mask[extent], structure=FULL_CONNECTIVITY)
+    components, _ = ndimage.label(mask[extent], structure=FULL_CONNECTIVITY)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     out[extent] = components == int(sizes.argmax())
@@ -337,7 +347,7 @@ def slice_boxes(regions: list, prompts: str, depth: int) -> torch.Tensor:
     for k, region in enumerate(regions):
         if region is None:
             continue
-        region = np.asarray(region)
+        region = np.asarray(region)  # numpy from structure_regions; a tensor from a caller of its own
         per_slice = boxes_from_profiles(torch.from_numpy(region.any(1).T), torch.from_numpy(region.any(0).T))
         if prompts == "slice":
             boxes[:, k] = per_slice

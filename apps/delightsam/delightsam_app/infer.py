@@ -24,7 +24,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import strtobool
 
 from delightsam.geometry import as_volume
-from delightsam.volume import PROMPTS, dicom_series, image_reader, segment_volume
+from delightsam.volume import PROMPTS, dicom_series, image_reader, read_error, segment_volume
 
 from . import anatomy
 from .dicom_seg import write_dicom_seg
@@ -94,9 +94,8 @@ class DeLightSAMInfer(BasicInferTask):
         try:
             return super().run_pre_transforms(data, transforms)
         except Exception as e:  # ITK raises RuntimeError/OSError for files it cannot read
-            reason = str(e).strip().splitlines()[0][:300]  # MONAI appends every reader's traceback
             raise HTTPException(422, f"cannot read {name!r} as a medical image volume (NIfTI, NRRD or a DICOM "
-                                     f"series): {reason}") from e
+                                     f"series): {read_error(e)}") from e
 
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         model = self.served.network(device, data.get("model_filename"))
