@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import psutil
 import pytest
 import requests
@@ -52,11 +54,11 @@ def _kill_when(folder: Path, pattern: str, pid: int, timeout: float = 300) -> bo
     return False
 
 
-def _save(url: str, data: bytes) -> int | None:
+def _save(url: str, data: bytes, params: dict | None = None) -> int | None:
     """The status of saving ``data`` as the final label of ts_ct_small; None if the server died under it."""
     try:
         reply = requests.put(f"{url}/datastore/label", params={"image": "ts_ct_small", "tag": "final"},
-                             files={"label": ("ts_ct_small.nii.gz", data)}, data={"params": json.dumps({})},
+                             files={"label": ("ts_ct_small.nii.gz", data)}, data={"params": json.dumps(params or {})},
                              timeout=300)
     except requests.ConnectionError:
         return None
@@ -72,14 +74,29 @@ def _own_label(url: str) -> bytes:
     return reply.content
 
 
+def _liver(source: Path, folder: Path, padding_mb: int = 0) -> bytes:
+    """The reference liver of the image as value 1, as a NIfTI file's bytes; ``padding_mb`` of random bytes in a
+    header extension make a valid label large enough that its save can be killed in the middle."""
+    reference = nib.load(source)
+    image = nib.Nifti1Image((np.asarray(reference.dataobj) == 5).astype(np.uint8), reference.affine)
+    if padding_mb:
+        image.header.extensions.append(nib.nifti1.Nifti1Extension(6, os.urandom(padding_mb * 2**20)))
+    path = folder / f"liver_{padding_mb}.nii.gz"
+    nib.save(image, path)
+    return path.read_bytes()
+
+
+LIVER = {"label_info": [{"name": "liver", "idx": 1}]}
+
+
 def test_killed_while_saving_a_label_the_label_is_old_or_new(setup):
-    old = setup["label"].read_bytes()
-    new = os.urandom(96 * 2**20)  # large, so that the save takes long enough to be killed in the middle
+    old = _liver(setup["label"], setup["tmp"])
+    new = _liver(setup["label"], setup["tmp"], padding_mb=96)  # large, so that the save takes long to be killed in
     final = setup["studies"] / "labels" / "final"
     with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, proc):
-        _save(url, old)
+        _save(url, old, LIVER)
         assert (final / "ts_ct_small.nii.gz").read_bytes() == old
-        saver = threading.Thread(target=_save, args=(url, new))
+        saver = threading.Thread(target=_save, args=(url, new, LIVER))
         saver.start()
         assert _kill_when(final, ".ts_ct_small.nii.gz.*.tmp", proc.pid), "the save was never seen under way"
         saver.join(60)

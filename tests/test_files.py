@@ -42,3 +42,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_the_umask_is_read_once_and_never_set_while_writing(tmp_path, monkeypatch):
+    """Reading the umask means setting it; done while other threads create files, that would let them create
+    world-writable ones. It is read once, at import, and a write never touches it."""
+    from delightsam import files
+
+    assert files.UMASK == _umask()
+
+    def no_umask(mask):
+        raise AssertionError("os.umask called while writing")
+
+    monkeypatch.setattr(os, "umask", no_umask)
+    target = write_text(tmp_path / "index.json", "{}")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644 & ~files.UMASK

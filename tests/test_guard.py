@@ -223,3 +223,58 @@ def test_the_pacs_datastore_is_monailabels_with_its_interface_overridden():
     assert issubclass(PacsDatastore, DICOMWebDatastore)
     for method in ("list_images", "get_labeled_images", "save_label"):  # the Datastore interface's own methods
         assert method in PacsDatastore.__dict__ and hasattr(DICOMWebDatastore, method)
+
+
+def test_a_refiner_is_kept_only_beside_the_model_being_served(tmp_path):
+    """A request still running on a model that a hot reload replaced gets a refiner of its own, which is not kept:
+    once the request ends, nothing holds the old model."""
+    import gc
+    import weakref
+
+    from conftest import make_test_checkpoint
+    from delightsam_app.served import ServedModel
+    from delightsam_app.settings import AppSettings
+
+    checkpoint = make_test_checkpoint(tmp_path / "served.safetensors", seed=0, version="old")
+    served = ServedModel(AppSettings.from_conf({"checkpoint": str(checkpoint), "model_dir": str(tmp_path / "m")},
+                                               APP_DIR), tmp_path / "m")
+    old = served.network("cpu")
+    assert served.refiner(old) is served.refiner(old)  # built once for the served model
+    make_test_checkpoint(checkpoint, seed=1, version="new")  # training publishes; the next request reloads
+    new = served.network("cpu")
+    assert new.config.version == "new" and new is not old
+    late = served.refiner(old)  # the request that began on the old model finishes its second stage
+    assert late is not served.refiner(new) and served.refiner(new) is served.refiner(new)
+    gone = weakref.ref(old)
+    del old, late
+    gc.collect()
+    assert gone() is None  # no refiner, cache or reference keeps the replaced model
+
+
+def test_the_work_gate_is_shared_by_processes(tmp_path):
+    """The batch and scoring processes take the same slots as the server's inferences: a slot another process
+    holds is not free here until it lets go."""
+    import subprocess
+
+    from filelock import Timeout
+
+    from delightsam_app.gate import WorkGate
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(APP_DIR)!r})\n"
+                               "from delightsam_app.gate import WorkGate\n"
+                               f"with WorkGate({str(tmp_path)!r}, 1)():\n"
+                               "    print('held', flush=True); sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        gate = WorkGate(tmp_path, 1)
+        with pytest.raises(Timeout):
+            gate.slots[0].acquire(timeout=0)
+        assert gate._free() is None
+    finally:
+        holder.stdin.close()  # lets go
+        holder.wait(30)
+    with gate():  # free once the other process let go
+        assert gate._free() is gate.slots[0]  # re-entrant in this thread
+        gate.slots[0].release()

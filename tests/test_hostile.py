@@ -41,8 +41,10 @@ def _refused(reply, status: int, words: str) -> None:
 
 
 def _infer(url, image="ts_ct_small", params=None, **files):
+    """An inference of the first stage only (these tests are about the edge, not the random model's boxes)."""
     return requests.post(f"{url}/infer/delightsam_ct", params={"image": image, "output": "json"},
-                         data={"params": json.dumps(params or {})}, files=files or None, timeout=300)
+                         data={"params": json.dumps({"refine": False, **(params or {})})}, files=files or None,
+                         timeout=300)
 
 
 def _session(url, name: str, data: bytes):
@@ -52,12 +54,122 @@ def _session(url, name: str, data: bytes):
 @pytest.mark.parametrize("name", [f"../../{TOKEN}", f"/tmp/{TOKEN}", f"a/../../{TOKEN}"])
 def test_a_training_run_name_cannot_be_a_path(server, name):
     reply = requests.post(f"{server['url']}/train/delightsam", json={"name": name, "resume": False}, timeout=30)
-    _refused(reply, 422, "invalid training run name")
+    _refused(reply, 422, "option 'name'")
 
 
 @pytest.mark.parametrize("image", ["/etc/hostname", f"../../{TOKEN}", "studies/../ts_ct_small"])
 def test_an_image_cannot_be_a_server_path(server, image):
     _refused(_infer(server["url"], image=image), 422, "server paths are refused")
+
+
+@pytest.mark.parametrize("image", ["/etc/hostname", "/", str(REPO / "data"), "ts_ct", "data"])
+def test_params_cannot_name_another_image_than_the_checked_one(server, image):
+    """monailabel merges `params` into the request after the route checked `image`: a params image would replace
+    the checked id (a server path, another datastore image, a folder the server would walk)."""
+    _refused(_infer(server["url"], params={"image": image}), 422, "cannot set 'image'")
+    for key, value in (("session", {"image": "/etc/hostname"}), ("model", "delightsam_mr"),
+                       ("save_label", True), ("label_tag", "final")):
+        _refused(_infer(server["url"], params={key: value}), 422, f"cannot set {key!r}")
+
+
+@pytest.mark.parametrize("image", ["data", "apps", "README.md", "scripts", "tests"])
+def test_an_id_that_names_something_in_the_servers_folder_is_only_a_datastore_id(server, image):
+    """The server runs in the repository (as under `make run`): these ids pass the id pattern and exist relative to
+    its working folder; they are looked up in the datastore only, never walked or read."""
+    reply = _infer(server["url"], image=image, params={"result_extension": ".dcm"})
+    _refused(reply, 404, f"no image {image!r} in the datastore")
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"refine": "maybe"}, "option 'refine'"),
+    ({"device": "foo"}, "option 'device'"),
+    ({"device": "cuda"}, "CUDA device"),
+    ({"result_extension": f"/../../{TOKEN}.nii.gz"}, "option 'result_extension'"),
+    ({"logging": 7}, "option 'logging'"),
+    ({"timeout": 1e9}, "unknown option 'timeout'"),
+    ({"result_write_to_file": False}, "unknown option 'result_write_to_file'"),
+])
+def test_a_bad_option_is_a_422_that_names_it(server, params, words):
+    _refused(_infer(server["url"], params=params), 422, words)
+
+
+def test_jobs_in_the_background_check_their_options_before_they_start(server):
+    url = server["url"]
+    _refused(requests.post(f"{url}/train/delightsam", json={"max_epochs": "lots"}, timeout=30), 422, "option 'max_epochs'")
+    _refused(requests.post(f"{url}/train/delightsam", params={"run_sync": "true"}, json={}, timeout=30), 422,
+             "run_sync is not available")
+    _refused(requests.post(f"{url}/train/", json={"delightsam": {"lr": "fast"}}, timeout=30), 422, "option 'lr'")
+    _refused(requests.post(f"{url}/train/other", json={}, timeout=30), 404, "no model named 'other'")
+    _refused(requests.post(f"{url}/batch/infer/delightsam_ct", json={"label_tag": "final"}, timeout=30), 422,
+             "never `final`")
+    _refused(requests.post(f"{url}/batch/infer/delightsam_xray", json={}, timeout=30), 404, "no model named")
+    _refused(requests.post(f"{url}/scoring/nosuch", json={}, timeout=30), 404, "no method named 'nosuch'")
+    _refused(requests.post(f"{url}/scoring/uncertainty", json={"x": 1}, timeout=30), 422, "unknown option 'x'")
+    _refused(requests.post(f"{url}/activelearning/uncertain", json={"strategy": "random"}, timeout=30), 422,
+             "cannot set 'strategy'")
+    _refused(requests.post(f"{url}/activelearning/uncertain", json={"labels": 3, "x": 1}, timeout=30), 422,
+             "unknown option 'x'")
+    reply = requests.put(f"{url}/datastore/image/info", params={"image": "ts_ct_small"},
+                         data={"info": json.dumps({"modality": "xray"})}, timeout=30)
+    _refused(reply, 422, "option 'modality'")
+    reply = requests.put(f"{url}/datastore/image/info", params={"image": "ts_ct_small"},
+                         data={"info": json.dumps({"strategy": {"random": {"ts": "junk"}}})}, timeout=30)
+    _refused(reply, 422, "cannot set 'strategy'")
+
+
+def _save_label(url, data: bytes, params: dict, name="label.nii.gz", image="ts_ct_small"):
+    return requests.put(f"{url}/datastore/label", params={"image": image, "tag": "final"},
+                        files={"label": (name, data)}, data={"params": json.dumps(params)}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def liver_label(server, samples, tmp_path_factory):
+    """The reference liver of ts_ct_small as value 1 (as Slicer saves a one-segment label)."""
+    import nibabel as nib
+    import numpy as np
+
+    reference = nib.load(samples / "samples" / "labels" / "ts_ct_small.nii.gz")
+    liver = (np.asarray(reference.dataobj) == 5).astype(np.uint8)
+    path = tmp_path_factory.mktemp("labels") / "liver.nii.gz"
+    nib.save(nib.Nifti1Image(liver, reference.affine), path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("idx", [-1, 0, 256, 2_000_000_000])
+def test_label_indices_beyond_uint8_are_refused_and_nothing_is_saved(server, liver_label, idx):
+    reply = _save_label(server["url"], liver_label, {"label_info": [{"name": "liver", "idx": idx}]})
+    _refused(reply, 422, "option 'label_info.0.idx'")
+    assert not (server["studies"] / "labels" / "final" / "ts_ct_small.nii.gz").exists()
+
+
+def test_a_label_must_be_a_volume_on_its_images_grid(server, liver_label, samples):
+    url, final = server["url"], server["studies"] / "labels" / "final"
+    _refused(_save_label(url, os.urandom(4096), {}), 422, "cannot read it")
+    other_grid = (samples / "samples" / "labels" / "ts_ct.nii.gz").read_bytes()  # ts_ct's label, 112 slices
+    _refused(_save_label(url, other_grid, {"label_info": [{"name": "liver", "idx": 5}]}), 422, "not on the image's grid")
+    _refused(_save_label(url, liver_label, {"label_info": [{"name": "spleen", "idx": 2}]}), 422,
+             "values [1] are not named")
+    _refused(_save_label(url, liver_label, {"label_info": [{"name": "liver", "idx": 1}]}, name=f"../{TOKEN}.txt"), 415,
+             "not a file type")
+    assert not (final / "ts_ct_small.nii.gz").exists()
+    reply = requests.put(f"{url}/datastore/image/info", params={"image": "ts_ct_small"},
+                         data={"info": json.dumps({"modality": "CT"})}, timeout=30)  # its structures: the CT model's
+    assert reply.status_code == 200, reply.text
+    reply = _save_label(url, liver_label, {"label_info": [{"name": "Liver", "idx": 1}, {"name": "spleen", "idx": 2}]})
+    assert reply.status_code == 200, reply.text
+    assert "annotates liver for training" in reply.json()["notes"][-1]  # the empty spleen segment is not counted
+    assert (final / "ts_ct_small.nii.gz").read_bytes() == liver_label
+    requests.delete(f"{url}/datastore/label", params={"id": "ts_ct_small", "tag": "final"}, timeout=30).raise_for_status()
+
+
+@pytest.mark.parametrize("name", ["..", f"../../{TOKEN}.nii.gz", f"/tmp/{TOKEN}.nii.gz"])
+def test_an_uploaded_image_named_by_a_path_is_refused(server, name):
+    """PUT /datastore/image without an image id takes the id from the upload's file name."""
+    reply = requests.put(f"{server['url']}/datastore/image", files={"file": (name, os.urandom(2048))},
+                         data={"params": "{}"}, timeout=60)
+    assert reply.status_code in (415, 422), reply.text
+    assert requests.get(f"{server['url']}/datastore/", params={"output": "all"}, timeout=30).json()["objects"].keys() \
+        == {"ts_ct_small", "ts_ct"}
 
 
 def test_a_dicom_seg_of_any_folder_on_the_server_is_refused(server):
@@ -72,6 +184,9 @@ def test_label_tags_and_image_ids_cannot_be_paths(server):
     _refused(reply, 422, "invalid label tag")
     reply = requests.put(f"{server['url']}/datastore/image", params={"image": f"../{TOKEN}"},
                          files={"file": ("x.nii.gz", label)}, data={"params": "{}"}, timeout=60)
+    _refused(reply, 422, "invalid image id")
+    reply = requests.put(f"{server['url']}/datastore/image", files={"file": ("..", label)}, data={"params": "{}"},
+                         timeout=60)
     _refused(reply, 422, "invalid image id")
 
 
@@ -138,8 +253,9 @@ def test_a_detached_header_is_refused(server):
 
 
 def test_an_absurd_batch_size_is_refused(server):
-    _refused(_infer(server["url"], params={"batch_size": 100000}), 422, "batch_size must be a whole number from 1 to 32")
-    _refused(_infer(server["url"], params={"batch_size": "many"}), 422, "batch_size must be")
+    _refused(_infer(server["url"], params={"batch_size": 100000}), 422,
+             "option 'batch_size': must be a whole number from 1 to 32")
+    _refused(_infer(server["url"], params={"batch_size": "many"}), 422, "option 'batch_size'")
 
 
 def test_info_answers_while_an_inference_runs_and_the_queue_is_bounded(server):

@@ -10,7 +10,9 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
+from fastapi import HTTPException
 
 import delightsam
 from conftest import APP_DIR
@@ -21,7 +23,7 @@ from delightsam.volume import clean_up
 
 sys.path.insert(0, str(APP_DIR))
 from delightsam_app import anatomy  # noqa: E402
-from delightsam_app.labels import map_label  # noqa: E402
+from delightsam_app.labels import check_saved_label, map_label  # noqa: E402
 
 CT = {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4, "stomach": 5}
 TS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "stomach": 6}  # TotalSegmentator's ids
@@ -45,8 +47,13 @@ def test_slicer_positions_and_names_become_the_models_ids():
     twice = map_label({"label_info": [{"name": "Right kidney", "idx": 1}, {"name": "kidney_right", "idx": 2}]},
                       {0, 1, 2}, CT)
     assert twice.values == {1: 3, 2: 3} and twice.known == ["kidney_right"]
-    # without names, only a label whose values are the model's ids is used, and then for every structure
-    assert map_label({}, {0, 1, 5}, CT).known == list(CT)
+    # without names, only a label whose values are the model's ids is used, and then for the structures it holds
+    # (a liver-only label does not say that the other organs are absent)
+    assert map_label({}, {0, 1, 5}, CT).known == ["liver", "stomach"]
+    assert map_label({}, {0, 1}, CT).known == ["liver"]
+    # a named segment with no voxels is a structure the user did not draw (Slicer lists every segment)
+    empty = map_label({"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}, {0, 1}, CT)
+    assert empty.values == {1: 1, 2: 2} and empty.known == ["liver"]
     assert "not label ids" in map_label({"label_info": [{"name": "liver"}]}, {0, 1, 7}, CT).problem
     # names that are no structure of this modality (an MR label sent to the CT model) train nothing
     brain = map_label({"label_info": [{"name": "brain", "idx": 1}]}, {0, 1}, CT)
@@ -111,3 +118,69 @@ def test_clean_up_keeps_a_part_inside_its_whole():
         assert (cleaned[7:13, 7:13, 7:13] == 3).all()  # white matter kept, its hole filled as white matter
         assert cleaned[0, 0, 0] == 0 and (cleaned[4:16, 4:16, 4] == 2).all()
         assert int((cleaned == 1).sum()) == int((labels == 1).sum())
+
+
+def _saved(tmp_path, name: str, data: np.ndarray, affine: np.ndarray) -> str:
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return str(path)
+
+
+def test_a_label_is_read_against_its_image_before_it_is_saved(tmp_path, samples):
+    """The check a label passes at save time (``check_saved_label``), on the real CT and its reference label: in
+    another storage order it passes with the same values; on another grid, with values nobody named, with NaN,
+    fractions or values beyond uint8, or as random bytes it is refused by name."""
+    image = str(samples / "studies" / "ts_ct_small.nii.gz")
+    reference = nib.load(samples / "samples" / "labels" / "ts_ct_small.nii.gz")
+    raw = np.asarray(reference.dataobj).astype(np.uint8)
+    ts = np.where(np.isin(raw, list(TS.values())), raw, 0).astype(np.uint8)  # the five organs of the CT model
+    named = {"label_info": [{"name": n, "idx": i} for n, i in TS.items()]}
+    info, notes = check_saved_label(_saved(tmp_path, "ref.nii.gz", ts, reference.affine), image, named, CT)
+    assert set(info["values"]) >= set(TS.values()) - {0} and "annotates liver" in notes[-1]
+    from nibabel import orientations  # stored S-P-L instead of R-A-S: axes permuted and reversed
+
+    transform = orientations.ornt_transform(orientations.io_orientation(reference.affine),
+                                            orientations.axcodes2ornt(("S", "P", "L")))
+    turned_affine = reference.affine @ orientations.inv_ornt_aff(transform, ts.shape)
+    turned_data = np.ascontiguousarray(orientations.apply_orientation(ts, transform))
+    turned, _ = check_saved_label(_saved(tmp_path, "turned.nii.gz", turned_data, turned_affine), image, named, CT)
+    assert turned["values"] == info["values"]
+
+    def refused(data, affine=reference.affine, params=named, structures=CT, name="bad.nii.gz"):
+        path = _saved(tmp_path, name, data, affine) if data is not None else name
+        with pytest.raises(HTTPException) as e:
+            check_saved_label(path, image, params, structures)
+        assert e.value.status_code == 422 and e.value.detail.startswith("the label was not saved")
+        return e.value.detail
+
+    shifted = reference.affine.copy()
+    shifted[:3, 3] += 25.0
+    assert "not on the image's grid" in refused(ts, shifted)
+    assert "not on the image's grid" in refused(ts[:, :, :20])
+    assert "not named in label_info" in refused(ts, params={"label_info": [{"name": "liver", "idx": 5}]})
+    assert "not label ids of the model" in refused(ts, params={})  # TotalSegmentator's ids, unnamed
+    nan = ts.astype(np.float32)
+    nan[0, 0, 0] = np.nan
+    assert "NaN" in refused(nan)
+    assert "not whole numbers" in refused(ts.astype(np.float32) + 0.5)
+    assert "0 (background) to 255" in refused(ts.astype(np.int32) * 300)
+    assert "0 (background) to 255" in refused(ts.astype(np.int16) - 1)
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert "cannot read it" in refused(None, name=str(junk))
+    with pytest.raises(HTTPException) as e:
+        check_saved_label(str(junk), image, {"label_info": [{"name": "liver", "idx": 2_000_000_000}]}, CT)
+    assert "option 'label_info.0.idx'" in e.value.detail
+
+
+def test_an_empty_named_segment_is_not_counted_and_relabel_sizes_nothing_by_a_value(tmp_path, samples):
+    from delightsam.training import relabel
+
+    image = str(samples / "studies" / "ts_ct_small.nii.gz")
+    reference = nib.load(samples / "samples" / "labels" / "ts_ct_small.nii.gz")
+    liver = (np.asarray(reference.dataobj) == TS["liver"]).astype(np.uint8)
+    params = {"label_info": [{"name": "liver", "idx": 1}, {"name": "spleen", "idx": 2}]}  # spleen: drawn nowhere
+    info, notes = check_saved_label(_saved(tmp_path, "liver.nii.gz", liver, reference.affine), image, params, CT)
+    assert info["values"] == [1] and "spleen (2)" in notes[0] and "annotates liver for training" in notes[-1]
+    huge = torch.tensor([[0, 1], [2_000_000_000, 7]])
+    assert relabel(huge, {1: 5, 2_000_000_000: 2}).tolist() == [[0, 5], [2, 0]]  # no table of 2e9 entries

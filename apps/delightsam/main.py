@@ -11,22 +11,24 @@ README.md in this folder.
 from __future__ import annotations
 
 import ipaddress
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import os
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.activelearning.first import First
-from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.async_tasks.utils import processes, tasks
 
 import delightsam
-from delightsam_app import edge, guard, loop, ohif, pacs
+from delightsam_app import compat, edge, guard, labels, loop, ohif, options, pacs
 from delightsam_app.datastore import AtomicLocalDatastore
+from delightsam_app.gate import WorkGate
 from delightsam_app.infer import PREFIX, DeLightSAMInfer, UnavailableInfer, task_name
 from delightsam_app.served import ServedModel
 from delightsam_app.settings import AppSettings
@@ -37,11 +39,14 @@ logger = logging.getLogger(__name__)
 
 class DeLightSAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        compat.check()  # a library without what the app reaches into stops it here, by name
         self.requested = [m.strip() for m in conf.get("models", PREFIX).split(",") if m.strip()]
         self.settings = AppSettings.from_conf(conf, app_dir)
         self.model_dir = str(self.settings.model_dir)
         os.makedirs(self.model_dir, exist_ok=True)
         self.served = ServedModel(self.settings, self.model_dir)
+        # the CPU work of every process of this app: the server's inferences, batch and scoring processes'
+        self.gate = WorkGate(self.settings.model_dir / "gate", self.settings.infer_workers)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="agreement")  # saved labels, one at a time
         logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
@@ -92,7 +97,16 @@ class DeLightSAMApp(MONAILabelApp):
             return super().init_datastore()
         return AtomicLocalDatastore(self.studies, extensions=ml_settings.MONAI_LABEL_DATASTORE_FILE_EXT,
                                     auto_reload=ml_settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
-                                    read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+                                    read_only=ml_settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+                                    label_check=self._check_label, modalities=lambda: list(self.served.modalities()))
+
+    def _check_label(self, image_id: str, image: str, label: str, params: dict) -> tuple[str, dict, list[str]]:
+        """A label being saved, read against its image (``labels.check_saved_label``), its values matched to the
+        structures of the image's modality when that is known."""
+        modality, _ = loop.image_modality(self.datastore(), image_id, self.served, self.settings.modality)
+        structures = self.served.structures_of(modality) if modality else None
+        info, notes = labels.check_saved_label(label, image, params, structures)
+        return label, info, notes
 
     def init_infers(self):
         """One task per modality of the checkpoint (as --conf models selects); without a readable checkpoint,
@@ -116,13 +130,22 @@ class DeLightSAMApp(MONAILabelApp):
         return {PREFIX: DeLightSAMTrain(self.served, self.model_dir, self.settings.modality)}
 
     def init_strategies(self):
-        return {"uncertain": loop.Uncertain(self.served), "random": Random(), "first": First(), "last": loop.Last()}
+        return {"uncertain": loop.Uncertain(self.served), "random": loop.Random(), "first": First(), "last": loop.Last()}
 
     def init_scoring_methods(self):
-        return {"uncertainty": loop.UncertaintyScoring(self.served, self.infer)}
+        return {"uncertainty": loop.UncertaintyScoring(self.served, self.loop_infer)}
 
     def init_batch_infer(self):
         return loop.CPUBatchInfer(self.served)
+
+    def batch_infer(self, request, datastore=None):
+        """monailabel's batch task, with the app's own inference (which saves each label)."""
+        return compat.run_batch(self, request, datastore or self.datastore(), self.loop_infer)
+
+    def next_sample(self, request):
+        """Next Sample, its options typed after monailabel merged them."""
+        parsed = options.parse(options.NextSampleOptions, request, f"the strategy {request.get('strategy')!r}")
+        return super().next_sample(parsed.model_dump(exclude_none=True))
 
     def async_scoring(self, method, params=None):
         """monailabel scores at start, after each Next Sample and after training, each time in a new process:
@@ -131,7 +154,7 @@ class DeLightSAMApp(MONAILabelApp):
         if method is None:
             busy = processes("scoring") or any(t.get("status") == "SUBMITTED" for t in tasks("scoring"))
             try:
-                if busy or not self._scoring_methods["uncertainty"].pending(self.datastore())[0]:
+                if busy or not compat.scoring_methods(self)["uncertainty"].pending(self.datastore())[0]:
                     return {}
             except Exception as e:  # never a reason for the server not to start or a Next Sample to fail
                 logger.exception(f"could not tell whether any image is left to score: {e}")
@@ -140,23 +163,29 @@ class DeLightSAMApp(MONAILabelApp):
 
     def on_save_label(self, image_id, label_id):
         """A user's final label: each stored version's label of the image is scored against it (the loop's
-        record), in the background, so that the save answers at once; never fails the save."""
+        record), in the background, so that the save answers at once; never fails the save. The answer says what
+        the label annotates (``labels.check_saved_label``'s notes)."""
         self._scorer.submit(self._agree, image_id)
-        return {"agreement": "each model version's label of this image is being scored against it"}
+        store, notes = self.datastore(), []
+        if not isinstance(store, DICOMWebDatastore):  # the label just saved: the image's latest (its tag is not told)
+            saved = [store.get_label_info(image_id, tag) or {} for tag in store.get_labels_by_image_id(image_id)]
+            notes = max(saved, key=lambda info: info.get("ts", 0), default={}).get("notes", [])
+        return {"agreement": "each model version's label of this image is being scored against it", "notes": notes}
 
     def _agree(self, image_id: str) -> None:
         if isinstance(self.datastore(), DICOMWebDatastore):  # a SEG in the PACS: not scored yet (README)
             logger.info(f"the saved SEG of {image_id} is not scored against the model's labels (PACS datastore)")
             return
         try:
-            loop.agree_with_final(self.datastore(), self.served, image_id)
+            with self.gate():
+                loop.agree_with_final(self.datastore(), self.served, image_id)
         except Exception as e:
             logger.exception(f"could not score the model's labels of {image_id} against the saved one: {e}")
 
     def _init_dicomweb_datastore(self):
         if "googleapis.com" in self.studies:  # monailabel's Google Cloud credentials path, as it is
-            return super()._init_dicomweb_datastore()
-        self._download_dcmqi_tools()  # the SEG writer monailabel's DICOMweb datastore uses
+            return compat.monailabel_dicomweb_datastore(self)
+        compat.download_seg_tools(self)  # the SEG writer monailabel's DICOMweb datastore uses
         return pacs.PacsDatastore.from_settings(self.studies, self.served_dicom_modalities, self.served.structures_of)
 
     def served_dicom_modalities(self) -> list[str]:
@@ -164,26 +193,63 @@ class DeLightSAMApp(MONAILabelApp):
         return sorted({n.upper() for n in self.served.modalities()} & pacs.IMAGE_MODALITIES) or ["CT"]
 
     def infer(self, request, datastore=None):
-        # monailabel answers an unknown model with a bare 500; say what exists instead.
-        if request.get("model") not in self._infers:
-            raise HTTPException(404, f"no model named {request.get('model')!r}; this server has: "
-                                     f"{', '.join(self._infers)}")
-        image = request.get("image")
+        """An inference a client asked for: monailabel's /infer route calls this with the request it merged
+        (`params` into the route's fields), which is parsed here into ``options.InferOptions``."""
+        return self._infer(request, datastore, options.InferOptions)
+
+    def loop_infer(self, request, datastore=None):
+        """The app's own inferences (batch, uncertainty scoring), which may save their label (``LoopInferOptions``)."""
+        return self._infer(request, datastore, options.LoopInferOptions)
+
+    def _infer(self, request, datastore, kind: type[options.InferOptions]) -> dict:
+        """monailabel's infer, with the request typed and its image resolved by the app: a datastore id (or a PACS
+        series) through the datastore, never as a path relative to the server's folder; a path only where
+        monailabel put an upload or a session, or anywhere with --conf allow_server_paths."""
+        tasks = compat.infer_tasks(self)
+        task = tasks.get(request.get("model"))
+        if task is None:  # monailabel answers an unknown model with a bare 500; say what exists instead
+            raise HTTPException(404, f"no model named {request.get('model')!r}; this server has: {', '.join(tasks)}")
+        context = {"max_batch_size": self.settings.max_batch_size, "model_files": self.served.choices()}
+        parsed = options.parse(kind, request, request["model"], context)
         store = datastore or self.datastore()
-        stored = isinstance(image, str) and bool(image) and not os.path.exists(image)
-        if stored:
+        image_id, path = self._image_of(parsed, store)
+        with self.gate():  # one of infer_workers slots, shared with the batch and scoring processes
+            label_file, result = task(task.request(parsed, path, image_id))
+        label_id = None
+        if getattr(parsed, "save_label", False) and image_id and label_file:
+            label_id = store.save_label(image_id, label_file, parsed.label_tag, {"model": parsed.model, "params": result})
+        if image_id and not isinstance(store, DICOMWebDatastore):
+            self._record_modality(store, image_id, task.modality, result)
+        return {"label": label_id or label_file, "tag": getattr(parsed, "label_tag", "original"), "file": label_file,
+                "params": result}
+
+    def _image_of(self, parsed: options.InferOptions, store) -> tuple[str | None, str]:
+        """(the datastore id or None, the image's path) of a request."""
+        image = parsed.image
+        if parsed.session is not None:  # monailabel put the session's image here
+            return None, self._within(image, self.sessions().store_path if self.sessions() else None, "session")
+        if not image:
+            raise HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
+        if guard.ID.fullmatch(image) and ".." not in image:  # a datastore id, whatever exists in the server's folder
             if isinstance(store, DICOMWebDatastore):
-                pacs.fetch_series(store, image, self.served_dicom_modalities())  # then monailabel finds it cached
-            elif not store.get_image_uri(image):
+                return image, pacs.fetch_series(store, image, self.served_dicom_modalities())
+            uri = store.get_image_uri(image)
+            if not uri:
                 raise HTTPException(404, f"no image {image!r} in the datastore")
-        # a datastore image's label and uncertainty join the loop's record, under its own id whatever was sent
-        request = {k: v for k, v in request.items() if k != "loop_image"}
-        if stored:  # a local image or a PACS series
-            request["loop_image"] = image
-        result = super().infer(request, datastore)
-        if stored and not isinstance(store, DICOMWebDatastore):
-            self._record_modality(store, image, self._infers[request["model"]].modality, result["params"])
-        return result
+            return image, uri
+        if Path(image).parent == Path(tempfile.gettempdir()) and Path(image).is_file():
+            return None, image  # where monailabel copied an upload
+        if self.settings.allow_server_paths:
+            return None, guard.check_image_reference(image, True)
+        raise HTTPException(422, f"invalid image {image[:80]!r}: name an image of the datastore by its id, or upload "
+                                 f"the file; server paths are refused (start the server with --conf "
+                                 f"allow_server_paths true to allow them)")
+
+    @staticmethod
+    def _within(path: str, folder: str | None, what: str) -> str:
+        if not folder or Path(folder).resolve() not in Path(path).resolve().parents:
+            raise HTTPException(422, f"the {what}'s image is not in the {what} store")
+        return path
 
     @staticmethod
     def _record_modality(store, image_id: str, modality: str, params: dict) -> None:

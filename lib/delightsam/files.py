@@ -11,6 +11,24 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _process_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc, kernel 4.7 and later); else by
+    setting and restoring it, once, at import, before the server starts threads that create files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# read once: os.umask can only be read by setting it, which for a moment lets any thread create world-writable files
+UMASK = _process_umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
     """A temporary path in ``path``'s folder to write to; when the block ends without an exception it becomes
@@ -24,9 +42,7 @@ def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, mode & ~umask)  # mkstemp's 0600 would hide it from a server running as another user
+        os.chmod(tmp, mode & ~UMASK)  # mkstemp's 0600 would hide it from a server running as another user
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     finally:

@@ -103,6 +103,10 @@ def orient(volume, affine=None, spacing=None) -> Oriented:
                     backward)
 
 
+class VolumeError(ValueError):
+    """A volume that cannot be segmented as it is (not 3-D, no finite voxel): the input's fault, said by name."""
+
+
 def as_volume(volume) -> torch.Tensor:
     """A single-channel 3-D volume as a plain tensor: [X, Y, Z], or a singleton channel in front ([1, X, Y, Z])
     or behind ([X, Y, Z, 1], as some 4-D NIfTI files store a 3-D volume); anything else is refused by name."""
@@ -113,7 +117,7 @@ def as_volume(volume) -> torch.Tensor:
         x = x[..., 0]
     if x.dim() != 3:
         kind = {2: "a 2-D image"}.get(x.dim(), f"a {x.dim()}-D array")
-        raise ValueError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
+        raise VolumeError(f"expected a 3-D volume, got {kind} of shape {list(volume.shape)}")
     return x
 
 
@@ -153,7 +157,7 @@ def grey_levels(volume: torch.Tensor, intensity: dict | None) -> GreyLevels:
     slabs = volume.split(16, dim=-1)
     bad = sum(slab.numel() - int(torch.count_nonzero(torch.isfinite(slab))) for slab in slabs)
     if bad == volume.numel():
-        raise ValueError("the volume has no finite voxel (all NaN or infinite)")
+        raise VolumeError("the volume has no finite voxel (all NaN or infinite)")
     fill = min(float(slab[torch.isfinite(slab)].min()) for slab in slabs if torch.isfinite(slab).any()) \
         if bad else None
     if intensity and "window" in intensity:

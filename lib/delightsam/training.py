@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.metrics import compute_dice
+from monai.transforms import MapLabelValue
 from torch.nn.parallel import DistributedDataParallel
 
 from .box_atlas import atlas_entry
@@ -66,11 +67,12 @@ def item_label(item: TrainItem, image) -> torch.Tensor:
 
 
 def relabel(label: torch.Tensor, values: dict[int, int]) -> torch.Tensor:
-    """A label map's values (int64, >= 0) as label ids: ``values`` maps each to its id; any other value is 0."""
-    table = torch.zeros(max(int(label.max()), *values, 0) + 1, dtype=torch.int64)
-    for value, label_id in values.items():
-        table[value] = label_id
-    return table[label]
+    """A label map's values as label ids (int64): ``values`` maps each to its id; any other value is 0 (MONAI's
+    MapLabelValue over the values present, so that no value, however large, sizes a table)."""
+    present = torch.unique(label).tolist()
+    mapping = MapLabelValue(orig_labels=present, target_labels=[values.get(int(v), 0) for v in present],
+                            dtype=torch.int64)
+    return mapping(label.as_subclass(torch.Tensor))
 
 
 def known_structures(item: TrainItem, spec) -> torch.Tensor:

@@ -10,10 +10,13 @@ brought back to the input's own grid.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from monai.data import ITKReader
@@ -23,7 +26,7 @@ from torch import nn
 
 from .box_atlas import box_of, context_boxes, mask_extent
 from .config import Modality, Structure
-from .geometry import Oriented, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
+from .geometry import Oriented, VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient, spacing_of
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .uncertainty import DoubtMeter
@@ -87,8 +90,9 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-# what reading an image or label can raise for a bad file (ITK: RuntimeError; a label off the image's grid: ValueError)
-READ_ERRORS = (ValueError, RuntimeError, OSError)
+# what reading an image or label can raise for a bad file (ITK: RuntimeError; a label off the image's grid:
+# ValueError; nibabel's header reader: ImageFileError; a cut gzip stream: EOFError or zlib.error)
+READ_ERRORS = (ValueError, RuntimeError, OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
 
 
 def read_error(error: BaseException) -> str:
@@ -97,26 +101,57 @@ def read_error(error: BaseException) -> str:
     return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
 
 
-def read_volume(path):
+def read_volume(path, dtype=np.float32):
     """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its (RAS) affine. A folder is read as
-    the largest DICOM series in it or below it."""
+    the largest DICOM series in it or below it. ``dtype``: None keeps the file's own type."""
     if Path(path).is_dir():
         series = dicom_series(path)
-        image = LoadImage(image_only=True, reader=ITKReader(series_name=series.name))(series.folder)
+        image = LoadImage(image_only=True, reader=ITKReader(series_name=series.name), dtype=dtype)(series.folder)
     else:
-        image = LoadImage(image_only=True, reader=image_reader(path))(str(path))
+        image = LoadImage(image_only=True, reader=image_reader(path), dtype=dtype)(str(path))
     if image.dim() == 4 and 1 in (image.shape[0], image.shape[-1]):  # one 3-D volume in a 4-D file
         image = image[0] if image.shape[0] == 1 else image[..., 0]
     return image
 
 
-def read_label(path, image):
-    """A label map read onto ``image``'s voxel grid: a label stored in another axis order or direction (a
-    NIfTI label of a DICOM series, say) is flipped and permuted by the two affines; any other difference of
-    grid is an error that names both."""
+@dataclass(frozen=True)
+class Grid:
+    """A volume's voxel grid: its shape [X, Y, Z] and RAS affine, as ``read_volume`` would give them."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+
+
+def read_grid(path) -> Grid:
+    """A volume file's grid from its header alone (nibabel for NIfTI, ITK for the rest, with MONAI's LPS-to-RAS
+    affine), without reading its voxels; a DICOM series folder is read whole."""
+    if Path(path).is_dir():
+        image = read_volume(path, dtype=None)
+        return Grid(tuple(image.shape), np.asarray(image.affine, dtype=np.float64))
+    if image_reader(path) == "NibabelReader":
+        header = nib.load(str(path))
+        shape, affine = tuple(int(n) for n in header.shape), np.asarray(header.affine, dtype=np.float64)
+    else:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        shape, dims = tuple(int(n) for n in reader.GetSize()), reader.GetDimension()
+        lps = np.eye(dims + 1)
+        lps[:dims, :dims] = np.reshape(reader.GetDirection(), (dims, dims)) @ np.diag(reader.GetSpacing())
+        lps[:dims, dims] = reader.GetOrigin()
+        affine = np.diag([-1.0, -1.0] + [1.0] * (dims - 1)) @ lps
+    if len(shape) == 4 and shape[-1] == 1:  # one 3-D volume in a 4-D file, as read_volume takes it
+        shape, affine = shape[:3], np.delete(np.delete(affine, 3, axis=0), 3, axis=1)
+    return Grid(shape, affine)
+
+
+def read_label(path, image, dtype=np.float32):
+    """A label map read onto ``image``'s voxel grid (a volume, or a ``Grid``): a label stored in another axis order
+    or direction (a NIfTI label of a DICOM series, say) is flipped and permuted by the two affines; any other
+    difference of grid is an error that names both. ``dtype``: None keeps the file's own type."""
     import nibabel.orientations as orientations
 
-    label = read_volume(path)
+    label = read_volume(path, dtype=dtype)
     if tuple(label.shape) == tuple(image.shape) and np.allclose(label.affine, image.affine, atol=1e-3):
         return label
     have = orientations.io_orientation(np.asarray(label.affine))
@@ -126,7 +161,7 @@ def read_label(path, image):
     affine = np.asarray(label.affine) @ orientations.inv_ornt_aff(transform, label.shape)
     spacing = max(spacing_of(image))
     if data.shape != tuple(image.shape) or not np.allclose(affine, np.asarray(image.affine), atol=1e-2 * spacing):
-        raise ValueError(f"label {path} is not on the image's grid: shape {list(label.shape)} and affine "
+        raise ValueError(f"label {Path(path).name} is not on the image's grid: shape {list(label.shape)} and affine "
                          f"{np.round(np.asarray(label.affine), 3).tolist()} vs the image's {list(image.shape)} and "
                          f"{np.round(np.asarray(image.affine), 3).tolist()}")
     return torch.from_numpy(np.ascontiguousarray(data))
@@ -269,7 +304,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage (see
     ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
-        raise ValueError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
+        raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
     levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
     notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []

@@ -5,9 +5,13 @@ copying uploads), so one CPU inference stalls `/info`, the viewers' polling and 
 its API routes is registered again, ahead of the original, as a plain ``def`` path operation around the same
 endpoint function: FastAPI runs such path operations in its threadpool (documented FastAPI behaviour); the route
 keeps the original's path, methods, parameters (so its RBAC dependency) and OpenAPI description. Before the
-endpoint runs, the request's ids, names and uploads are checked (``guard``). Inference also passes an admission
-gate: ``infer_workers`` at once, ``infer_queue`` waiting, and beyond that 503 with a Retry-After estimate.
-Routes that await the request themselves (the DICOMweb proxy) stay as they are.
+endpoint runs, the request's ids, names and uploads are checked (``guard``), its JSON may not set what the server
+sets (the image, the model, a session, where a label goes: ``options.refuse_internal``), and a job that runs in a
+process of its own (training, batch inference, scoring) has its options typed here, as that process will type
+them, so that a bad one is a 422 now rather than a failed job later. Inference also passes an admission gate:
+``infer_workers`` at once, ``infer_queue`` waiting, and beyond that 503 with a Retry-After estimate. Routes that
+await the request themselves (the DICOMweb proxy) stay as they are. The options of a request are typed where
+they are used, after monailabel's merge (``options``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -31,7 +36,7 @@ from monailabel.interfaces.exception import (ImageNotFoundException, LabelNotFou
                                              MONAILabelException)
 from monailabel.interfaces.utils.app import app_instance
 
-from . import guard
+from . import compat, guard, options
 
 logger = logging.getLogger(__name__)
 # monailabel's routers whose endpoints block; the DICOMweb proxy awaits the request on the server's own loop and
@@ -90,10 +95,57 @@ def check_request(path: str, values: dict, app_settings) -> None:
             guard.check_id(value, "session id")
         elif key in ("tag", "model", "strategy", "method"):
             guard.check_name(value, "label tag" if key == "tag" else key)
-        elif key == "params" and "/train" in path and isinstance(value, dict):
-            for run in (value, *(v for v in value.values() if isinstance(v, dict))):
-                if run.get("name") is not None:
-                    guard.check_name(str(run["name"]), "training run name")
+
+
+# the JSON fields of requests whose keys are options of the app: (route path, method, field) -> their type
+JSON_FIELDS = {(r"/infer/[^/]+", "POST", "params"): options.LoopInferOptions,
+               (r"/datastore/label", "PUT", "params"): options.SavedLabelInfo,
+               (r"/datastore/image/info", "PUT", "info"): options.ImageInfoUpdate,
+               (r"/datastore/(image)?", "PUT", "params"): options.ImageInfoUpdate,
+               (r"/activelearning/[^/]+", "POST", "params"): options.NextSampleOptions}
+
+
+def refuse_server_keys(path: str, methods: set[str], values: dict) -> None:
+    """A request's JSON may not set what monailabel's route or the app sets (``options.refuse_internal``): a
+    `params` naming another image than the one checked, a session, where a label is saved."""
+    for (pattern, method, field), kind in JSON_FIELDS.items():
+        if method in methods and re.fullmatch(pattern, path) and values.get(field) not in (None, ""):
+            sent = values[field]
+            if isinstance(sent, str):
+                try:
+                    sent = json.loads(sent)
+                except json.JSONDecodeError as e:
+                    raise HTTPException(422, f"{field} is not valid JSON: {e}") from e
+            options.refuse_internal(kind, sent, f"the request's {field}")
+            return
+
+
+def check_background_job(path: str, methods: set[str], values: dict, app) -> None:
+    """Training, batch inference and scoring run in processes of their own, where a bad option would only fail
+    the job: their requests are built as monailabel builds them and typed here first (422), their task must
+    exist (404), and they run in the background only (run_sync would hold a server thread for the whole run)."""
+    if "POST" not in methods or not path.startswith(("/train", "/batch/infer", "/scoring")):
+        return
+    if values.get("run_sync"):
+        raise HTTPException(422, "run_sync is not available: this server runs training, batch inference and "
+                                 "scoring in the background (poll their status, e.g. GET /train/)")
+    params = values.get("params") or {}
+    if path.startswith("/train"):
+        kind, field, tasks = options.TrainOptions, "model", compat.trainers(app)
+    elif path.startswith("/scoring"):
+        kind, field, tasks = options.ScoringOptions, "method", compat.scoring_methods(app)
+    else:
+        kind, field, tasks = options.BatchOptions, "model", compat.infer_tasks(app)
+    options.refuse_internal(kind, params, "the request's params")
+    named = values.get(field)
+    if named and named not in tasks:
+        raise HTTPException(404, f"no {field} named {named!r}; this server has: {', '.join(tasks)}")
+    for name in [named] if named else list(tasks):
+        own = params.get(name) if not named else None  # POST /train/ (all): a task's own dict, as monailabel merges it
+        request = {field: name, **(own if isinstance(own, dict) else {}), **params}
+        if kind is options.BatchOptions:
+            request["images"] = getattr(values.get("images"), "value", values.get("images") or "all")
+        options.parse(kind, request, f"{name!r}", {"max_batch_size": app.settings.max_batch_size})
 
 
 def refuse_what_cannot_work(path: str, methods: set[str], values: dict) -> None:
@@ -164,9 +216,11 @@ def off_the_loop(route: APIRoute, state, gated: bool, max_body: int) -> APIRoute
     signature = inspect.signature(original)
 
     def endpoint(*args, **kwargs):
-        app_settings = app_instance().settings  # the serving app's (created on the first request if need be)
+        app = app_instance()  # the serving app (created on the first request if need be)
         values = signature.bind_partial(*args, **kwargs).arguments
-        check_request(route.path, values, app_settings)
+        check_request(route.path, values, app.settings)
+        refuse_server_keys(route.path, route.methods, values)
+        check_background_job(route.path, route.methods, values, app)
         refuse_what_cannot_work(route.path, route.methods, values)
         try:
             with state.delightsam_admission() if gated else _nothing():
@@ -200,24 +254,31 @@ def _replace(router, prefix: str, state, max_body: int) -> int:
     keeps an included router as one entry that refers to the original router; older versions copy its routes)."""
     replaced = 0
     for index, route in enumerate(router.routes):
-        included = getattr(route, "original_router", None)
+        included = compat.included_router(route)
         if included is not None:
-            replaced += _replace(included, prefix + getattr(route.include_context, "prefix", ""), state, max_body)
+            replaced += _replace(included[0], prefix + included[1], state, max_body)
             continue
         if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
             continue
         path = (prefix + route.path).removeprefix(ml_settings.MONAI_LABEL_API_STR)
         if not path.startswith(OFF_THE_LOOP):
-            if path.startswith("/proxy") and route.max_body_size is None:  # awaits the request: stays on the loop
+            if path.startswith("/proxy") and compat.body_limit(route) is None:  # awaits the request: stays on the loop
                 router.routes[index] = bounded(route, route.endpoint, max_body)
                 replaced += 1
             continue
         gated = path.startswith("/infer/") and "POST" in route.methods
         router.routes[index] = off_the_loop(route, state, gated, max_body)  # in place: one operation per path
         replaced += 1
-    if replaced and hasattr(router, "_mark_routes_changed"):  # FastAPI caches the routes it resolved
-        router._mark_routes_changed()
+    if replaced:
+        compat.routes_changed(router)  # FastAPI caches the routes it resolved
     return replaced
+
+
+def task_names(app) -> dict[str, list[str]]:
+    """Route path -> the names of this server's tasks it takes (its models, trainers, scoring methods, strategies)."""
+    infers = list(compat.infer_tasks(app))
+    return {"/infer/{model}": infers, "/batch/infer/{model}": infers, "/train/{model}": list(compat.trainers(app)),
+            "/scoring/{method}": list(compat.scoring_methods(app)), "/activelearning/{strategy}": list(compat.strategies(app))}
 
 
 @contextmanager
@@ -234,5 +295,9 @@ def install(server, app_settings) -> Admission:
     if replaced:
         server.openapi_schema = None  # FastAPI rebuilds the schema from the routes
         logger.info(f"{replaced} API routes run off the event loop")
+    if not getattr(server.state, "delightsam_documented", False):  # the typed options in the OpenAPI document
+        built = server.openapi
+        server.openapi = lambda: server.openapi_schema or options.document(built(), task_names(app_instance()))
+        server.state.delightsam_documented = True
     logger.info(f"inference: {admission.workers} at once, {admission.queue} waiting")
     return admission

@@ -21,13 +21,13 @@ from monai.data import ITKReader, MetaTensor
 from monai.transforms import LoadImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
-from monailabel.utils.others.generic import strtobool
 
-from delightsam.geometry import as_volume
-from delightsam.volume import PROMPTS, dicom_series, image_reader, read_error, segment_volume
+from delightsam.geometry import VolumeError, as_volume
+from delightsam.volume import PROMPTS, READ_ERRORS, dicom_series, image_reader, read_error, segment_volume
 
 from . import anatomy
-from .dicom_seg import write_dicom_seg
+from .dicom_seg import source_images, write_dicom_seg
+from .options import InferOptions
 from .served import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -60,9 +60,22 @@ class DeLightSAMInfer(BasicInferTask):
             self.description = (f"{title}: prompt-free De-LightSAM auto-segmentation of {', '.join(self.labels)} "
                                 f"(model {self.served.config.get('version', '?')})")
         settings = self.served.settings
-        self._config.update({"refine": settings.refines(self.modality), "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
-                             "cleanup": settings.cleanup, "batch_size": settings.batch_size,
-                             "model_filename": self.served.choices()})
+        self.config().update({"refine": settings.refines(self.modality),
+                              "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
+                              "cleanup": settings.cleanup, "batch_size": settings.batch_size,
+                              "model_filename": self.served.choices()})
+
+    def request(self, options: InferOptions, image_path: str, image_id: str | None) -> dict:
+        """What the task runs: the typed options with the server's defaults for those the request left out, the
+        image's path, and the datastore id whose label and uncertainty join the loop's record (None: an upload or
+        a session)."""
+        settings = self.served.settings
+        defaults = {"refine": settings.refines(self.modality), "prompts": settings.prompts,
+                    "cleanup": settings.cleanup, "batch_size": settings.batch_size, "device": settings.device}
+        # every option is in it (None where the request left it out and the server has no default), so that the
+        # task's config, which monailabel merges under it (its choices as lists), cannot fill one in
+        values = {k: defaults.get(k) if v is None else v for k, v in options.model_dump().items()}
+        return {**values, "image": image_path, "loop_image": image_id, "description": self.description}
 
     def info(self):
         self._refresh()
@@ -93,7 +106,7 @@ class DeLightSAMInfer(BasicInferTask):
         name = Path(str(data.get("image_path", "?"))).name
         try:
             return super().run_pre_transforms(data, transforms)
-        except Exception as e:  # ITK raises RuntimeError/OSError for files it cannot read
+        except READ_ERRORS as e:  # what readers raise for a file they cannot read; anything else is the server's
             raise HTTPException(422, f"cannot read {name!r} as a medical image volume (NIfTI, NRRD or a DICOM "
                                      f"series): {read_error(e)}") from e
 
@@ -109,18 +122,15 @@ class DeLightSAMInfer(BasicInferTask):
             raise HTTPException(422, f"expected a single-channel 3-D volume, got a {image.dim()}-D image of shape "
                                      f"{list(image.shape)}")
         self._check_modality(data)
-        refine = strtobool(str(_first(data.get("refine", self.served.settings.refines(self.modality)))))
-        prompts = str(_first(data.get("prompts", self.served.settings.prompts)))
-        if prompts not in PROMPTS:
-            raise HTTPException(422, f"prompts must be one of {', '.join(PROMPTS)}, got {prompts!r}")
-        batch_size = self._batch_size(data)
+        self._check_seg_output(data)
+        refine, prompts = data["refine"], data["prompts"]
         loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
-            result = segment_volume(model, image, self.modality, batch_size=batch_size,
-                                    cleanup=strtobool(str(data.get("cleanup", False))), prompts=prompts,
+            result = segment_volume(model, image, self.modality, batch_size=data["batch_size"],
+                                    cleanup=data["cleanup"], prompts=prompts,
                                     refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image),
                                     refine_every_mm=self.served.settings.refine_every_mm)
-        except ValueError as e:
+        except VolumeError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         if loop_image:
             self.served.ledger.record_prediction(
@@ -138,25 +148,12 @@ class DeLightSAMInfer(BasicInferTask):
             data["result"]["uncertainty"] = round(result.doubt["score"], 4)
         return data
 
-    def _batch_size(self, data: dict) -> int:
-        """Slices per forward pass: the request's, within 1 and the server's maximum (memory grows with it)."""
-        largest = self.served.settings.max_batch_size
-        value = _first(data.get("batch_size", self.served.settings.batch_size))
-        try:
-            batch_size = int(value)
-        except (TypeError, ValueError):
-            batch_size = 0
-        if not 1 <= batch_size <= largest:
-            raise HTTPException(422, f"batch_size must be a whole number from 1 to {largest} (--conf max_batch_size), "
-                                     f"got {str(value)[:40]!r}")
-        return batch_size
-
     def _check_modality(self, data: dict) -> None:
         """The image must be of this model's modality: a DICOM Modality tag, or a `modality` request parameter
         (which older clients of this app send), that names another one is an error that says which model to use.
         (A modality that the datastore recorded from an earlier inference is not checked: running another
         modality's model on an image is asking for that modality, and the app records the new one.)"""
-        asked = str(_first(data.get("modality")) or "").lower()
+        asked = str(data.get("modality") or "").lower()
         if asked and asked not in ("auto", self.modality):
             raise HTTPException(422, f"{task_name(self.modality)} segments {self.modality.upper()} images; for "
                                      f"{asked.upper()} use {task_name(asked)} (this server has one model per modality)")
@@ -166,6 +163,19 @@ class DeLightSAMInfer(BasicInferTask):
             raise HTTPException(422, f"{Path(str(data.get('image_path'))).name!r} is {tag} by its DICOM Modality tag; "
                                      f"{task_name(self.modality)} segments {self.modality.upper()} images"
                                      + (f" (use {other})" if tag.lower() in self.served.modalities() else ""))
+
+    @staticmethod
+    def _check_seg_output(data: dict) -> None:
+        """A DICOM SEG result needs a DICOM series it can reference: refused before the inference, not after."""
+        if data.get("result_extension") != ".dcm":
+            return
+        if not data.get("series_files"):
+            raise HTTPException(422, "DICOM SEG output (result_extension .dcm) needs a DICOM series as input")
+        try:
+            source_images(data["series_files"])
+        except ValueError as e:
+            raise HTTPException(422, f"cannot write a DICOM SEG for "
+                                     f"{Path(str(data.get('image_path'))).name!r}: {e}") from e
 
     def writer(self, data, extension=None, dtype=None):
         source = Path(str(data.get("image_path")))
@@ -187,7 +197,6 @@ class DeLightSAMInfer(BasicInferTask):
         return super().writer(data, extension, dtype)
 
     def __call__(self, request, callbacks=None):
-        request = {"device": self.served.settings.device, **request}  # --conf device unless the request says
         label_file, result = super().__call__(request, callbacks)
         result["label_names"] = result.get("structures", self.labels)  # this modality's names and ids
         return label_file, result
@@ -203,11 +212,6 @@ class UnavailableInfer(DeLightSAMInfer):
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         self.served.refresh()
         raise HTTPException(503, f"the De-LightSAM model is not available: {self.served.problem or 'restart the server'}")
-
-
-def _first(value):
-    """A request option as a single value (monailabel passes the /info choices of a list option as a list)."""
-    return value[0] if isinstance(value, list) and value else value
 
 
 def dicom_modality(path) -> str | None:

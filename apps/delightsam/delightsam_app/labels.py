@@ -1,15 +1,25 @@
-"""A saved label in the model's terms: which voxel value is which structure, by the names a client sent.
+"""A saved label in the model's terms: which voxel value is which structure, by the names a client sent; and the
+check a label passes before it is saved.
 
 3D Slicer's Submit Label numbers the segments by their position in the user's list and sends their names in
 ``label_info`` ([{"name": "liver", "idx": 1}, ...]); those names, not the numbers, say what a voxel is. A label
-sent without names is taken by value only when its values are the model's own label ids.
+sent without names is taken by value only when its values are the model's own label ids. Either way a structure
+counts as annotated only where its value occurs in the file: Slicer lists every segment of the user's
+segmentation, the empty ones too (it creates one per structure of the model), and an empty segment is a structure
+the user did not draw, not one the user found absent.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+from fastapi import HTTPException
+
+from delightsam.volume import READ_ERRORS, read_error, read_grid, read_label
+
 from . import anatomy
+from .options import SavedLabelInfo, parse
 
 
 @dataclass
@@ -21,18 +31,18 @@ class LabelMapping:
 
 
 def named_segments(params: dict | None) -> list[tuple[int, str]]:
-    """(voxel value, name) of the segments a client named in its label_info (entries without an index cannot be
-    placed and are left out)."""
+    """(voxel value, name) of the segments a client named in its label_info (entries without a usable index, which
+    a label saved before these were checked may hold, are left out)."""
     entries = (params or {}).get("label_info")
     if not isinstance(entries, list):
         return []
     return [(int(e["idx"]), str(e["name"])) for e in entries
-            if isinstance(e, dict) and "name" in e and str(e.get("idx", "")).lstrip("-").isdigit()]
+            if isinstance(e, dict) and "name" in e and str(e.get("idx", "")).isdigit() and 0 < int(e["idx"]) <= 255]
 
 
 def map_label(params: dict | None, present: set[int], structures: dict[str, int]) -> LabelMapping:
     """How a saved label's voxel values (``present``: those in the file) become the model's label ids
-    (``structures``: name -> id of the image's modality)."""
+    (``structures``: name -> id of the image's modality). Only structures whose value is present are known."""
     named = named_segments(params)
     present = {int(v) for v in present} - {0}
     if not named:
@@ -40,7 +50,9 @@ def map_label(params: dict | None, present: set[int], structures: dict[str, int]
         if extra:
             return LabelMapping({}, [], problem=f"its values {extra} are not label ids of the model's structures "
                                                 f"({_listing(structures)}) and no segment names were sent with it")
-        return LabelMapping({i: i for i in structures.values()}, list(structures))
+        known = [n for n, i in structures.items() if i in present]
+        return LabelMapping({i: i for i in structures.values()}, known,
+                            problem=None if known else "it holds no structure (every voxel is 0)")
     values, known, unmatched = {}, [], []
     for value, name in named:
         structure = anatomy.match(name, structures)
@@ -48,14 +60,80 @@ def map_label(params: dict | None, present: set[int], structures: dict[str, int]
             unmatched.append(name)
             continue
         values[value] = structures[structure]  # two segments may name one structure ("Liver", "liver")
-        if structure not in known:
+        if value in present and structure not in known:
             known.append(structure)
     unnamed = sorted(present - {v for v, _ in named})
     unmatched += [f"unnamed value {v}" for v in unnamed]
-    problem = None if known else (f"none of its segments ({', '.join(n for _, n in named)}) is a structure of "
-                                  f"the model ({_listing(structures)})")
+    problem = None
+    if not known:
+        matched = [n for _, n in named if anatomy.match(n, structures)]
+        problem = (f"none of its segments ({', '.join(n for _, n in named)}) is a structure of the model "
+                   f"({_listing(structures)})" if not matched else
+                   f"its segments that name structures of the model ({', '.join(matched)}) have no voxels")
     return LabelMapping(values, known, unmatched, problem)
 
 
 def _listing(structures: dict[str, int]) -> str:
     return ", ".join(f"{n}={i}" for n, i in structures.items())
+
+
+# ---- the check at save time -------------------------------------------------------------------------------
+def refused(message: str) -> HTTPException:
+    return HTTPException(422, f"the label was not saved: {message}")
+
+
+def label_values(label) -> list[int]:
+    """The values a label map holds, which must be whole numbers from 0 to 255 (uint8 label maps; NaN, fractions
+    and negative values are no structure)."""
+    data = np.asarray(label)
+    if data.dtype.kind == "f":
+        if not np.isfinite(data).all():
+            raise refused("it holds NaN or infinite values")
+        if not (data == np.round(data)).all():
+            raise refused("its values are not whole numbers (a label map holds one value per structure)")
+    elif data.dtype.kind not in "iub":
+        raise refused(f"its voxels are of type {data.dtype}, not numbers")
+    low, high = (data.min(), data.max()) if data.size else (0, 0)
+    if low < 0 or high > 255:
+        raise refused(f"its values run from {low:g} to {high:g}; label values are 0 (background) to 255")
+    counts = np.bincount(data.astype(np.uint8, copy=False).ravel(), minlength=256)
+    return [int(v) for v in np.flatnonzero(counts)]
+
+
+def check_saved_label(label_path: str, image_path: str, params: dict | None,
+                      structures: dict[str, int] | None) -> tuple[dict, list[str]]:
+    """Reads a label a client is saving and checks it against its image before anything is written: its params
+    (label_info indices 1..255, each named once), its grid (the image's, in any storage order), its values (whole
+    numbers 0..255, each one named in label_info, or without names a label id of ``structures``: the model's, for
+    the image's modality; None when the modality is not known yet). Returns (the label's info to store, notes for
+    the client); raises a 422 that says what is wrong."""
+    info = parse(SavedLabelInfo, params or {}, "the saved label (its params)")
+    try:
+        grid = read_grid(image_path)
+        label = read_label(label_path, grid, dtype=None)
+    except READ_ERRORS as e:
+        raise refused(f"cannot read it on its image's grid: {read_error(e)}") from e
+    present = set(label_values(label)) - {0}
+    named = {s.idx: s.name for s in info.label_info or [] if s.idx is not None}  # placed: Slicer's; unplaced: SEG's
+    notes = []
+    if named:
+        unnamed = sorted(present - set(named))
+        if unnamed:
+            raise refused(f"its values {unnamed} are not named in label_info (named: "
+                          f"{', '.join(f'{n}={i}' for i, n in sorted(named.items()))})")
+        empty = [f"{n} ({i})" for i, n in sorted(named.items()) if i not in present]
+        if empty:
+            notes.append(f"segments with no voxels, not counted as annotated: {', '.join(empty)}")
+    stored = info.model_dump(exclude_none=True)
+    if structures is not None:
+        mapping = map_label(stored, present, structures)
+        if not named and present - set(structures.values()):
+            raise refused(mapping.problem)
+        if mapping.problem:
+            notes.append(f"it cannot train the model: {mapping.problem}")
+        else:
+            notes.append(f"annotates {', '.join(mapping.known)} for training")
+    elif present:
+        notes.append("the image's modality is not known yet, so its segments are matched to structures when it trains "
+                     "(run auto-segmentation on the image, or set its modality, to have them checked now)")
+    return {**stored, "values": sorted(present), "notes": notes}, notes

@@ -12,11 +12,16 @@ save, and batch pre-segmentation on a CPU-only server. The record itself is ``de
 - ``CPUBatchInfer`` (``POST /batch/infer/<model>``): monailabel 0.8.5's batch path spreads work over CUDA
   devices and fails without one; this one runs the images one after another on the server's device, says
   ``progress i/n`` as it goes (the task's status), and saves each label as `original`.
+
+Their requests are typed (``options``) where they run, in the processes monailabel starts for them; the server
+checks the same options before it starts one (``edge``). Their inferences take the app's work slots in turn with
+the users' (``gate``).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Callable
 
@@ -27,6 +32,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from .infer import dicom_modality, task_name
 from .labels import map_label
+from .options import BatchOptions, ScoringOptions, parse
 from .served import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -83,6 +89,7 @@ class UncertaintyScoring(ScoringMethod):
         return todo, skipped
 
     def __call__(self, request, datastore: Datastore):
+        parse(ScoringOptions, request, "uncertainty scoring")
         version = version_of(self.served)
         todo, skipped = self.pending(datastore)
         for image_id, why in skipped.items():
@@ -90,8 +97,8 @@ class UncertaintyScoring(ScoringMethod):
         failed = {}
         for i, (image_id, modality) in enumerate(todo):
             try:
-                self.infer({"model": task_name(modality), "image": image_id, "loop_image": image_id,
-                            "loop_source": "scoring", "output": "json", "refine": False})  # doubt: first stage
+                self.infer({"model": task_name(modality), "image": image_id, "loop_source": "scoring",
+                            "output": "json", "refine": False})  # doubt: the first stage's
             except Exception as e:  # one unreadable image does not stop the others
                 failed[image_id] = f"{type(e).__name__}: {getattr(e, 'detail', e)}"
                 logger.warning(f"uncertainty: {image_id} could not be scored: {failed[image_id]}")
@@ -127,6 +134,22 @@ class Uncertain(Strategy):
                 "note": "no unlabelled image is scored by this model version yet (POST /scoring/uncertainty)"}
 
 
+class Random(Strategy):
+    def __init__(self) -> None:
+        super().__init__("A random unlabelled image, the longer since it was handed out the likelier")
+
+    def __call__(self, request, datastore: Datastore):
+        """monailabel's Random, weighted by the seconds since each image was handed out plus one: its own weights
+        are all zero (a ValueError, a 500) once every image was handed out within the current second."""
+        images = sorted(datastore.get_unlabeled_images(request.get("label_tag"), request.get("labels")))
+        if not images:
+            return None
+        now = time.time()
+        weights = [now - _last_handed(datastore.get_image_info(i) or {}, request["strategy"]) + 1 for i in images]
+        image = random.choices(images, weights=weights)[0]
+        return {"id": image, "weight": weights[images.index(image)]}
+
+
 class Last(Strategy):
     def __init__(self) -> None:
         super().__init__("The last unlabelled image, by id")
@@ -138,12 +161,21 @@ class Last(Strategy):
 
 def _handed_to_another(info: dict, client: str | None, window: float) -> bool:
     now = time.time()
-    return any(now - float(h.get("ts", 0)) < window and h.get("client_id") != client
-               for h in (info.get("strategy") or {}).values() if isinstance(h, dict))
+    return any(now - ts < window and who != client for ts, who in _handouts(info))
 
 
-def _last_handed(info: dict) -> float:
-    return max([float(h.get("ts", 0)) for h in (info.get("strategy") or {}).values() if isinstance(h, dict)] or [0])
+def _last_handed(info: dict, strategy: str | None = None) -> float:
+    return max([ts for ts, _ in _handouts(info, strategy)] or [0])
+
+
+def _handouts(info: dict, strategy: str | None = None) -> list[tuple[float, str | None]]:
+    """(time, client) of each Next Sample (of ``strategy``, or of any) that handed the image out (the index is
+    typed when written; an entry an older server wrote that is not a time is ignored)."""
+    found = []
+    for name, entry in (info.get("strategy") or {}).items():
+        if strategy in (None, name) and isinstance(entry, dict) and isinstance(entry.get("ts", 0), (int, float)):
+            found.append((float(entry.get("ts", 0)), entry.get("client_id")))
+    return found
 
 
 def agree_with_final(datastore: Datastore, served: ServedModel, image_id: str) -> dict | None:
@@ -180,21 +212,21 @@ class CPUBatchInfer(BatchInferTask):
         self.served = served
 
     def __call__(self, request, datastore: Datastore, infer: Callable):
-        model = request["model"]
+        """``infer``: the app's loop inference (it saves each label; ``DeLightSAMApp.batch_infer``)."""
+        options = parse(BatchOptions, request, f"batch inference with {request.get('model')!r}")
+        model = options.model
         modality = model.removeprefix("delightsam_")
-        declared = request.get("modality") or self.served.settings.modality  # what the request says unknown ones are
+        declared = options.modality or self.served.settings.modality  # what the request says unknown ones are
         todo, skipped = [], {}
-        for image_id in sorted(self.get_images(request, datastore)):
+        for image_id in sorted(self.get_images(options.model_dump(), datastore)):
             found, why = image_modality(datastore, image_id, self.served, declared)
             if found != modality:
                 skipped[image_id] = why or f"it is {found.upper()}; {model} segments {modality.upper()} images"
             else:
                 todo.append(image_id)
-        if request.get("max_batch_size"):
-            todo = todo[: int(request["max_batch_size"])]
-        tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL
-        if tag == DefaultLabelTag.FINAL:  # users' labels are theirs: a batch never writes over them
-            raise ValueError("batch inference saves `original` labels (or another tag), never `final` ones")
+        if options.max_batch_size:
+            todo = todo[: options.max_batch_size]
+        tag = options.label_tag
         done, failed, began = [], {}, time.time()
         logger.info(f"batch inference with {model}: {len(todo)} images, {len(skipped)} skipped")
         for image_id, why in skipped.items():
@@ -202,7 +234,7 @@ class CPUBatchInfer(BatchInferTask):
         for i, image_id in enumerate(todo):
             try:
                 infer({"model": model, "image": image_id, "save_label": True, "label_tag": tag,
-                       "loop_image": image_id, "loop_source": "batch", "result_extension": ".nii.gz"}, datastore)
+                       "loop_source": "batch", "result_extension": ".nii.gz"}, datastore)
                 done.append(image_id)
             except Exception as e:  # the others go on; the result says which failed and why
                 failed[image_id] = f"{type(e).__name__}: {getattr(e, 'detail', e)}"

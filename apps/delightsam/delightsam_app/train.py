@@ -25,15 +25,14 @@ from monai.transforms import LoadImage
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
-from monailabel.utils.others.generic import strtobool
 
 from delightsam import load_model
-from delightsam.teachers import TEACHERS
-from delightsam.training import TRAINABLE, TrainConfig, TrainItem, publish_version, train, update_split
+from delightsam.training import TrainConfig, TrainItem, publish_version, train, update_split
 
 from . import pacs
 from .labels import map_label
 from .loop import image_modality
+from .options import TrainOptions, parse
 from .served import ServedModel
 
 logger = logging.getLogger(__name__)
@@ -43,22 +42,9 @@ class DeLightSAMTrain(TrainTask):
     def __init__(self, served: ServedModel, model_dir: str | Path, default_modality: str | None) -> None:
         super().__init__("De-LightSAM distillation fine-tuning (MDKD) on the images with final labels")
         self.served, self.model_dir, self.default_modality = served, Path(model_dir), default_modality
-        self._config = {
-            "name": "train_01",
-            "max_epochs": 5,
-            "steps_per_epoch": 25,
-            "train_batch_size": 4,
-            "lr": 5e-4,
-            "trainable": list(TRAINABLE[1:2] + TRAINABLE[:1] + TRAINABLE[2:]),  # modality first
-            "teacher": ["lite_medsam", "none", *[t for t in TEACHERS if t != "lite_medsam"]],
-            "val_split": 0.2,
-            "embedding_cache": True,
-            "resume": True,
-            "tracking": ["tensorboard", "mlflow", "none"],
-        }
 
     def config(self):
-        return self._config
+        return TrainOptions.config()  # the typed options' defaults, choices first
 
     def stats(self):
         """The latest run's statistics with what Slicer's training and accuracy bars read (epoch, total_epochs,
@@ -101,7 +87,7 @@ class DeLightSAMTrain(TrainTask):
         return items, report
 
     def __call__(self, request, datastore):
-        options = {k: (v[0] if isinstance(v, list) else v) for k, v in {**self._config, **request}.items()}
+        options = parse(TrainOptions, request, f"the trainer {request.get('model')!r}")  # after monailabel's merge
         self.served.refresh()
         items, report = self._items(datastore)
         for image_id, why in report["refused"].items():
@@ -112,16 +98,15 @@ class DeLightSAMTrain(TrainTask):
             refused = "; ".join(f"{k}: {v}" for k, v in report["refused"].items())
             raise ValueError("no image with a final label can train the model yet"
                              + (f" ({refused})" if refused else ": save one (tag final) before training"))
-        split = update_split(self.model_dir / "split.json", [i.id for i in items], float(options["val_split"]))
-        run_dir = self.model_dir / "train" / str(options["name"])
-        if not strtobool(str(options["resume"])):
+        split = update_split(self.model_dir / "split.json", [i.id for i in items], options.val_split)
+        run_dir = self.model_dir / "train" / options.name
+        if not options.resume:
             (run_dir / "train_state.pt").unlink(missing_ok=True)
         config = TrainConfig(
-            epochs=int(options["max_epochs"]), steps_per_epoch=int(options["steps_per_epoch"]),
-            batch_size=int(options["train_batch_size"]), lr=float(options["lr"]), trainable=str(options["trainable"]),
-            teacher=None if options["teacher"] == "none" else str(options["teacher"]),
-            cache_dir=str(self.model_dir / "embedding_cache") if strtobool(str(options["embedding_cache"])) else None,
-            tracking=str(options["tracking"]), device=self.served.settings.device)
+            epochs=options.max_epochs, steps_per_epoch=options.steps_per_epoch, batch_size=options.train_batch_size,
+            lr=options.lr, trainable=options.trainable, teacher=None if options.teacher == "none" else options.teacher,
+            cache_dir=str(self.model_dir / "embedding_cache") if options.embedding_cache else None,
+            tracking=options.tracking, device=self.served.settings.device)
         served = self.served.served_checkpoint()
         if served is None or not served.is_file():
             raise ValueError(f"no checkpoint to train from ({self.served.problem}); configure one first")
