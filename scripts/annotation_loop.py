@@ -203,6 +203,8 @@ def main() -> int:
     parser.add_argument("--parts", type=int, default=3, help="slabs of the held-out CT (images of the loop)")
     parser.add_argument("--quick", action="store_true", help="two slabs, a short training (the CI test's size)")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "delightsam_ct_mr" / "docs" / "evaluation" / "annotation_loop")
+    parser.add_argument("--frozen-refiner", action="store_true",
+                        help="train the first stage only (train_refiner false): the arm to compare with")
     args = parser.parse_args()
     from serve import running_server
 
@@ -214,7 +216,8 @@ def main() -> int:
         conf = ["--conf", "model_dir", str(tmp / "model"), "--conf", "modality", "ct"]
         began = time.time()
         with running_server(tmp, tmp / "studies", conf, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}) as (url, _):
-            result = Annotator(url, volumes, QUICK_TRAIN if args.quick else FULL_TRAIN).run()
+            train = {**(QUICK_TRAIN if args.quick else FULL_TRAIN), "train_refiner": not args.frozen_refiner}
+            result = Annotator(url, volumes, train).run()
         ledger = Ledger(tmp / "model" / "loop")
         args.out.mkdir(parents=True, exist_ok=True)
         order = ["## The order Next Sample handed the images out", "", "| # | image | uncertainty (bits) | model version |",
@@ -222,8 +225,10 @@ def main() -> int:
         order += [f"| {i + 1} | {h['image']} | {h['uncertainty']:.4f} | {h['model_version']} |" if h["uncertainty"] is not None
                   else f"| {i + 1} | {h['image']} | not scored | {h['model_version']} |" for i, h in enumerate(result["handed"])]
         tracking = doubt_against_error(ledger)
-        text = "\n".join([f"# The annotation loop (`python scripts/annotation_loop.py{' --quick' if args.quick else ''}`)",
-                          "", f"{len(volumes)} slabs of the held-out CT; {time.time() - began:.0f} s in all on this machine.",
+        command = "python scripts/annotation_loop.py" + " --quick" * args.quick + " --frozen-refiner" * args.frozen_refiner
+        arm = "the first stage only (the refiner frozen)" if args.frozen_refiner else "the served pipeline (first stage and refiner)"
+        text = "\n".join([f"# The annotation loop (`{command}`)", "",
+                          f"{len(volumes)} slabs of the held-out CT; training {arm}; {time.time() - began:.0f} s in all on this machine.",
                           "", *order, "", report_markdown(ledger), *tracking])
         (args.out / "report.md").write_text(text)
         (args.out / "report.json").write_text(json.dumps({**result, "summary": ledger.summary()}, indent=1))

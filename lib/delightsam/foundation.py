@@ -122,14 +122,20 @@ def _quiet_additions(model: DeLightSAM) -> None:
 
 
 def foundation_model(model: DeLightSAM, source: str = "lite_medsam", path: str | Path | None = None,
-                     img_size: int = 256) -> DeLightSAM:
+                     img_size: int = 256, adapted: bool = True) -> DeLightSAM:
     """A model with ``model``'s modalities and structures standing on all of the foundation: its stem, its
-    normalisation, box prompts, every foundation tensor (the refiner of two-stage inference)."""
+    normalisation, box prompts, every foundation tensor (the refiner of two-stage inference), with the queries and
+    heads that training adapted to users' labels when ``model`` carries them (``refiner_training``; ``adapted``
+    False: the foundation alone)."""
+    from .refiner_training import apply_adapted
+
     mean, std = NORMALISATION[source]
     config = model.config.replace(stem=source, box_prompts=True, img_size=img_size, pixel_mean=mean, pixel_std=std,
                                   version=f"{model.config.version}+{source}")
     student = DeLightSAM(config)
     transfer(student, source, path)
+    if adapted and getattr(model, "refiner_state", None):
+        apply_adapted(student, model.refiner_state)
     return student.eval()
 
 

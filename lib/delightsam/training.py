@@ -38,9 +38,10 @@ from .files import atomic_path, write_text
 from .losses import DeLightSAMLoss, LossWeights
 from .model import DeLightSAM
 from .normalization import get_normalization
+from .pipeline import Pipeline
 from .teachers import load_teacher
 from .geometry import fit_to_square, fitted_size, grey_volume, model_input, orient
-from .volume import READ_ERRORS, read_error, read_label, read_volume, segment_volume, structure_mask
+from .volume import READ_ERRORS, read_error, read_label, read_volume, structure_mask
 
 logger = logging.getLogger(__name__)
 TRAINABLE = ("controllers", "modality", "all")
@@ -105,12 +106,17 @@ class TrainConfig:
     max_cpu_seconds: float | None = None
     # stop after this much wall-clock time of the step loop (for a GPU, where CPU time says little), likewise
     max_wall_seconds: float | None = None
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    # the refiner's queries and heads adapt too (refiner_training), for the modalities the pipeline refines
+    train_refiner: bool = True
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         data = dict(data)
         if isinstance(data.get("loss"), dict):
             data["loss"] = LossWeights(**data["loss"])
+        if isinstance(data.get("pipeline"), dict):
+            data["pipeline"] = Pipeline(**data["pipeline"])
         config = cls(**data)
         if config.trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {config.trainable!r}")
@@ -315,15 +321,17 @@ def select_trainable(model: DeLightSAM, modalities: list[str], mode: str) -> lis
 
 
 # ---- validation -----------------------------------------------------------------------------------
-def validate(model: DeLightSAM, items: list[TrainItem]) -> dict:
-    """Dice per structure (mean over volumes), with the app's whole-volume inference."""
+def validate(model: DeLightSAM, items: list[TrainItem], pipeline: Pipeline | None = None,
+             refiner: DeLightSAM | None = None) -> dict:
+    """Dice per structure (mean over volumes), with the app's whole-volume inference: the ``pipeline`` it
+    serves, two stages with ``refiner`` for the modalities it refines (default: the first stage alone)."""
     scores: dict[str, list[float]] = {}
     skipped = {}
     for item in items:
         try:
             image = read_volume(item.image)
             truth = item_label(item, image)
-            result = segment_volume(model, image, item.modality)
+            result = (pipeline or Pipeline()).segment(model, image, item.modality, refiner)
         except READ_ERRORS as e:
             skipped[item.id] = read_error(e)
             continue
@@ -461,6 +469,8 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         # resume only an unfinished run of the same kind; anything else starts over from the given model
         if state.get("signature") == signature and int(state["epoch"]) < config.epochs:
             model.load_state_dict(state["model"])
+            if state.get("refiner"):
+                model.refiner_state = state["refiner"]
             optimizer.load_state_dict(state["optimizer"])
             start_epoch = int(state["epoch"])
             stats.update(json.loads(state["stats"]), total_epochs=config.epochs, data=data_report or {},
@@ -469,9 +479,11 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         else:
             log(f"not resuming {state_file}: that run finished or was of another kind; starting over")
     tracker = _Tracker(config.tracking if rank == 0 else "none", output)
+    refiner = _refiner_trainer(model, modalities, config, device) if rank == 0 else None
+    stats["pipeline"] = {**asdict(config.pipeline), "refiner_trained": refiner.modalities if refiner else []}
     if rank == 0 and start_epoch == 0:
         with torch.no_grad():
-            stats["before"] = validate(model, val_items) if val_items else {"mean_dice": 0.0, "dice": {}}
+            stats["before"] = _validate(model, val_items, config, device)
         stats["best_metric"] = stats["before"]["mean_dice"]
         log(f"validation Dice before training: {stats['before']['mean_dice']:.4f} {stats['before']['dice']}")
     if world > 1:
@@ -505,6 +517,9 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             terms["total"].backward()
             optimizer.step()
             losses.append({k: float(v.detach()) for k, v in terms.items()})
+            if refiner is not None:  # the second stage, on the same slices, boxed as inference boxes them
+                losses[-1].update(refiner.step(grey, masks, out.mask_logits, [data.fitted[v] for v, _ in picks[mine]],
+                                               mods, known) or {})
         seconds = time.perf_counter() - began
         # a step whose slices were all augmented has no distillation term
         mean_loss = {k: float(np.mean([l[k] for l in losses if k in l])) for k in dict.fromkeys(k for l in losses for k in l)}
@@ -517,8 +532,10 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
         if cache:
             stats["cache"] = {"hits": cache.hits, "misses": cache.misses}
         if rank == 0:
+            if refiner is not None:  # published with the model, and validated as the pipeline serves it
+                model.refiner_state = refiner.state()
             with torch.no_grad():
-                metrics = validate(model, val_items) if val_items else {"mean_dice": 0.0, "dice": {}}
+                metrics = _validate(model, val_items, config, device)
             stats["val"] = metrics
             tracker.log({**{f"loss/{k}": v for k, v in mean_loss.items()}, "val/mean_dice": metrics["mean_dice"],
                          **{f"val/dice/{k}": v for k, v in metrics["dice"].items()}}, epoch + 1)
@@ -564,7 +581,33 @@ def _publish(publish, model, metrics: dict, stats: dict, log) -> bool:
 def _save_state(path: Path, model, optimizer, epoch: int, stats: dict, signature: str) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                    "stats": json.dumps(stats), "signature": signature}, tmp)
+                    "stats": json.dumps(stats), "signature": signature,
+                    "refiner": getattr(model, "refiner_state", {})}, tmp)
+
+
+def _refiner_trainer(model: DeLightSAM, modalities: list[str], config: TrainConfig, device: torch.device):
+    """The trainer of the second stage for the trained modalities that the pipeline refines (None: none, or not
+    asked for). It runs on the first process only, on its share of each batch: the adapted part is small."""
+    from .foundation import foundation_model
+    from .refiner_training import RefinerTrainer, RefinerTraining, own_queries
+
+    # a modality that shares its queries (a released model's) keeps the foundation's: adapting them would change
+    # another modality's masks
+    refined = [m for m in modalities if config.pipeline.refines(m) and own_queries(model, m)]
+    if not (config.train_refiner and refined):
+        return None
+    size = config.pipeline.size
+    return RefinerTrainer(config.pipeline.refiner(model), foundation_model(model, img_size=size, adapted=False).to(device),
+                          refined, RefinerTraining(size=size), seed=config.seed)
+
+
+def _validate(model: DeLightSAM, items: list[TrainItem], config: TrainConfig, device: torch.device) -> dict:
+    """``validate`` with the served pipeline: a refiner made afresh from the model (and the adaptation it carries)
+    when the pipeline refines one of the items' modalities."""
+    if not items:
+        return {"mean_dice": 0.0, "dice": {}}
+    two = any(config.pipeline.refines(i.modality) for i in items)
+    return validate(model, items, config.pipeline, config.pipeline.refiner(model) if two else None)
 
 
 def publish_version(model: DeLightSAM, metrics: dict, versions_dir: str | Path, served: str | Path | None = None,

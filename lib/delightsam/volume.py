@@ -275,7 +275,7 @@ PROMPTS = ("3d", "slice")
 def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
                    threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
                    refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False,
-                   refine_every_mm: float | None = None) -> VolumeResult:
+                   refine_every_mm: float | None = None, every_mm: float | None = None) -> VolumeResult:
     """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
     or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
 
@@ -284,6 +284,8 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
     becomes its automatic prompt, one 3-D box (``prompts="3d"``: the same box on every slice of its extent,
     and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one
     (with ``refine_every_mm``, one slice in about that many millimetres, the others interpolated: ``_refine``).
+    ``every_mm``: the same for the first stage (its probabilities interpolated between decoded slices), so that its
+    cost follows the anatomy's extent rather than the number of slices.
     ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``)."""
     spec = model.config.modality(modality)
     if refiner is not None and prompts not in PROMPTS:
@@ -292,17 +294,18 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
         lambda grey, coarse, oriented: _refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
                                                refine_stride(refine_every_mm, oriented.spacing[2]), oriented))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
-                        affine=affine, refine=refine, doubt=doubt)
+                        affine=affine, refine=refine, doubt=doubt, every_mm=every_mm)
 
 
 @torch.inference_mode()
 def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
                  threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
-                 affine=None, refine=None, doubt: bool = False) -> VolumeResult:
+                 affine=None, refine=None, doubt: bool = False, every_mm: float | None = None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
-    ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage (see
-    ``segment_volume``)."""
+    ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
+    network sees one slice in about that many millimetres (and the last), those between take interpolated
+    probabilities (see ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
         raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
@@ -312,15 +315,22 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
     meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
-    # slice batch by slice batch, grey levels in and labels out: no whole-volume float copy or probabilities
-    for zs in _batches(labels.shape[2], batch_size, progress):
-        stack = levels(oriented.data[..., zs])[None]
-        if guide is not None:
-            stack = torch.cat([stack, guide[..., zs].float()[None]])
-        probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
-        if meter is not None:
-            meter.add(probabilities)
-        labels[..., zs] = combine(probabilities.permute(1, 2, 3, 0), label_ids, threshold, parts)
+    depth = labels.shape[2]
+    keys = keyframes(list(range(depth)), refine_stride(every_mm, oriented.spacing[2]))
+
+    def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
+        for batch in _batches(len(keys), batch_size, progress):
+            zs = keys[batch]
+            stack = levels(oriented.data[..., zs])[None]
+            if guide is not None:
+                stack = torch.cat([stack, guide[..., zs].float()[None]])
+            probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
+            if meter is not None:
+                meter.add(probabilities)
+            yield from zip(zs, probabilities)
+
+    for z, probabilities in interpolated(decoded(), set(range(depth))):
+        labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
         labels, refined = refine(levels(oriented.data), labels, oriented)
         notes.append(refined)
@@ -329,6 +339,20 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
                         {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
                         meter.summary() if meter is not None else None)
+
+
+def interpolated(decoded, wanted: set[int]):
+    """(keyframe, probabilities) in slice order -> (slice, probabilities) for each keyframe and each slice of
+    ``wanted`` between two keyframes, which takes their probabilities interpolated linearly: organs change little over
+    a few millimetres."""
+    previous = None
+    for z, probabilities in decoded:
+        if previous is not None:
+            for y in range(previous[0] + 1, z):
+                if y in wanted:
+                    yield y, torch.lerp(previous[1], probabilities, (y - previous[0]) / (z - previous[0]))
+        yield z, probabilities
+        previous = (z, probabilities)
 
 
 def _batches(depth: int, batch_size: int, progress: bool = False):
@@ -510,20 +534,19 @@ def _decode(model: DeLightSAM, modality: str, grey: torch.Tensor, boxes: torch.T
     size = model.config.img_size
     scale = size / max(grey.shape[:2])
     normalise, device = get_normalization(model), next(model.parameters()).device
-    keys, wanted, previous = keyframes(todo, stride), set(todo), None
-    for start in range(0, len(keys), batch_size):
-        zs = keys[start: start + batch_size]
-        fitted_grey, fitted = fit_to_square(grey[..., zs].permute(2, 0, 1)[:, None].float(), size)
-        inputs = model_input(fitted_grey, fitted, normalise).to(device)
-        logits = model(inputs, modality, (boxes[zs] * scale).to(device)).low_res_logits
-        logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
-        for z, probabilities in zip(zs, probabilities_on_slice(logits, size, fitted, grey.shape[:2])):
-            if previous is not None:  # the slices between the last keyframe and this one, in the same run
-                for y in range(previous[0] + 1, z):
-                    if y in wanted:
-                        draw(y, torch.lerp(previous[1], probabilities, (y - previous[0]) / (z - previous[0])))
-            draw(z, probabilities)
-            previous = (z, probabilities)
+    keys = keyframes(todo, stride)
+
+    def decoded():
+        for start in range(0, len(keys), batch_size):
+            zs = keys[start: start + batch_size]
+            fitted_grey, fitted = fit_to_square(grey[..., zs].permute(2, 0, 1)[:, None].float(), size)
+            inputs = model_input(fitted_grey, fitted, normalise).to(device)
+            logits = model(inputs, modality, (boxes[zs] * scale).to(device)).low_res_logits
+            logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
+            yield from zip(zs, probabilities_on_slice(logits, size, fitted, grey.shape[:2]))
+
+    for z, probabilities in interpolated(decoded(), set(todo)):  # between keyframes of a run only: runs end in one
+        draw(z, probabilities)
     return keys
 
 

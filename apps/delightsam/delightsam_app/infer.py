@@ -2,7 +2,7 @@
 
 Each modality the checkpoint serves is a model of its own in `/info` (`delightsam_ct` "CT abdomen",
 `delightsam_mr` "MR brain"), with its own labels, so that Slicer and OHIF list them apart and no label id means
-two structures. MONAI Label glue over ``delightsam.volume.segment_volume``: MONAI's LoadImaged in (NIfTI, NRRD,
+two structures. MONAI Label glue over the served pipeline (``delightsam.pipeline.Pipeline``): MONAI's LoadImaged in (NIfTI, NRRD,
 DICOM series, also inside the folder of a zipped upload), the library's slice-by-slice inference (one canonical
 orientation, labels back on the input's grid), monailabel's Writer out. Bad input becomes an HTTP error whose
 message names the problem, so clients show it and the server stays up.
@@ -23,7 +23,8 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from delightsam.geometry import VolumeError, as_volume
-from delightsam.volume import PROMPTS, READ_ERRORS, dicom_series, image_reader, read_error, segment_volume
+from delightsam.pipeline import is_adapted
+from delightsam.volume import PROMPTS, READ_ERRORS, dicom_series, image_reader, read_error
 
 from . import anatomy
 from .dicom_seg import source_images, write_dicom_seg
@@ -126,10 +127,9 @@ class DeLightSAMInfer(BasicInferTask):
         refine, prompts = data["refine"], data["prompts"]
         loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
-            result = segment_volume(model, image, self.modality, batch_size=data["batch_size"],
-                                    cleanup=data["cleanup"], prompts=prompts,
-                                    refiner=self.served.refiner(model) if refine else None, doubt=bool(loop_image),
-                                    refine_every_mm=self.served.settings.refine_every_mm)
+            pipeline = self.served.settings.pipeline([self.modality] if refine else [], prompts)
+            result = pipeline.segment(model, image, self.modality, self.served.refiner(model) if refine else None,
+                                      batch_size=data["batch_size"], cleanup=data["cleanup"], doubt=bool(loop_image))
         except VolumeError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         if loop_image:
@@ -142,6 +142,7 @@ class DeLightSAMInfer(BasicInferTask):
         names = result.label_names
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
                           "refined": refine, "prompts": prompts if refine else None,
+                          "pipeline": pipeline.describe(self.modality, is_adapted(model, self.modality)),
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes}
         if result.doubt:

@@ -228,6 +228,8 @@ class TrainOptions(JobOptions):
     trainable: Literal[TRAINABLE] = "modality"  # type: ignore[valid-type]
     teacher: Literal[("lite_medsam", "none", *[t for t in TEACHERS if t != "lite_medsam"])] = "lite_medsam"  # type: ignore[misc]
     val_split: float = Field(0.2, ge=0, lt=1)
+    train_refiner: bool = Field(True, description="the second stage's queries and heads adapt too, for the "
+                                                  "modalities served in two stages")
     embedding_cache: bool = True
     resume: bool = True
     tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"

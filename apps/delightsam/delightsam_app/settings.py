@@ -9,6 +9,8 @@ from pathlib import Path
 from monailabel.utils.others.generic import strtobool
 from safetensors import safe_open
 
+from delightsam.pipeline import Pipeline
+
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_MODEL = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"  # the starter bundle
 
@@ -47,11 +49,21 @@ class AppSettings:
     refine_size: int = 96
     # in `refine`, one slice decoded about every this many millimetres, those between interpolated (0: every slice)
     refine_every_mm: float = 10.0
+    # in a two-stage request, the first stage sees one slice about every this many millimetres, those between take
+    # interpolated probabilities (0: every slice): it only places the boxes, so its cost follows the anatomy's
+    # extent, not the number of slices (the model card measures the held-out CT and 100 against 600 slices)
+    first_every_mm: float = 3.0
     handout_minutes: float = 30.0  # Next Sample (uncertain) skips images handed to another user this recently
 
     def refines(self, modality: str) -> bool:
         """Whether ``modality`` is segmented in two stages unless a request says otherwise."""
         return "*" in self.refine or modality in self.refine
+
+    def pipeline(self, refined: list[str] | None = None, prompts: str | None = None) -> Pipeline:
+        """The served pipeline (``refined``, ``prompts``: a request's own choice): the infer tasks segment with it
+        and the train task validates with it."""
+        return Pipeline(sorted(self.refine) if refined is None else refined, self.refine_size, prompts or self.prompts,
+                        self.refine_every_mm, self.first_every_mm)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
@@ -69,6 +81,7 @@ class AppSettings:
             prompts=conf.get("prompts", "slice"),
             refine_size=_refine_size(conf.get("refine_size", "96")),
             refine_every_mm=max(float(conf.get("refine_every_mm", 10)), 0.0),
+            first_every_mm=max(float(conf.get("first_every_mm", 3)), 0.0),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
             allow_server_paths=strtobool(conf.get("allow_server_paths", "false")),
             max_upload_mb=float(conf.get("max_upload_mb", 2048)),

@@ -1,4 +1,6 @@
-"""The De-LightSAM train task: distillation fine-tuning (MDKD) on the datastore's `final` labels.
+"""The De-LightSAM train task: distillation fine-tuning (MDKD) on the datastore's `final` labels, of the pipeline
+that is served: the first stage and, for the modalities served in two stages, the refiner's queries and heads
+(``delightsam.refiner_training``); validation and the publish decision run that pipeline with the server's settings.
 
 MONAI Label runs it in a subprocess (`POST /train/delightsam`); the training itself is
 ``delightsam.training.train``, the same code as `delightsam train`. Every image's modality is known before it
@@ -106,7 +108,8 @@ class DeLightSAMTrain(TrainTask):
             epochs=options.max_epochs, steps_per_epoch=options.steps_per_epoch, batch_size=options.train_batch_size,
             lr=options.lr, trainable=options.trainable, teacher=None if options.teacher == "none" else options.teacher,
             cache_dir=str(self.model_dir / "embedding_cache") if options.embedding_cache else None,
-            tracking=options.tracking, device=self.served.settings.device)
+            tracking=options.tracking, device=self.served.settings.device,
+            pipeline=self.served.settings.pipeline(), train_refiner=options.train_refiner)
         served = self.served.served_checkpoint()
         if served is None or not served.is_file():
             raise ValueError(f"no checkpoint to train from ({self.served.problem}); configure one first")
