@@ -16,7 +16,8 @@ from delightsam.foundation import foundation_model
 from delightsam.geometry import model_input
 from delightsam.normalization import get_normalization
 from delightsam.pipeline import Pipeline, is_adapted
-from delightsam.refiner_training import RefinerTrainer, RefinerTraining, mask_boxes
+from delightsam.refiner_training import RefinerTrainer, RefinerTraining
+from delightsam.sp_generator import boxes_from_masks
 from delightsam.training import SliceData, TrainConfig, TrainItem, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def _boxed_dice(refiner, data: SliceData, picks, size: int = 96) -> np.ndarray:
     fitted = [tuple(max(1, round(n * size / grey.shape[-1])) for n in data.fitted[v]) for v, _ in picks]
     x = torch.cat([model_input(small[i: i + 1], f, get_normalization(refiner)) for i, f in enumerate(fitted)])
     with torch.no_grad():
-        predicted = refiner(x, mods, mask_boxes(truth)).mask_logits > 0
+        predicted = refiner(x, mods, boxes_from_masks(truth)).mask_logits > 0
     inter = (predicted & truth).flatten(2).sum(-1).sum(0).double()
     return (2 * inter / (predicted.flatten(2).sum(-1).sum(0) + truth.flatten(2).sum(-1).sum(0)).clamp(min=1)).numpy()
 

@@ -25,6 +25,7 @@ from monai.losses import DiceFocalLoss
 from .geometry import model_input
 from .model import DeLightSAM
 from .normalization import get_normalization
+from .sp_generator import boxes_from_masks
 
 
 @dataclass
@@ -84,16 +85,6 @@ def _fitted(fitted: tuple[int, int], from_size: int, to_size: int) -> tuple[int,
     return tuple(max(1, round(n * to_size / from_size)) for n in fitted)
 
 
-def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """[B, S, H, W] masks -> [B, S, 4] boxes (x0, y0, x1, y1, inclusive pixels; NaN where a mask is empty)."""
-    rows, columns = masks.any(-1), masks.any(-2)
-    boxes = torch.full((*masks.shape[:2], 4), float("nan"))
-    for (b, s) in masks.flatten(2).any(-1).nonzero().tolist():
-        r, c = rows[b, s].nonzero()[:, 0], columns[b, s].nonzero()[:, 0]
-        boxes[b, s] = torch.tensor([c.min(), r.min(), c.max(), r.max()], dtype=torch.float32)
-    return boxes
-
-
 def jittered(boxes: torch.Tensor, share: float, limit: int, generator: torch.Generator) -> torch.Tensor:
     """Each side moved outwards or inwards by up to ``share`` of the box's extent plus 2 pixels, clipped to the
     image, and never inside out."""
@@ -109,7 +100,7 @@ def prompts(masks: torch.Tensor, coarse: torch.Tensor, known: torch.Tensor, sett
     """[B, S, 4] boxes at the refiner's input for the structures present and known in ``masks`` (NaN for the
     others): the coarse mask's box where the first stage found the structure (with ``coarse_share``'s odds), else
     the label's, jittered."""
-    truth, found = mask_boxes(masks), mask_boxes(coarse)
+    truth, found = boxes_from_masks(masks), boxes_from_masks(coarse)
     boxes = jittered(truth, settings.jitter, masks.shape[-1], generator)
     use_coarse = torch.isfinite(found).all(-1) & (torch.rand(found.shape[:2], generator=generator) < settings.coarse_share)
     boxes[use_coarse] = found[use_coarse]

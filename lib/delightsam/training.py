@@ -483,7 +483,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
     stats["pipeline"] = {**asdict(config.pipeline), "refiner_trained": refiner.modalities if refiner else []}
     if rank == 0 and start_epoch == 0:
         with torch.no_grad():
-            stats["before"] = _validate(model, val_items, config, device)
+            stats["before"] = _validate(model, val_items, config)
         stats["best_metric"] = stats["before"]["mean_dice"]
         log(f"validation Dice before training: {stats['before']['mean_dice']:.4f} {stats['before']['dice']}")
     if world > 1:
@@ -535,7 +535,7 @@ def train(model: DeLightSAM, train_items: list[TrainItem], val_items: list[Train
             if refiner is not None:  # published with the model, and validated as the pipeline serves it
                 model.refiner_state = refiner.state()
             with torch.no_grad():
-                metrics = _validate(model, val_items, config, device)
+                metrics = _validate(model, val_items, config)
             stats["val"] = metrics
             tracker.log({**{f"loss/{k}": v for k, v in mean_loss.items()}, "val/mean_dice": metrics["mean_dice"],
                          **{f"val/dice/{k}": v for k, v in metrics["dice"].items()}}, epoch + 1)
@@ -601,7 +601,7 @@ def _refiner_trainer(model: DeLightSAM, modalities: list[str], config: TrainConf
                           refined, RefinerTraining(size=size), seed=config.seed)
 
 
-def _validate(model: DeLightSAM, items: list[TrainItem], config: TrainConfig, device: torch.device) -> dict:
+def _validate(model: DeLightSAM, items: list[TrainItem], config: TrainConfig) -> dict:
     """``validate`` with the served pipeline: a refiner made afresh from the model (and the adaptation it carries)
     when the pipeline refines one of the items' modalities."""
     if not items:

@@ -128,18 +128,18 @@ def read_grid(path) -> Grid:
     if Path(path).is_dir():
         image = read_volume(path, dtype=None)
         return Grid(tuple(image.shape), np.asarray(image.affine, dtype=np.float64))
-    if image_reader(path) == "NibabelReader":
+    if image_reader(path) == "NibabelReader":  # its affine is the 3 spatial axes' whatever the file's dimensions
         header = nib.load(str(path))
         shape, affine = tuple(int(n) for n in header.shape), np.asarray(header.affine, dtype=np.float64)
-    else:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        reader.ReadImageInformation()
-        shape, dims = tuple(int(n) for n in reader.GetSize()), reader.GetDimension()
-        lps = np.eye(dims + 1)
-        lps[:dims, :dims] = np.reshape(reader.GetDirection(), (dims, dims)) @ np.diag(reader.GetSpacing())
-        lps[:dims, dims] = reader.GetOrigin()
-        affine = np.diag([-1.0, -1.0] + [1.0] * (dims - 1)) @ lps
+        return Grid(shape[:3] if len(shape) == 4 and shape[-1] == 1 else shape, affine)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    shape, dims = tuple(int(n) for n in reader.GetSize()), reader.GetDimension()
+    lps = np.eye(dims + 1)
+    lps[:dims, :dims] = np.reshape(reader.GetDirection(), (dims, dims)) @ np.diag(reader.GetSpacing())
+    lps[:dims, dims] = reader.GetOrigin()
+    affine = np.diag([-1.0, -1.0] + [1.0] * (dims - 1)) @ lps
     if len(shape) == 4 and shape[-1] == 1:  # one 3-D volume in a 4-D file, as read_volume takes it
         shape, affine = shape[:3], np.delete(np.delete(affine, 3, axis=0), 3, axis=1)
     return Grid(shape, affine)
