@@ -4,9 +4,9 @@
   Next Sample (strategy `uncertain`) -> auto-segment -> correct -> Submit -> Train -> the next Next Sample ...
 
 The "annotator" corrects by submitting the reference label, named as Slicer names segments (`label_info`:
-names with positional values 1, 2, 3 in its own order, not the model's ids). The volumes are the held-out DICOM
-CT of the TotalSegmentator sample (never trained on by the starter model), cut into ``--parts`` slabs along the
-body axis, stored alternately as RAS NIfTI and in another voxel order (slice axis first, flipped), so that the
+names with positional values 1, 2, 3 in its own order, not the model's ids). The volumes are the development
+DICOM CT of the TotalSegmentator sample (never trained on by the starter model; the app's settings were chosen
+on it), cut into ``--parts`` slabs along the body axis, stored alternately as RAS NIfTI and in another voxel order (slice axis first, flipped), so that the
 loop also proves the canonical orientation. The slabs are of one patient: the loop shows that the app learns
 from its users' labels, not that a model generalises to other patients (the model card reports that).
 
@@ -48,7 +48,7 @@ class Volume:
 
 
 def make_volumes(data: Path, out: Path, parts: int = 2) -> list[Volume]:
-    """The held-out CT series cut into ``parts`` slabs: images under out/studies, the annotators' labels
+    """The development CT series (never trained on by the starter; settings were chosen on it) cut into ``parts`` slabs: images under out/studies, the annotators' labels
     under out/labels."""
     sys.path.insert(0, str(ROOT / "lib"))
     from delightsam.volume import read_label, read_volume
@@ -200,11 +200,12 @@ def doubt_against_error(ledger) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data")
-    parser.add_argument("--parts", type=int, default=3, help="slabs of the held-out CT (images of the loop)")
+    parser.add_argument("--parts", type=int, default=3, help="slabs of the development CT (images of the loop)")
     parser.add_argument("--quick", action="store_true", help="two slabs, a short training (the CI test's size)")
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "delightsam_ct_mr" / "docs" / "evaluation" / "annotation_loop")
     parser.add_argument("--frozen-refiner", action="store_true",
                         help="train the first stage only (train_refiner false): the arm to compare with")
+    parser.add_argument("--seed", type=int, default=0, help="the trainings' seed (a second run of both arms)")
     args = parser.parse_args()
     from serve import running_server
 
@@ -216,7 +217,8 @@ def main() -> int:
         conf = ["--conf", "model_dir", str(tmp / "model"), "--conf", "modality", "ct"]
         began = time.time()
         with running_server(tmp, tmp / "studies", conf, env={"MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}) as (url, _):
-            train = {**(QUICK_TRAIN if args.quick else FULL_TRAIN), "train_refiner": not args.frozen_refiner}
+            train = {**(QUICK_TRAIN if args.quick else FULL_TRAIN), "train_refiner": not args.frozen_refiner,
+                     "seed": args.seed}
             result = Annotator(url, volumes, train).run()
         ledger = Ledger(tmp / "model" / "loop")
         args.out.mkdir(parents=True, exist_ok=True)
@@ -225,10 +227,11 @@ def main() -> int:
         order += [f"| {i + 1} | {h['image']} | {h['uncertainty']:.4f} | {h['model_version']} |" if h["uncertainty"] is not None
                   else f"| {i + 1} | {h['image']} | not scored | {h['model_version']} |" for i, h in enumerate(result["handed"])]
         tracking = doubt_against_error(ledger)
-        command = "python scripts/annotation_loop.py" + " --quick" * args.quick + " --frozen-refiner" * args.frozen_refiner
+        command = ("python scripts/annotation_loop.py" + " --quick" * args.quick + " --frozen-refiner" * args.frozen_refiner
+                   + f" --seed {args.seed}" * bool(args.seed))
         arm = "the first stage only (the refiner frozen)" if args.frozen_refiner else "the served pipeline (first stage and refiner)"
         text = "\n".join([f"# The annotation loop (`{command}`)", "",
-                          f"{len(volumes)} slabs of the held-out CT; training {arm}; {time.time() - began:.0f} s in all on this machine.",
+                          f"{len(volumes)} slabs of the development CT; training {arm}; {time.time() - began:.0f} s in all on this machine.",
                           "", *order, "", report_markdown(ledger), *tracking])
         (args.out / "report.md").write_text(text)
         (args.out / "report.json").write_text(json.dumps({**result, "summary": ledger.summary()}, indent=1))

@@ -119,16 +119,21 @@ def main() -> int:
     after = evaluate(model, args.data)
     same_ct = bool(np.array_equal(ct_labels(shipped, args.data), ct_labels(model, args.data)))
     print("trained:", json.dumps(after), "CT unchanged:", same_ct, flush=True)
+    ships = not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]
     report = {"before": before, "after": after, "ct_labels_unchanged": same_ct, "wall_seconds": time.time() - began,
-              "cpu_budget_s": args.budget, "steps": stats.get("steps"), "loss": stats.get("loss")}
-    out = BUNDLE / "docs" / "evaluation" / "mr_heads"
+              "cpu_budget_s": args.budget, "steps": stats.get("steps"), "loss": stats.get("loss"), "shipped": ships}
+    # the bundle's report describes the shipped model: a run that is not shipped reports beside it
+    out = BUNDLE / "docs" / "evaluation" / "mr_heads" / ("" if ships else "not_shipped")
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     (out / "report.md").write_text(markdown(report))
-    if not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]:
-        model.config = model.config.replace(version=f"{shipped.config.version}+mr-heads")
+    if ships:
+        base = shipped.config.version.split("+")[0]  # the CT starter this MR part sits beside
+        model.config = model.config.replace(version=f"{base}+mr-heads-{time.strftime('%Y%m%d')}")
         save_model(model, SHIPPED, half=True)
         print(f"wrote {SHIPPED}")
+    else:
+        print(f"not shipped (the held-out brain did not improve, the CT changed, or --no-save): {out}")
     return 0
 
 
@@ -144,7 +149,9 @@ def markdown(report: dict) -> str:
     lines += ["", "MNI template (trained on, skull-stripped): " + ", ".join(
         f"{k} {b['mni152_training'][k]:.3f} -> {a['mni152_training'][k]:.3f}" for k in a["mni152_training"]), "",
               f"CT labels of the development CT series (ts_ct_dicom, one stage) unchanged: {report['ct_labels_unchanged']}; "
-              f"{report['steps']} steps in {report['wall_seconds']:.0f} s (CPU budget {report['cpu_budget_s']:.0f} s)."]
+              f"{report['steps']} steps in {report['wall_seconds']:.0f} s (CPU budget {report['cpu_budget_s']:.0f} s).",
+              "", "Shipped: " + ("yes, as the bundle's model." if report.get("shipped", True) else
+                                 "no; the bundle's model is the one 'shipped before' describes.")]
     return "\n".join(lines) + "\n"
 
 

@@ -43,7 +43,7 @@ def test_the_bundle_holds_a_small_checkpoint_with_the_card_s_structures(starter)
     for name, label in CARD["ct"].items():
         assert f"{label} {name}" in metadata["label_classes"]
     report = (BUNDLE / "docs" / "evaluation" / "report.md").read_text()
-    assert "held-out" in report and "U-Net" in report and "LiteMedSAM" in report and "distilled only" in report
+    assert "development" in report and "U-Net" in report and "LiteMedSAM" in report and "distilled only" in report
 
 
 def test_monai_bundle_runner_segments_a_volume(tmp_path, samples):
@@ -106,4 +106,4 @@ def test_the_recipe_runs_end_to_end_in_short(tmp_path, samples):
     assert len(report["methods"]) == 8
     assert report["context"]["split"]["evaluation"] == ["ts_ct_dicom"]
     assert not set(report["context"]["split"]["evaluation"]) & set(report["context"]["split"]["train"])
-    assert (bundle / "docs" / "evaluation" / "figures" / "held_out_ts_ct_dicom.png").is_file()
+    assert (bundle / "docs" / "evaluation" / "figures" / "development_ts_ct_dicom.png").is_file()

@@ -233,6 +233,8 @@ class TrainOptions(JobOptions):
     embedding_cache: bool = True
     resume: bool = True
     tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="the run's random seed: its batches, augmentation and the "
+                                                        "refiner's boxes (the same seed and labels, the same run)")
     TASK: ClassVar[str] = "model"
 
     @classmethod

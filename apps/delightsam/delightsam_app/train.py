@@ -109,7 +109,8 @@ class DeLightSAMTrain(TrainTask):
             lr=options.lr, trainable=options.trainable, teacher=None if options.teacher == "none" else options.teacher,
             cache_dir=str(self.model_dir / "embedding_cache") if options.embedding_cache else None,
             tracking=options.tracking, device=self.served.settings.device,
-            pipeline=self.served.settings.pipeline(), train_refiner=options.train_refiner)
+            pipeline=self.served.settings.pipeline(), train_refiner=options.train_refiner,
+            seed=options.seed)
         served = self.served.served_checkpoint()
         if served is None or not served.is_file():
             raise ValueError(f"no checkpoint to train from ({self.served.problem}); configure one first")
