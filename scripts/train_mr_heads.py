@@ -18,7 +18,7 @@ and LiteMedSAM distillation, for a CPU budget. Held out, never trained on: ROBEX
 head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS; and ITK's example T1
 (Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices.
 
-    python scripts/train_mr_heads.py [--budget 900] [--evaluate-only] [--no-save]
+    python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--evaluate-only] [--no-save]
 
 Writes the model into the bundle (models/delightsam_ct_mr/models/model.safetensors) when ROBEX's brain improves
 and ITK's loses at most 0.01, with its report in models/delightsam_ct_mr/docs/evaluation/mr_heads/; a run that is
@@ -100,6 +100,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=900.0, help="CPU seconds of training (all threads)")
     parser.add_argument("--evaluate-only", action="store_true")
     parser.add_argument("--no-save", action="store_true", help="report, but leave the bundle's model as it is")
+    parser.add_argument("--seed", type=int, default=0, help="the training's sampling and augmentation")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "mr_heads")
     args = parser.parse_args()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data), "--heads"],
@@ -121,7 +122,7 @@ def main() -> int:
     model = load_model(SHIPPED)
     config = TrainConfig(epochs=1000, steps_per_epoch=25, batch_size=4, lr=5e-4, trainable="modality",
                          teacher="lite_medsam", cache_dir=str(args.work / "cache"), tracking="none", augment=0.7,
-                         max_cpu_seconds=args.budget, seed=0)
+                         max_cpu_seconds=args.budget, seed=args.seed)
     began = time.time()
     stats = train(model, items, [], config, args.work / "run", log=lambda line: print(line, flush=True))
     after = evaluate(model, args.data)
@@ -131,7 +132,7 @@ def main() -> int:
     ships = (not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]
              and after["itk_held_out"] >= before["itk_held_out"] - 0.01)
     report = {"before": before, "after": after, "ct_labels_unchanged": same_ct, "wall_seconds": time.time() - began,
-              "cpu_budget_s": args.budget, "steps": stats.get("steps"), "loss": stats.get("loss"), "shipped": ships}
+              "cpu_budget_s": args.budget, "seed": args.seed, "steps": stats.get("steps"), "loss": stats.get("loss"), "shipped": ships}
     # the bundle's report describes the shipped model: a run that is not shipped reports beside it
     out = BUNDLE / "docs" / "evaluation" / "mr_heads" / ("" if ships else "not_shipped")
     out.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def test_slicer_gets_the_organs_in_either_storage_order(server, held_out):
     answers = {}
     for image in ("held_out_ras", "held_out_lps"):
         label_file, params = client.infer("delightsam_ct", image, SLICER)
-        assert params["refined"] is True and params["model_version"] == "starter-20261127+mr-heads-20261202"
+        assert params["refined"] is True and params["model_version"] == "starter-20261127+mr-heads-20261203"
         label = sitk.ReadImage(label_file)
         assert label.GetPixelID() == sitk.sitkUInt8
         answers[image] = _canonical(label)

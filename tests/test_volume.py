@@ -132,7 +132,7 @@ def test_the_mr_brain_is_found_in_a_real_head_with_skull(starter, samples, tmp_p
     """A real T1 with skull and scalp that no training saw (ROBEX's reference head, stored LAS): the shipped MR
     model's whole brain (brain with grey and white matter) against its brain mask, as stored and reoriented to RAS,
     with the same answer either way. 0.3.1, fitted to a skull-stripped template only, scored 0.659 here;
-    0.4.0 0.755; 0.4.1, trained on three heads with skull, 0.832."""
+    0.4.0 0.755; 0.4.1, trained on three heads with skull, 0.832; 0.4.2, trained longer, 0.852."""
     from delightsam.volume import structure_mask
 
     image_path, label_path = samples / "samples" / "robex_t1.nii.gz", samples / "samples" / "labels" / "robex_t1.nii.gz"
@@ -145,7 +145,7 @@ def test_the_mr_brain_is_found_in_a_real_head_with_skull(starter, samples, tmp_p
         reference = np.asarray(read_label(label_path, image)) > 0
         masks[path] = structure_mask(segment_volume(starter, image, "mr").labels, brain)
         dice = 2 * (masks[path] & reference).sum() / (masks[path].sum() + reference.sum())
-        assert dice > 0.80, (path.name, dice)
+        assert dice > 0.84, (path.name, dice)
     assert np.array_equal(nib.as_closest_canonical(nib.Nifti1Image(masks[image_path].astype(np.uint8),
                                                                    nib.load(image_path).affine)).get_fdata() > 0,
                           masks[ras])
