@@ -132,7 +132,8 @@ def main() -> int:
     ships = (not args.no_save and same_ct and after["robex_held_out"] > before["robex_held_out"]
              and after["itk_held_out"] >= before["itk_held_out"] - 0.01)
     report = {"before": before, "after": after, "ct_labels_unchanged": same_ct, "wall_seconds": time.time() - began,
-              "cpu_budget_s": args.budget, "seed": args.seed, "steps": stats.get("steps"), "loss": stats.get("loss"), "shipped": ships}
+              "cpu_budget_s": args.budget, "seed": args.seed, "steps": stats.get("steps"), "loss": stats.get("loss"),
+              "shipped": ships}
     # the bundle's report describes the shipped model: a run that is not shipped reports beside it
     out = BUNDLE / "docs" / "evaluation" / "mr_heads" / ("" if ships else "not_shipped")
     out.mkdir(parents=True, exist_ok=True)
