@@ -51,7 +51,7 @@ def make_volumes(data: Path, out: Path, parts: int = 2) -> list[Volume]:
     """The development CT series (never trained on by the starter; settings were chosen on it) cut into ``parts`` slabs: images under out/studies, the annotators' labels
     under out/labels."""
     sys.path.insert(0, str(ROOT / "lib"))
-    from delightsam.volume import read_label, read_volume
+    from delightsam.reading import read_label, read_volume
 
     image = read_volume(data / "samples" / "ts_ct_dicom")
     reference = np.asarray(read_label(data / "samples" / "labels" / "ts_ct_dicom.nii.gz", image)).astype(np.int64)

@@ -30,7 +30,7 @@ import torch
 
 import delightsam
 from delightsam.geometry import to_grey_levels
-from delightsam.volume import SliceNetwork
+from delightsam.first_stage import SliceNetwork
 from serve import peak_rss_mb, running_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,7 +52,8 @@ def reference_label(data: Path, image_path: Path, out: Path) -> Path:
 def _lite_medsam(image_path: str, label_path: str, queue) -> None:
     from delightsam import load_model
     from delightsam.baselines import LiteMedSAMBoxNetwork
-    from delightsam.volume import read_label, read_volume, segment_with
+    from delightsam.first_stage import segment_with
+    from delightsam.reading import read_label, read_volume
 
     spec = load_model(CHECKPOINT).config.modality("ct")
     network = LiteMedSAMBoxNetwork(spec.structures)

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 import delightsam
-from delightsam.training import TrainConfig, TrainItem, train
-from delightsam.volume import read_volume, segment_volume
+from delightsam.training import TrainConfig, train
+from delightsam.training_data import TrainItem
+from delightsam.pipeline import segment_volume
+from delightsam.reading import read_volume
 
 
 def per_slice_ms(model, size: int, batch: int, device: str) -> float:

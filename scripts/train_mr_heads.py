@@ -47,7 +47,9 @@ HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
 def brain_dice(model, image_path: Path, label_path: Path, reorient: bool = False) -> float:
     """The whole brain's Dice (brain with grey and white matter) against a brain mask; ``reorient``: the volume
     and its label stored in RAS order instead of the file's own."""
-    from delightsam.volume import read_label, read_volume, segment_volume, structure_mask
+    from delightsam.label_maps import structure_mask
+    from delightsam.pipeline import segment_volume
+    from delightsam.reading import read_label, read_volume
 
     if reorient:
         image_path, label_path = (_as_ras(p) for p in (image_path, label_path))
@@ -69,7 +71,8 @@ def _as_ras(path: Path) -> Path:
 def tissue_dice(model, data: Path) -> dict[str, float]:
     """Brain, grey and white matter on the MNI template (a training volume: a fit, not held out)."""
     from delightsam.evaluation import score
-    from delightsam.volume import read_label, read_volume, segment_volume
+    from delightsam.pipeline import segment_volume
+    from delightsam.reading import read_label, read_volume
 
     image = read_volume(data / "studies" / "mni152_t1.nii.gz")
     reference = np.asarray(read_label(data / "samples" / "labels" / "mni152_t1.nii.gz", image)).astype(np.uint8)
@@ -79,7 +82,8 @@ def tissue_dice(model, data: Path) -> dict[str, float]:
 
 
 def ct_labels(model, data: Path) -> np.ndarray:
-    from delightsam.volume import read_volume, segment_volume
+    from delightsam.pipeline import segment_volume
+    from delightsam.reading import read_volume
 
     return segment_volume(model, read_volume(data / "samples" / "ts_ct_dicom"), "ct").labels
 
@@ -106,7 +110,8 @@ def main() -> int:
     subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data), "--heads"],
                    check=True)
     from delightsam import load_model, save_model
-    from delightsam.training import TrainConfig, TrainItem, train
+    from delightsam.training import TrainConfig, train
+    from delightsam.training_data import TrainItem
 
     shipped = load_model(SHIPPED)
     before = evaluate(shipped, args.data)

@@ -43,7 +43,9 @@ from delightsam.baselines import LiteMedSAMBoxNetwork, load_unet, save_unet, tra
 from delightsam.losses import LossWeights
 from delightsam.model import DeLightSAM
 from delightsam.teachers import init_trunk_from
-from delightsam.training import SliceData, TrainConfig, TrainItem, atlas_entries, train, update_box_atlas
+from delightsam.box_atlas import update_box_atlas
+from delightsam.training import TrainConfig, train
+from delightsam.training_data import SliceData, TrainItem, atlas_entries
 from delightsam.geometry import DEFAULT_INTENSITY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +73,7 @@ REVERSE = {**SPLIT, "train": [SPLIT["evaluation"][0], SPLIT["train"][1]], "evalu
 CT_PIXEL_MM = None
 REFINE_SIZE, REFINE_EVERY_MM, REFINE_PROMPTS = 96, 10.0, "slice"  # the app's refine defaults (refine_size, ...)
 BUDGETS = {"distill": 300.0, "segment": 2700.0}  # CPU seconds (all threads of the process)
-AUGMENT = 0.5  # share of augmented slices (training.augmentation), for De-LightSAM and the U-Net alike
+AUGMENT = 0.5  # share of augmented slices (augmentation.augmentation), for De-LightSAM and the U-Net alike
 QUICK_BUDGETS = {"distill": 10.0, "segment": 20.0}
 
 
@@ -215,7 +217,8 @@ def main() -> int:
     for spec in no_atlas.config.modalities:
         spec.box_atlas = []
     unet, unet_meta = load_unet(work / "unet_baseline.safetensors")
-    from delightsam.foundation import foundation_model, resized
+    from delightsam.foundation import foundation_model
+    from delightsam.model import resized
 
     refiner = foundation_model(starter)  # all of LiteMedSAM, decoding the starter's own boxes
     organs = ("ct",)  # boxes do not define brain tissue: the foundation rows run on the CT only (model card)

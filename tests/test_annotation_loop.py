@@ -24,7 +24,7 @@ from annotation_loop import QUICK_TRAIN, Annotator, make_volumes  # noqa: E402
 from delightsam.config import Structure  # noqa: E402
 from delightsam.ledger import Ledger  # noqa: E402
 from delightsam.uncertainty import DoubtMeter  # noqa: E402
-from delightsam.volume import read_volume  # noqa: E402
+from delightsam.reading import read_volume  # noqa: E402
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 STRUCTURES = {"Stomach": 5, "Liver": 1, "Spleen": 2}  # the annotators' names -> the model's ids

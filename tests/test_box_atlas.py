@@ -10,7 +10,8 @@ import pytest
 import delightsam
 from conftest import make_test_checkpoint
 from delightsam.box_atlas import atlas_entry, context_boxes
-from delightsam.training import SliceData, TrainItem, update_box_atlas
+from delightsam.box_atlas import update_box_atlas
+from delightsam.training_data import SliceData, TrainItem
 
 ATLAS = [{"id": "a", "plane": "axial", "boxes": {"liver": [0, 0, 0, 100, 100, 50], "stomach": [20, 60, 10, 50, 90, 40],
                                                  "kidney": [60, 10, 0, 90, 40, 20]}}]
@@ -107,7 +108,7 @@ def test_context_prompts_write_the_atlas_box_in_voxels_and_leave_out_one_beyond_
     import torch
 
     from delightsam.geometry import orient
-    from delightsam.volume import context_prompts, slice_boxes
+    from delightsam.refinement import context_prompts, slice_boxes
 
     model = delightsam.load_model(make_test_checkpoint(tmp_path / "m.safetensors"))
     spec = model.config.modality("ct")  # liver, spleen, kidney

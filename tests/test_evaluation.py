@@ -14,8 +14,10 @@ import delightsam
 from delightsam.cli import main as cli
 from delightsam.config import Structure
 from delightsam.evaluation import score
-from delightsam.training import SliceData, TrainConfig, TrainItem, train
-from delightsam.volume import combine, part_indices, read_label, read_volume, structure_mask
+from delightsam.training import TrainConfig, train
+from delightsam.training_data import SliceData, TrainItem
+from delightsam.label_maps import combine, part_indices, structure_mask
+from delightsam.reading import read_label, read_volume
 
 BRAIN = [Structure("brain", 1, 0, [2, 3]), Structure("grey_matter", 2, 1), Structure("white_matter", 3, 2)]
 

@@ -13,7 +13,10 @@ from delightsam.checkpoint import project_to_released_name
 from delightsam.foundation import foundation_model, foundation_state, transfer
 from delightsam.sp_generator import boxes_from_masks
 from delightsam.teachers import lite_medsam_weights
-from delightsam.volume import read_label, read_volume, segment_volume, slice_boxes, structure_regions
+from delightsam.label_maps import structure_regions
+from delightsam.pipeline import segment_volume
+from delightsam.reading import read_label, read_volume
+from delightsam.refinement import slice_boxes
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 
@@ -145,7 +148,7 @@ def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
     assert any("refined 20 of 20 slices" in note for note in refined.notes)
     # the app's defaults: the foundation at input 96 on one slice in 10 mm (these are 2 mm: every fifth, and the
     # last), the slices between interpolated; the liver loses little
-    from delightsam.foundation import resized
+    from delightsam.model import resized
 
     quick = segment_volume(starter, image, "ct", refiner=resized(student, 96), prompts="3d", refine_every_mm=10)
     assert any("refined 20 of 20 slices with 3-D boxes (5 decoded, the others interpolated" in note
@@ -162,7 +165,7 @@ def test_context_prompts_find_the_stomach_the_first_stage_missed(student, sample
 
     import nibabel as nib
 
-    from delightsam.foundation import resized
+    from delightsam.model import resized
 
     starter = delightsam.load_model(STARTER)
     assert [e["id"] for e in starter.config.modality("ct").box_atlas] == ["ts_ct_small"]  # its training CT
@@ -190,7 +193,7 @@ def test_context_prompts_find_the_stomach_the_first_stage_missed(student, sample
 
 
 def test_keyframes_run_by_run():
-    from delightsam.volume import keyframes, refine_stride
+    from delightsam.keyframes import keyframes, refine_stride
 
     assert keyframes([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17], 3) == [0, 3, 6, 9, 15, 17]
     assert keyframes([4, 5, 6], 1) == [4, 5, 6] and keyframes([7], 5) == [7]
@@ -250,7 +253,7 @@ def test_the_first_stage_by_physical_extent(samples):
     for every in (0.0, default):
         decoded.clear()
         pipeline = Pipeline(["ct"], first_every_mm=every)
-        labels = pipeline.segment(starter, image, "ct", pipeline.refiner(starter)).labels
+        labels = pipeline.segment(starter, image, "ct").labels
         scores[every] = {name: 2 * ((labels == ours) & (reference == theirs)).sum()
                          / ((labels == ours).sum() + (reference == theirs).sum())
                          for name, ours, theirs in (("liver", 1, 5), ("spleen", 2, 1), ("stomach", 5, 6))}

@@ -164,7 +164,7 @@ def test_the_app_warns_when_it_listens_beyond_loopback_without_auth(argv, warns,
 def test_a_published_model_is_served_only_with_the_checkpoint_it_came_from(tmp_path, caplog):
     from conftest import make_test_checkpoint
     from delightsam import load_model
-    from delightsam.training import publish_version
+    from delightsam.versions import publish_version
     from delightsam_app.served import ServedModel
     from delightsam_app.settings import AppSettings
 
@@ -186,7 +186,7 @@ def test_a_published_model_is_served_only_with_the_checkpoint_it_came_from(tmp_p
 def test_a_refine_size_the_foundation_cannot_take_is_refused_by_name(tmp_path, value):
     from delightsam_app.settings import AppSettings
 
-    assert AppSettings.from_conf({"model_dir": str(tmp_path)}, APP_DIR).refine_size == 96
+    assert AppSettings.from_conf({"model_dir": str(tmp_path)}, APP_DIR).pipeline.size == 96
     with pytest.raises(ValueError, match=f"refine_size must be a multiple of 32 from 64 to 1024, got {value}"):
         AppSettings.from_conf({"model_dir": str(tmp_path), "refine_size": value}, APP_DIR)
 
@@ -196,7 +196,7 @@ def test_refine_by_default_is_chosen_per_modality(tmp_path):
 
     def refines(value):
         settings = AppSettings.from_conf({"model_dir": str(tmp_path), "refine": value}, APP_DIR)
-        return settings.refines("ct"), settings.refines("mr")
+        return settings.pipeline.refines("ct"), settings.pipeline.refines("mr")
 
     assert refines("false") == refines("none") == (False, False)
     assert refines("true") == refines("all") == (True, True)
@@ -226,8 +226,9 @@ def test_the_pacs_datastore_is_monailabels_with_its_interface_overridden():
 
 
 def test_a_refiner_is_kept_only_beside_the_model_being_served(tmp_path):
-    """A request still running on a model that a hot reload replaced gets a refiner of its own, which is not kept:
-    once the request ends, nothing holds the old model."""
+    """The served pipeline builds a model's refiner once and keeps it only as long as the model: a request still
+    running on a model that a hot reload replaced keeps that model's refiner, and once the request ends, nothing holds
+    the old model."""
     import gc
     import weakref
 
@@ -239,12 +240,12 @@ def test_a_refiner_is_kept_only_beside_the_model_being_served(tmp_path):
     served = ServedModel(AppSettings.from_conf({"checkpoint": str(checkpoint), "model_dir": str(tmp_path / "m")},
                                                APP_DIR), tmp_path / "m")
     old = served.network("cpu")
-    assert served.refiner(old) is served.refiner(old)  # built once for the served model
+    assert served.pipeline.refiner(old) is served.pipeline.refiner(old)  # built once for the served model
     make_test_checkpoint(checkpoint, seed=1, version="new")  # training publishes; the next request reloads
     new = served.network("cpu")
     assert new.config.version == "new" and new is not old
-    late = served.refiner(old)  # the request that began on the old model finishes its second stage
-    assert late is not served.refiner(new) and served.refiner(new) is served.refiner(new)
+    late = served.pipeline.refiner(old)  # the request that began on the old model finishes its second stage
+    assert late is not served.pipeline.refiner(new) and served.pipeline.refiner(new) is served.pipeline.refiner(new)
     gone = weakref.ref(old)
     del old, late
     gc.collect()

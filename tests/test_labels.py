@@ -18,8 +18,8 @@ import delightsam
 from conftest import APP_DIR
 from delightsam.config import Structure
 from delightsam.losses import DeLightSAMLoss
-from delightsam.training import SliceData, TrainItem
-from delightsam.volume import clean_up
+from delightsam.training_data import SliceData, TrainItem
+from delightsam.label_maps import clean_up
 
 sys.path.insert(0, str(APP_DIR))
 from delightsam_app import anatomy  # noqa: E402
@@ -174,7 +174,7 @@ def test_a_label_is_read_against_its_image_before_it_is_saved(tmp_path, samples)
 
 
 def test_an_empty_named_segment_is_not_counted_and_relabel_sizes_nothing_by_a_value(tmp_path, samples):
-    from delightsam.training import relabel
+    from delightsam.label_maps import relabel
 
     image = str(samples / "studies" / "ts_ct_small.nii.gz")
     reference = nib.load(samples / "samples" / "labels" / "ts_ct_small.nii.gz")

@@ -21,7 +21,7 @@ from nibabel import orientations
 from conftest import REPO, monailabel_server
 from delightsam import load_model
 from delightsam.cli import main as cli
-from delightsam.training import SliceData, TrainItem
+from delightsam.training_data import SliceData, TrainItem
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 TS_LIVER, CT_LIVER = 5, 1

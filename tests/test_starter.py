@@ -15,7 +15,7 @@ from monailabel.client import MONAILabelClient
 
 import delightsam
 from conftest import REPO, monailabel_server
-from delightsam.volume import read_label, read_volume
+from delightsam.reading import read_label, read_volume
 
 BUNDLE = REPO / "models" / "delightsam_ct_mr"
 CHECKPOINT = BUNDLE / "models" / "model.safetensors"

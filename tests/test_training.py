@@ -21,7 +21,9 @@ from conftest import make_test_checkpoint
 from delightsam.checkpoint import project_to_released_name
 from delightsam.embedding_cache import EmbeddingCache
 from delightsam.teachers import TeacherError, init_trunk_from, load_teacher
-from delightsam.training import TrainConfig, TrainItem, select_trainable, train, update_split
+from delightsam.training import TrainConfig, select_trainable, train
+from delightsam.training_data import TrainItem
+from delightsam.versions import update_split
 
 BIN = Path(sys.executable).parent
 
@@ -282,7 +284,7 @@ def full_disk(tmp_path):
 
 
 def test_a_full_disk_during_a_publish_leaves_the_served_model_and_says_so(tmp_path, liver, full_disk):
-    from delightsam.training import publish_version
+    from delightsam.versions import publish_version
 
     served = make_test_checkpoint(tmp_path / "published.safetensors", version="served")
     before = served.read_bytes()

@@ -10,8 +10,10 @@ import torch
 from conftest import REPO, make_test_checkpoint
 from delightsam import load_model
 from delightsam.geometry import acquisition_plane, fitted_size, to_grey_levels
-from delightsam.training import SliceData, TrainItem
-from delightsam.volume import combine, read_label, read_volume, segment_volume
+from delightsam.training_data import SliceData, TrainItem
+from delightsam.label_maps import combine
+from delightsam.pipeline import segment_volume
+from delightsam.reading import read_label, read_volume
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def test_the_mr_brain_is_found_in_a_real_head_with_skull(starter, samples, tmp_p
     model's whole brain (brain with grey and white matter) against its brain mask, as stored and reoriented to RAS,
     with the same answer either way. 0.3.1, fitted to a skull-stripped template only, scored 0.659 here;
     0.4.0 0.755; 0.4.1, trained on three heads with skull, 0.832; 0.4.2, trained longer, 0.852."""
-    from delightsam.volume import structure_mask
+    from delightsam.label_maps import structure_mask
 
     image_path, label_path = samples / "samples" / "robex_t1.nii.gz", samples / "samples" / "labels" / "robex_t1.nii.gz"
     ras = tmp_path / "ras.nii.gz"

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from .model import DeLightSAM
 from .teachers import lite_medsam_weights
-from .volume import FittedSliceNetwork, structure_mask
+from .first_stage import FittedSliceNetwork
+from .label_maps import structure_mask
 
 UNET_FORMAT = "delightsam-unet-baseline"
 

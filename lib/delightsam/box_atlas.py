@@ -102,3 +102,13 @@ def context_boxes(found: dict[str, Box], atlas: list[dict], plane: str, extent, 
         else:
             moved[name] = (low, high) if np.all(high > low) else None
     return moved, trusted
+
+
+def update_box_atlas(model, entries: dict[str, list[dict]]) -> None:
+    """Adds the training volumes' box atlas entries to their modalities' (``box_atlas``): an entry of the same
+    volume id is replaced, the others are kept (a site's labels join the ones the model shipped with)."""
+    for name, new in entries.items():
+        spec = model.config.modality(name)
+        ids = {e["id"] for e in new}
+        spec.box_atlas = [e for e in spec.box_atlas if e.get("id") not in ids] + new
+

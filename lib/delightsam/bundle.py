@@ -22,17 +22,11 @@ class VolumeInferer(Inferer):
                  first_every_mm: float = 3.0) -> None:
         self.modality, self.batch_size, self.cleanup = modality, batch_size, cleanup
         self.pipeline = Pipeline([modality] if refine else [], refine_size, prompts, refine_every_mm, first_every_mm)
-        self._refiner = (None, None)  # (network, its refiner)
 
     def __call__(self, inputs: torch.Tensor, network, *args, **kwargs) -> torch.Tensor:
-        refiner = None
-        if self.pipeline.refines(self.modality):
-            if self._refiner[0] is not network:
-                self._refiner = (network, self.pipeline.refiner(network))
-            refiner = self._refiner[1]
         outputs = []
         for i in range(inputs.shape[0]):
-            result = self.pipeline.segment(network, inputs[i, 0], self.modality, refiner, batch_size=self.batch_size,
+            result = self.pipeline.segment(network, inputs[i, 0], self.modality, batch_size=self.batch_size,
                                            cleanup=self.cleanup)
             outputs.append(torch.from_numpy(result.labels)[None])
         labels = torch.stack(outputs)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
@@ -235,6 +235,29 @@ def released_modality_from_filename(path: str | os.PathLike) -> str:
 # ---- the project's own format ------------------------------------------------------------------
 REFINER_PREFIX = "refiner."  # the adapted tensors of the second stage's refiner (refiner_training.adapted_state)
 
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], set[str]]:
+    """A safetensors checkpoint's metadata and tensor names, from its header without its weights ({} and an empty
+    set when it cannot be read: whoever loads it says why)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}, set(f.keys())
+    except Exception:  # unreadable, missing or not safetensors
+        return {}, set()
+
+
+def stored_config(path: str | os.PathLike) -> dict | None:
+    """The configuration stored in a project checkpoint (None: not a readable project checkpoint)."""
+    try:
+        return json.loads(read_header(path)[0]["config"])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def refiner_names(path: str | os.PathLike) -> set[str]:
+    """The names of a checkpoint's adapted refiner tensors (``REFINER_PREFIX`` removed), from its header."""
+    return {k.removeprefix(REFINER_PREFIX) for k in read_header(path)[1] if k.startswith(REFINER_PREFIX)}
+
+
 def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
                extra: dict[str, str] | None = None) -> Path:
     """Writes the model and its configuration to one safetensors file, atomically (aside, then renamed).
@@ -242,7 +265,7 @@ def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
     path = Path(path)
     dtype = torch.float16 if half else torch.float32
     # the second stage's adapted tensors (refiner_training) travel with the model they were validated with
-    state = {**model.state_dict(), **{REFINER_PREFIX + k: v for k, v in getattr(model, "refiner_state", {}).items()}}
+    state = {**model.state_dict(), **{REFINER_PREFIX + k: v for k, v in model.refiner_state.items()}}
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "config": json.dumps(model.config.to_dict()), **(extra or {})}
@@ -300,5 +323,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, c
     _load_into(model, state, path)
     if refiner:
         _check_refiner(model, refiner, path)
-        model.refiner_state = refiner  # applied by foundation.foundation_model
+        model.refiner_state = refiner  # applied by foundation.foundation_model (``pipeline.Pipeline.refiner``)
     return model.eval().to(device)

@@ -74,7 +74,10 @@ def train_command(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from .teachers import init_trunk_from
-    from .training import LossWeights, TrainConfig, TrainItem, publish_version, train, update_split
+    from .losses import LossWeights
+    from .training import TrainConfig, train
+    from .training_data import TrainItem
+    from .versions import publish_version, update_split
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -174,7 +177,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def atlas_command(args: argparse.Namespace) -> int:
     """Adds labelled volumes to a checkpoint's box atlas (what the second stage's context prompts use; the train
     task adds the volumes it trains on), without training; writes the checkpoint to --output."""
-    from .training import TrainItem, atlas_entries, update_box_atlas
+    from .box_atlas import update_box_atlas
+    from .training_data import TrainItem, atlas_entries
 
     model = load_model(args.checkpoint)
     items = []

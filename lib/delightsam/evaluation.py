@@ -1,7 +1,7 @@
 """Evaluation against reference labels: Dice and 95% Hausdorff distance per structure and volume, time per
 volume, overlay montages, and one report with several methods side by side.
 
-Every method segments whole volumes through ``volume.segment_with`` (the app's path: grey levels, slices
+Every method segments whole volumes through ``first_stage.segment_with`` (the app's path: grey levels, slices
 along the acquisition axis, fit to the input, overlap rule), so they differ only in the 2-D network.
 A structure absent from the reference and not predicted is not scored; absent but predicted scores Dice 0.
 """
@@ -20,9 +20,12 @@ from monai.metrics import compute_dice, compute_hausdorff_distance
 from tqdm import tqdm
 
 from .config import DeLightSAMConfig, Modality, Structure
-from .model import DeLightSAM
+from .first_stage import FittedSliceNetwork, segment_with
 from .geometry import grey_volume, orient, spacing_of
-from .volume import FittedSliceNetwork, read_label, read_volume, segment_volume, segment_with, structure_mask
+from .label_maps import structure_mask
+from .model import DeLightSAM
+from .pipeline import segment_volume
+from .reading import read_label, read_volume
 
 
 @dataclass
@@ -211,7 +214,7 @@ def markdown(results: dict, config: DeLightSAMConfig) -> str:
              "Dice (higher is better) and, in brackets, the 95% Hausdorff distance in mm (lower is better), per "
              "structure as the mean over the set's volumes; – where the structure is absent from the reference and "
              "not predicted (Dice) or a mask is empty (HD95). Every method runs the same volume path as the app "
-             "(`delightsam.volume.segment_with`).", ""]
+             "(`delightsam.first_stage.segment_with`).", ""]
     if results["context"].get("recipe"):
         lines += [f"Made by `{results['context']['recipe']}`.", ""]
     for set_name, entries in results["sets"].items():

@@ -134,22 +134,6 @@ def foundation_model(model: DeLightSAM, source: str = "lite_medsam", path: str |
                                   version=f"{model.config.version}+{source}")
     student = DeLightSAM(config)
     transfer(student, source, path)
-    if adapted and getattr(model, "refiner_state", None):
+    if adapted and model.refiner_state:
         apply_adapted(student, model.refiner_state)
     return student.eval()
-
-
-_RESIZED: dict[int, tuple[DeLightSAM, DeLightSAM]] = {}  # input size -> (model, that model at the size)
-
-
-def resized(model: DeLightSAM, img_size: int) -> DeLightSAM:
-    """``model`` at another input size: the same weights (every one of them is independent of the size), for the
-    refiner to see part of a slice at a whole slice's scale. The last one made for each size is kept."""
-    if img_size == model.config.img_size:
-        return model
-    entry = _RESIZED.get(img_size)
-    if entry is None or entry[0] is not model:
-        other = DeLightSAM(model.config.replace(img_size=img_size))
-        other.load_state_dict(model.state_dict())
-        entry = _RESIZED[img_size] = (model, other.to(next(model.parameters()).device).eval())
-    return entry[1]

@@ -218,6 +218,14 @@ def fit_to_square(images: torch.Tensor, size: int, mode: str = "bilinear",
     return F.pad(x, (0, size - nw, 0, size - nh)), (nh, nw)
 
 
+def probabilities_on_slice(logits: torch.Tensor, size: int, fitted: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Square logits at any resolution -> probabilities on the slice (``fit_to_square`` undone): brought to the
+    input size, cropped to the fitted slice and resized back (as SAM does)."""
+    logits = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)
+    logits = F.interpolate(logits[..., : fitted[0], : fitted[1]], shape, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits).cpu()
+
+
 def model_input(grey: torch.Tensor, fitted: tuple[int, int], normalise) -> torch.Tensor:
     """Fitted grey slices [B, 1|3, S, S] -> the model's input [B, 3, S, S]: normalised, and the padding set
     to 0 after normalisation, as SAM and the released code pad (a neutral, not a black, border)."""

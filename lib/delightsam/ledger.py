@@ -82,8 +82,8 @@ class Ledger:
         each version's own label ids), on the structures the user's label names (``known``)."""
         from .evaluation import score
         from .geometry import spacing_of
-        from .training import relabel
-        from .volume import read_label, read_volume
+        from .label_maps import relabel
+        from .reading import read_label, read_volume
 
         entry = {"image": image_id, "modality": modality, "saved_ts": time.time(), "structures": known, "versions": {}}
         user = None  # the user's label on the predictions' grid (every version segmented the same image): read once

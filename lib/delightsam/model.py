@@ -7,7 +7,6 @@ prompt. ``mask_logits`` come at the input resolution, one channel per structure 
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -37,6 +36,9 @@ class DeLightSAM(nn.Module):
         self.encoder = DCEncoder(config)
         self.sp_generator = SPGenerator(config.prompt_dim, config.patch_head_dim, config.box_prompts)
         self.decoder = QMDecoder(config)
+        # the second stage's adapted queries and heads (``refiner_training.adapted_state``), which the checkpoint
+        # carries beside the model's own tensors; replaced as a whole, never changed in place (``pipeline``)
+        self.refiner_state: dict[str, torch.Tensor] = {}
 
     def forward(self, images: torch.Tensor, modality: str | Sequence[str],
                 boxes: torch.Tensor | None = None) -> DeLightSAMOutput:
@@ -147,3 +149,19 @@ def _structure(spec, token: int) -> Structure:
         return Structure(spec, token + 1, token)
     name, label, *parts = spec
     return Structure(name, label, token, list(parts[0]) if parts else [])
+
+
+_RESIZED: dict[int, tuple[DeLightSAM, DeLightSAM]] = {}  # input size -> (model, that model at the size)
+
+
+def resized(model: DeLightSAM, img_size: int) -> DeLightSAM:
+    """``model`` at another input size: the same weights (every one of them is independent of the size), for the
+    refiner to see part of a slice at a whole slice's scale. The last one made for each size is kept."""
+    if img_size == model.config.img_size:
+        return model
+    entry = _RESIZED.get(img_size)
+    if entry is None or entry[0] is not model:
+        other = DeLightSAM(model.config.replace(img_size=img_size))
+        other.load_state_dict(model.state_dict())
+        entry = _RESIZED[img_size] = (model, other.to(next(model.parameters()).device).eval())
+    return entry[1]

@@ -1,13 +1,27 @@
-"""The served pipeline: how a modality is segmented, in one stage or two, with which settings. The app's infer tasks,
-the train task's validation (and so its publish decision), the bundle and the evaluation all segment through it,
-so the figures describe what users get."""
+"""The served pipeline: how a modality is segmented, in one stage or two, with which settings.
+
+One description (``Pipeline``) for everything that segments volumes as users get them: the app's infer tasks (the
+served model's settings hold one; a request derives its own with ``for_request``, which decides once whether it
+refines), the train task's validation (and so its publish decision), the bundle and the evaluation. In two stages
+the first stage's masks (``first_stage``) become box prompts that the refiner, all of the foundation with the
+adaptation the model carries, decodes (``refinement``); the refiner is built and cached here (``Pipeline.refiner``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
+import weakref
+from dataclasses import dataclass, field, replace
 
+import torch
+
+from .first_stage import SliceNetwork, VolumeResult, segment_with
+from .foundation import foundation_model
+from .keyframes import refine_stride
 from .model import DeLightSAM
-from .volume import VolumeResult, segment_volume
+from .refinement import refine
+
+PROMPTS = ("3d", "slice")
 
 
 @dataclass
@@ -21,24 +35,40 @@ class Pipeline:
     def refines(self, modality: str) -> bool:
         return modality in self.refined or "*" in self.refined
 
-    def refiner(self, model: DeLightSAM) -> DeLightSAM:
-        """The second stage for ``model``: the foundation with the adaptation ``model`` carries, at ``size``."""
-        from .foundation import foundation_model
+    def for_request(self, modality: str, refine: bool | None = None, prompts: str | None = None) -> Pipeline:
+        """The pipeline of one request for ``modality``: two stages or one as ``refine`` says (None: as this pipeline
+        does), with its ``prompts`` (None: this pipeline's). What it segments and describes is what was decided."""
+        two = self.refines(modality) if refine is None else refine
+        return replace(self, refined=[modality] if two else [], prompts=prompts or self.prompts)
 
+    def build_refiner(self, model: DeLightSAM) -> DeLightSAM:
+        """A new second stage for ``model``: the foundation with the adaptation ``model`` carries, at ``size``, on
+        ``model``'s device (the refiner's trainer adapts one of its own)."""
         return foundation_model(model, img_size=self.size).to(next(model.parameters()).device)
 
-    def segment(self, model: DeLightSAM, image, modality: str, refiner: DeLightSAM | None = None,
-                **options) -> VolumeResult:
-        """``segment_volume`` as served: two stages where the pipeline refines ``modality`` and a ``refiner`` is
-        given (``refiner``), else the first stage on every slice. ``options``: batch_size, cleanup, doubt..."""
-        two = refiner is not None and self.refines(modality)
-        return segment_volume(model, image, modality, refiner=refiner if two else None, prompts=self.prompts,
-                              refine_every_mm=self.refine_every_mm, every_mm=self.first_every_mm if two else None,
-                              **options)
+    def refiner(self, model: DeLightSAM) -> DeLightSAM:
+        """``model``'s second stage, built once per model, input size and adaptation and kept as long as the model
+        is (a hot reload's old model takes its refiner with it). A model's adaptation (``refiner_state``) is
+        replaced, never changed in place, so its identity says whether the kept refiner is still the model's."""
+        with _BUILDING:
+            kept = _REFINERS.get(model)
+            if kept is not None and kept[0] == self.size and kept[1] is model.refiner_state:
+                return kept[2]
+            built = self.build_refiner(model)
+            _REFINERS[model] = (self.size, model.refiner_state, built)
+            return built
+
+    def segment(self, model: DeLightSAM, image, modality: str, **options) -> VolumeResult:
+        """``segment_volume`` as served: two stages (with ``refiner(model)``) where the pipeline refines
+        ``modality``, else the first stage on every slice. ``options``: batch_size, cleanup, doubt..."""
+        two = self.refines(modality)
+        return segment_volume(model, image, modality, refiner=self.refiner(model) if two else None,
+                              prompts=self.prompts, refine_every_mm=self.refine_every_mm,
+                              every_mm=self.first_every_mm if two else None, **options)
 
     def describe(self, modality: str, adapted: bool) -> str:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the
-        refiner carries queries and heads trained on users' labels for it (``is_adapted``)."""
+        refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``)."""
         if not self.refines(modality):
             return "De-LightSAM, one stage (prompt-free masks on every slice)"
         return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm) -> boxes "
@@ -47,6 +77,32 @@ class Pipeline:
                 f"a slice about every {self.refine_every_mm:g} mm")
 
 
-def is_adapted(model: DeLightSAM, modality: str) -> bool:
-    """Whether ``model`` carries an adapted refiner for ``modality`` (``refiner_training``)."""
-    return f"decoder.query_groups.{model.config.modality(modality).query_group}" in getattr(model, "refiner_state", {})
+# model -> (the refiner's input size, the adaptation it was built with, the refiner): ``Pipeline.refiner``'s
+_REFINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_BUILDING = threading.Lock()
+
+
+@torch.inference_mode()
+def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
+                   threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
+                   refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False,
+                   refine_every_mm: float | None = None, every_mm: float | None = None) -> VolumeResult:
+    """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
+    or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
+
+    With a ``refiner`` (a model with box prompts, such as ``foundation.foundation_model``), inference has two
+    stages: ``model`` segments every slice prompt-free, then each structure's largest connected component
+    becomes its automatic prompt, one 3-D box (``prompts="3d"``: the same box on every slice of its extent,
+    and one slice beyond) or a box per slice (``"slice"``), and the refiner decodes the slices that have one
+    (with ``refine_every_mm``, one slice in about that many millimetres, the others interpolated:
+    ``refinement.refine``). ``every_mm``: the same for the first stage (its probabilities interpolated between
+    decoded slices), so that its cost follows the anatomy's extent rather than the number of slices.
+    ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``)."""
+    spec = model.config.modality(modality)
+    if refiner is not None and prompts not in PROMPTS:
+        raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
+    second = None if refiner is None else (
+        lambda grey, coarse, oriented: refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
+                                              refine_stride(refine_every_mm, oriented.spacing[2]), oriented))
+    return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
+                        affine=affine, refine=second, doubt=doubt, every_mm=every_mm)

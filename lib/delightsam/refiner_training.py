@@ -6,7 +6,7 @@ turns a query into a mask); the image encoder, the two-way transformer, the box 
 the foundation's, and a distillation term keeps the adapted masks near the frozen foundation's on the same boxes,
 so that a few labelled volumes teach a site's structures without the refiner forgetting how to follow a box.
 
-Boxes are made as inference makes them (``volume._refine``): from the first stage's coarse masks of the same slice
+Boxes are made as inference makes them (``refinement.refine``): from the first stage's coarse masks of the same slice
 where it found the structure, else from the label, jittered (a coarse mask's box is rarely tight), on whole slices
 at the refiner's input size (``refine_size``: the scale at which inference decodes the part of a slice it crops).
 
@@ -66,6 +66,13 @@ def adapted_state(refiner: DeLightSAM, modalities: list[str]) -> dict[str, torch
             if k in keep or k.startswith(keep)}
 
 
+def is_adapted(adaptation, query_group: str) -> bool:
+    """Whether an adaptation holds the queries of ``query_group``: the one test of whether a modality's refiner was
+    adapted on users' labels. ``adaptation``: a model's ``refiner_state``, or the names of a checkpoint's refiner
+    tensors without ``checkpoint.REFINER_PREFIX`` (``checkpoint.refiner_names``, read without loading it)."""
+    return f"decoder.query_groups.{query_group}" in adaptation
+
+
 def apply_adapted(refiner: DeLightSAM, state: dict[str, torch.Tensor]) -> None:
     """Loads adapted tensors (``adapted_state``) into a refiner made by ``foundation_model``: each must exist there
     with its shape (a head is created for its group first), so that a checkpoint never half-applies."""
@@ -109,7 +116,7 @@ def prompts(masks: torch.Tensor, coarse: torch.Tensor, known: torch.Tensor, sett
 
 
 class RefinerTrainer:
-    """One optimiser step at a time on the batches the coarse model trains on (``training.SliceData.batch``)."""
+    """One optimiser step at a time on the batches the coarse model trains on (``training_data.SliceData.batch``)."""
 
     def __init__(self, refiner: DeLightSAM, foundation: DeLightSAM, modalities: list[str], settings: RefinerTraining,
                  seed: int = 0) -> None:

@@ -28,7 +28,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 from monailabel.interfaces.exception import ImageNotFoundException, LabelNotFoundException
 
 from delightsam.files import atomic_path, write_text
-from delightsam.volume import READ_ERRORS, read_error, read_grid
+from delightsam.reading import READ_ERRORS, read_error, read_grid
 
 from . import guard
 from .compat import LocalIndex

@@ -23,8 +23,9 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from delightsam.geometry import VolumeError, as_volume
-from delightsam.pipeline import is_adapted
-from delightsam.volume import PROMPTS, READ_ERRORS, dicom_series, image_reader, read_error
+from delightsam.pipeline import PROMPTS
+from delightsam.reading import READ_ERRORS, dicom_series, image_reader, read_error
+from delightsam.refiner_training import is_adapted
 
 from . import anatomy
 from .dicom_seg import source_images, write_dicom_seg
@@ -60,9 +61,9 @@ class DeLightSAMInfer(BasicInferTask):
             title = spec.get("title") or self.modality.upper()
             self.description = (f"{title}: prompt-free De-LightSAM auto-segmentation of {', '.join(self.labels)} "
                                 f"(model {self.served.config.get('version', '?')})")
-        settings = self.served.settings
-        self.config().update({"refine": settings.refines(self.modality),
-                              "prompts": [settings.prompts, *(p for p in PROMPTS if p != settings.prompts)],
+        settings, pipeline = self.served.settings, self.served.pipeline
+        self.config().update({"refine": pipeline.refines(self.modality),
+                              "prompts": [pipeline.prompts, *(p for p in PROMPTS if p != pipeline.prompts)],
                               "cleanup": settings.cleanup, "batch_size": settings.batch_size,
                               "model_filename": self.served.choices()})
 
@@ -71,10 +72,10 @@ class DeLightSAMInfer(BasicInferTask):
         image's path, and the datastore id whose label and uncertainty join the loop's record (None: an upload or
         a session)."""
         settings = self.served.settings
-        defaults = {"refine": settings.refines(self.modality), "prompts": settings.prompts,
-                    "cleanup": settings.cleanup, "batch_size": settings.batch_size, "device": settings.device}
+        defaults = {"cleanup": settings.cleanup, "batch_size": settings.batch_size, "device": settings.device}
         # every option is in it (None where the request left it out and the server has no default), so that the
-        # task's config, which monailabel merges under it (its choices as lists), cannot fill one in
+        # task's config, which monailabel merges under it (its choices as lists), cannot fill one in; `refine` and
+        # `prompts` left out stay None: the served pipeline decides them (``Pipeline.for_request``)
         values = {k: defaults.get(k) if v is None else v for k, v in options.model_dump().items()}
         return {**values, "image": image_path, "loop_image": image_id, "description": self.description}
 
@@ -124,12 +125,11 @@ class DeLightSAMInfer(BasicInferTask):
                                      f"{list(image.shape)}")
         self._check_modality(data)
         self._check_seg_output(data)
-        refine, prompts = data["refine"], data["prompts"]
+        pipeline = self.served.pipeline.for_request(self.modality, data["refine"], data["prompts"])
         loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
-            pipeline = self.served.settings.pipeline([self.modality] if refine else [], prompts)
-            result = pipeline.segment(model, image, self.modality, self.served.refiner(model) if refine else None,
-                                      batch_size=data["batch_size"], cleanup=data["cleanup"], doubt=bool(loop_image))
+            result = pipeline.segment(model, image, self.modality, batch_size=data["batch_size"], cleanup=data["cleanup"],
+                                      doubt=bool(loop_image))
         except VolumeError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
         if loop_image:
@@ -139,10 +139,11 @@ class DeLightSAMInfer(BasicInferTask):
                 result.doubt, data.get("loop_source", "infer"))
         # the input's grid and affine; a singleton channel axis of a 4-D input is not kept (a 3-D label)
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta={**image.meta, "original_channel_dim": "no_channel"})
-        names = result.label_names
+        names, refined = result.label_names, pipeline.refines(self.modality)
+        adapted = is_adapted(model.refiner_state, model.config.modality(self.modality).query_group)
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
-                          "refined": refine, "prompts": prompts if refine else None,
-                          "pipeline": pipeline.describe(self.modality, is_adapted(model, self.modality)),
+                          "refined": refined, "prompts": pipeline.prompts if refined else None,
+                          "pipeline": pipeline.describe(self.modality, adapted),
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes}
         if result.doubt:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from fastapi import HTTPException
 
-from delightsam.volume import READ_ERRORS, read_error, read_grid, read_label
+from delightsam.reading import READ_ERRORS, read_error, read_grid, read_label
 
 from . import anatomy
 from .options import SavedLabelInfo, parse

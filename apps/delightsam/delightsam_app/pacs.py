@@ -229,7 +229,7 @@ def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]]
     (``labels.check_saved_label``: grid, values, label_info), its voxel values read as the client named them
     (Slicer's label_info), brought to the model's label ids, and described to monailabel's writer in its own
     convention (label_info paired with the ids present, in ascending order)."""
-    from delightsam.training import relabel
+    from delightsam.label_maps import relabel
 
     from .dicom_seg import segment_info
     from .labels import check_saved_label, map_label

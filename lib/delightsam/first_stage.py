@@ -1,0 +1,131 @@
+"""The first stage of whole-volume inference: prompt-free masks, slice by slice.
+
+The volume goes through ``geometry`` (its plane's canonical layout, grey levels per modality, the NaN policy), the
+slices (every one, or keyframes about every few millimetres with the others interpolated: ``keyframes``) run
+through a 2-D network in batches, and each batch's per-structure probabilities become its slices of one uint8 label
+map (memory bounded by the batch, not the volume), which is brought back to the input's own grid. A second stage
+(``refinement``) may redraw it from box prompts; ``pipeline`` composes the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import Modality
+from .geometry import (VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
+                       probabilities_on_slice)
+from .keyframes import interpolated, keyframes, refine_stride
+from .label_maps import clean_up, combine, part_indices
+from .model import DeLightSAM
+from .normalization import get_normalization
+from .uncertainty import DoubtMeter
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray  # uint8, the input's shape, label ids of the modality's structures (0 = background)
+    modality: str
+    slice_axis: int  # the stored axis the slices ran along
+    label_names: dict[str, int]
+    non_finite_voxels: int = 0  # voxels that were NaN/inf and were treated as the volume's minimum
+    notes: list[str] = field(default_factory=list)
+    plane: str = "axial"  # the acquisition plane the slices were cut in
+    doubt: dict | None = None  # uncertainty.DoubtMeter.summary() of the first stage, when asked for
+
+
+class FittedSliceNetwork(nn.Module):
+    """The 2-D step of whole-volume inference: slices [b, C, H, W] -> probabilities [b, S, H, W].
+
+    Channel 0 holds grey levels; further channels (a reference label map, for prompted baselines) are
+    carried along. Each slice is resized so that its longer side is the input size, or to ``pixel_mm``
+    millimetres per pixel (``geometry.fitted_size``), and padded bottom/right (so no slice is distorted);
+    ``logits`` gives square logits at any resolution, which are brought to the input size, cropped to the slice
+    and resized back, as SAM does."""
+
+    def __init__(self, size: int, device: torch.device, pixel_mm: float | None = None) -> None:
+        super().__init__()
+        self.size, self.device, self.pixel_mm = size, device, pixel_mm
+
+    def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, slices: torch.Tensor, spacing=None) -> torch.Tensor:
+        """``spacing``: the slices' mm per row and per column (used with ``pixel_mm``)."""
+        b, c, h, w = slices.shape
+        slices = slices.float().to(self.device)
+        fitted = fitted_size((h, w), self.size, spacing, self.pixel_mm)
+        grey, fitted = fit_to_square(slices[:, :1], self.size, fitted=fitted)
+        guide = fit_to_square(slices[:, 1:], self.size, mode="nearest", fitted=fitted)[0] if c > 1 else None
+        return probabilities_on_slice(self.logits(grey, fitted, guide), self.size, fitted, (h, w))
+
+
+class SliceNetwork(FittedSliceNetwork):
+    """De-LightSAM on grey slices: replicated to three channels and normalised as the checkpoint expects."""
+
+    def __init__(self, model: DeLightSAM, modality: str) -> None:
+        super().__init__(model.config.img_size, next(model.parameters()).device, model.config.modality(modality).pixel_mm)
+        self.model, self.modality = model, modality
+        self.normalise = get_normalization(model)
+
+    def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
+        return self.model(model_input(grey, fitted, self.normalise), self.modality).low_res_logits
+
+
+@torch.inference_mode()
+def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
+                 threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
+                 affine=None, refine=None, doubt: bool = False, every_mm: float | None = None) -> VolumeResult:
+    """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
+    baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
+    ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
+    network sees one slice in about that many millimetres (and the last), those between take interpolated
+    probabilities (see ``segment_volume``)."""
+    if spacing is not None and len(spacing) != 3:
+        raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
+    oriented = orient(volume, affine, spacing)
+    levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
+    notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []
+    guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
+    label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
+    labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
+    meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
+    depth = labels.shape[2]
+    keys = keyframes(list(range(depth)), refine_stride(every_mm, oriented.spacing[2]))
+
+    def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
+        for batch in _batches(len(keys), batch_size, progress):
+            zs = keys[batch]
+            stack = levels(oriented.data[..., zs])[None]
+            if guide is not None:
+                stack = torch.cat([stack, guide[..., zs].float()[None]])
+            probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
+            if meter is not None:
+                meter.add(probabilities)
+            yield from zip(zs, probabilities)
+
+    for z, probabilities in interpolated(decoded(), set(range(depth))):
+        labels[..., z] = combine(probabilities, label_ids, threshold, parts)
+    if refine is not None:  # the second stage crops the volume's grey levels around its boxes
+        labels, refined = refine(levels(oriented.data), labels, oriented)
+        notes.append(refined)
+    if cleanup:
+        labels = clean_up(labels, spec.structures)
+    return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
+                        {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
+                        meter.summary() if meter is not None else None)
+
+
+def _batches(depth: int, batch_size: int, progress: bool = False):
+    """Slice index ranges of at most ``batch_size`` slices."""
+    starts = range(0, depth, max(int(batch_size), 1))
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="slices", unit="batch")
+    for z0 in starts:
+        yield slice(z0, min(z0 + batch_size, depth))
+

@@ -1,0 +1,41 @@
+"""Which slices a network decodes: one about every few millimetres along each run of slices (keyframes), and the
+slices between two keyframes take their probabilities interpolated linearly (organs change little over a few
+millimetres), so that the cost follows the anatomy's extent, not the number of slices."""
+
+from __future__ import annotations
+
+import torch
+
+
+def refine_stride(every_mm: float | None, slice_mm: float) -> int:
+    """Slices from one decoded slice to the next for a decoded slice about every ``every_mm`` millimetres
+    (None: every slice)."""
+    return 1 if not every_mm else max(1, round(float(every_mm) / float(slice_mm)))
+
+
+def keyframes(slices: list[int], stride: int) -> list[int]:
+    """Every ``stride``-th of ``slices`` (sorted) along each run of consecutive ones, and each run's last: the
+    slices a network decodes (the first stage's or the refiner's); those between two keyframes take the interpolation
+    of theirs."""
+    keys, start = [], None
+    for i, z in enumerate(slices):
+        if i == 0 or slices[i - 1] != z - 1:
+            start = z  # a new run
+        if (z - start) % max(int(stride), 1) == 0 or i == len(slices) - 1 or slices[i + 1] != z + 1:
+            keys.append(z)
+    return keys
+
+
+def interpolated(decoded, wanted: set[int]):
+    """(keyframe, probabilities) in slice order -> (slice, probabilities) for each keyframe and each slice of
+    ``wanted`` between two keyframes, which takes their probabilities interpolated linearly: organs change little over
+    a few millimetres."""
+    previous = None
+    for z, probabilities in decoded:
+        if previous is not None:
+            for y in range(previous[0] + 1, z):
+                if y in wanted:
+                    yield y, torch.lerp(previous[1], probabilities, (y - previous[0]) / (z - previous[0]))
+        yield z, probabilities
+        previous = (z, probabilities)
+

@@ -1,0 +1,106 @@
+"""Label maps: per-structure probabilities combined into one map, a structure's mask (a whole with its parts),
+a map's values brought to label ids, and the 3-D clean-up (largest component, holes filled)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import FillHoles, MapLabelValue
+from scipy import ndimage
+
+from .box_atlas import mask_extent
+from .config import Structure
+
+
+def combine(probabilities: torch.Tensor, label_ids: list[int], threshold: float = 0.5,
+            parts: dict[int, list[int]] | None = None) -> torch.Tensor:
+    """[S, ...] probabilities -> label map: the most probable structure above the threshold.
+    Deterministic where structures overlap: the higher probability wins, ties go to the first structure.
+    ``parts`` (structure index -> indices of structures inside it) lets a part above the threshold be drawn
+    over the structure that holds it (grey matter over the brain), whatever their probabilities."""
+    if parts:
+        probabilities = probabilities.clone()
+        for whole, inside in parts.items():
+            covered = (probabilities[inside] > threshold).any(dim=0)
+            probabilities[whole][covered] = 0.0
+    best, index = probabilities.max(dim=0)  # max returns the first index among equal values
+    ids = torch.tensor(label_ids, dtype=torch.uint8)
+    return torch.where(best > threshold, ids[index], torch.zeros((), dtype=torch.uint8))
+
+
+def structure_mask(labels, structure: Structure):
+    """A structure's mask in a label map (array or tensor): its own label and its parts' labels."""
+    if isinstance(labels, torch.Tensor):
+        return torch.isin(labels, torch.tensor(structure.target_labels, dtype=labels.dtype, device=labels.device))
+    return np.isin(labels, structure.target_labels)
+
+
+def part_indices(structures: list[Structure]) -> dict[int, list[int]]:
+    index = {s.label: i for i, s in enumerate(structures)}
+    return {i: [index[p] for p in s.parts] for i, s in enumerate(structures) if s.parts}
+
+
+def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
+    """Per structure mask (a whole with its parts, see ``structure_mask``): keep the largest connected
+    component and fill its holes (3-D). Wholes are drawn first and their parts over them, so
+    a part enclosed by its whole (white matter in the brain) is never filled over. A hole is filled only where
+    nothing was labelled, by the smallest structure that encloses it (white matter's hole goes to the white
+    matter, not to the grey matter around both)."""
+    out = torch.zeros_like(labels)
+    cleaned = {}
+    for s in structures:
+        mask = structure_mask(labels, s)
+        if mask.any():
+            largest = torch.from_numpy(largest_component(mask.numpy()))[None].to(torch.uint8)
+            cleaned[s.label] = (mask, torch.as_tensor(FillHoles(applied_labels=[1])(largest))[0].bool())
+    wholes = [s for s in structures if s.parts and s.label in cleaned]
+    others = sorted((s for s in structures if not s.parts and s.label in cleaned), key=lambda s: int(cleaned[s.label][1].sum()))
+    for s in wholes:
+        mask, filled = cleaned[s.label]
+        out[filled & (mask | (labels == 0))] = s.label
+    taken = torch.zeros_like(labels, dtype=torch.bool)
+    for s in others:
+        mask, filled = cleaned[s.label]
+        claim = filled & (mask | ((labels == 0) & ~taken))
+        out[claim] = s.label
+        taken |= claim
+    return out
+
+
+def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[np.ndarray | None]:
+    """Per structure, the mask ([rows, columns, slices], numpy) of its largest 3-D connected component in a label
+    map; None where the structure is absent (or only specks of fewer than ``min_voxels``)."""
+    volume = np.asarray(labels)
+    regions = []
+    for s in structures:
+        mask = structure_mask(volume, s)
+        region = largest_component(mask) if np.count_nonzero(mask) >= min_voxels else None
+        regions.append(region if region is not None and np.count_nonzero(region) >= min_voxels else None)
+    return regions
+
+
+FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours, as MONAI's KeepLargestConnectedComponent
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """A mask's largest 26-connected component. Labelled within the mask's extent only: labelling a whole
+    512x512x100 volume per structure took seconds of the second stage."""
+    out = np.zeros(mask.shape, dtype=bool)
+    extent = mask_extent(mask)
+    if extent is None:
+        return out
+    components, _ = ndimage.label(mask[extent], structure=FULL_CONNECTIVITY)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    out[extent] = components == int(sizes.argmax())
+    return out
+
+
+def relabel(label: torch.Tensor, values: dict[int, int]) -> torch.Tensor:
+    """A label map's values as label ids (int64): ``values`` maps each to its id; any other value is 0 (MONAI's
+    MapLabelValue over the values present, so that no value, however large, sizes a table)."""
+    present = torch.unique(label).tolist()
+    mapping = MapLabelValue(orig_labels=present, target_labels=[values.get(int(v), 0) for v in present],
+                            dtype=torch.int64)
+    return mapping(label.as_subclass(torch.Tensor))
+
