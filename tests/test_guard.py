@@ -206,10 +206,10 @@ def test_refine_by_default_is_chosen_per_modality(tmp_path):
 def test_the_ohif_toast_patch_still_applies_to_the_bundled_viewer():
     """The app appends the server's message to OHIF's "Failed to Run Segmentation" toast by patching the
     minified script of monailabel's bundled OHIF: an upgrade that changes that script must fail here, loudly."""
-    from delightsam_app import ohif
+    from delightsam_app import compat, ohif
 
     found = ohif.patched_panel()
-    assert found is not None, (f"no script under {ohif.OHIF} holds {ohif.TOAST!r}: the OHIF bundled with this "
+    assert found is not None, (f"no script of {compat.ohif_scripts()} holds {ohif.TOAST!r}: the OHIF bundled with this "
                                f"monailabel changed; update delightsam_app/ohif.py")
     name, script = found
     assert ohif.WITH_DETAIL in script and ohif.TOAST not in script and name.endswith(".js")

@@ -14,9 +14,7 @@ import ipaddress
 import logging
 import os
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from fastapi import HTTPException
 from monailabel.config import settings as ml_settings
@@ -26,13 +24,18 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.utils.async_tasks.utils import processes, tasks
 
 import delightsam
-from delightsam_app import compat, edge, guard, labels, loop, ohif, options, pacs
+from delightsam_app import compat, edge, guard, labels, ohif, options, pacs, request_image
+from delightsam_app.activelearning.strategies import Last, Random, Uncertain
 from delightsam_app.datastore import AtomicLocalDatastore
 from delightsam_app.gate import WorkGate
-from delightsam_app.infer import PREFIX, DeLightSAMInfer, UnavailableInfer, task_name
+from delightsam_app.infers.batch import CPUBatchInfer
+from delightsam_app.infers.delightsam import DeLightSAMInfer, UnavailableInfer
+from delightsam_app.modality import PREFIX, dicom_modalities, image_modality, task_modality, task_name
+from delightsam_app.scoring.agreement import agree_with_final
+from delightsam_app.scoring.uncertainty import UncertaintyScoring
 from delightsam_app.served import ServedModel
 from delightsam_app.settings import AppSettings
-from delightsam_app.train import DeLightSAMTrain
+from delightsam_app.trainers.delightsam import DeLightSAMTrain
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class DeLightSAMApp(MONAILabelApp):
         if not any(getattr(r, "path", None) == "/model_card" for r in server.router.routes):
             server.add_api_route("/model_card", model_card, methods=["GET"], tags=["Model"],
                                  summary="The served model's card (markdown)")
-            server.openapi_schema = None
+            compat.openapi_changed(server)
 
     def _load_sessions(self, load=False):
         if not load:
@@ -103,7 +106,7 @@ class DeLightSAMApp(MONAILabelApp):
     def _check_label(self, image_id: str, image: str, label: str, params: dict) -> tuple[str, dict, list[str]]:
         """A label being saved, read against its image (``labels.check_saved_label``), its values matched to the
         structures of the image's modality when that is known."""
-        modality, _ = loop.image_modality(self.datastore(), image_id, self.served, self.settings.modality)
+        modality, _ = image_modality(self.datastore(), image_id, self.served, self.settings.modality)
         structures = self.served.structures_of(modality) if modality else None
         info, notes = labels.check_saved_label(label, image, params, structures)
         return label, info, notes
@@ -119,7 +122,7 @@ class DeLightSAMApp(MONAILabelApp):
         if self.served.problem:
             names = [r for r in chosen if r != "all"] or [PREFIX]
             logger.error(f"De-LightSAM is not available: {self.served.problem}")
-            return {name: UnavailableInfer(self.served, name.removeprefix(f"{PREFIX}_")) for name in names}
+            return {name: UnavailableInfer(self.served, task_modality(name)) for name in names}
         unknown = [r for r in chosen if r not in available]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown} in --conf models; this checkpoint serves: "
@@ -130,13 +133,13 @@ class DeLightSAMApp(MONAILabelApp):
         return {PREFIX: DeLightSAMTrain(self.served, self.model_dir, self.settings.modality)}
 
     def init_strategies(self):
-        return {"uncertain": loop.Uncertain(self.served), "random": loop.Random(), "first": First(), "last": loop.Last()}
+        return {"uncertain": Uncertain(self.served), "random": Random(), "first": First(), "last": Last()}
 
     def init_scoring_methods(self):
-        return {"uncertainty": loop.UncertaintyScoring(self.served, self.loop_infer)}
+        return {"uncertainty": UncertaintyScoring(self.served, self.loop_infer)}
 
     def init_batch_infer(self):
-        return loop.CPUBatchInfer(self.served)
+        return CPUBatchInfer(self.served)
 
     def batch_infer(self, request, datastore=None):
         """monailabel's batch task, with the app's own inference (which saves each label)."""
@@ -178,7 +181,7 @@ class DeLightSAMApp(MONAILabelApp):
             return
         try:
             with self.gate():
-                loop.agree_with_final(self.datastore(), self.served, image_id)
+                agree_with_final(self.datastore(), self.served, image_id)
         except Exception as e:
             logger.exception(f"could not score the model's labels of {image_id} against the saved one: {e}")
 
@@ -186,11 +189,8 @@ class DeLightSAMApp(MONAILabelApp):
         if "googleapis.com" in self.studies:  # monailabel's Google Cloud credentials path, as it is
             return compat.monailabel_dicomweb_datastore(self)
         compat.download_seg_tools(self)  # the SEG writer monailabel's DICOMweb datastore uses
-        return pacs.PacsDatastore.from_settings(self.studies, self.served_dicom_modalities, self.served.structures_of)
-
-    def served_dicom_modalities(self) -> list[str]:
-        self.served.refresh()
-        return sorted({n.upper() for n in self.served.modalities()} & pacs.IMAGE_MODALITIES) or ["CT"]
+        return pacs.PacsDatastore.from_settings(self.studies, lambda: dicom_modalities(self.served),
+                                                self.served.structures_of)
 
     def infer(self, request, datastore=None):
         """An inference a client asked for: monailabel's /infer route calls this with the request it merged
@@ -202,8 +202,8 @@ class DeLightSAMApp(MONAILabelApp):
         return self._infer(request, datastore, options.LoopInferOptions)
 
     def _infer(self, request, datastore, kind: type[options.InferOptions]) -> dict:
-        """monailabel's infer, with the request typed and its image resolved by the app: a datastore id (or a PACS
-        series) through the datastore, never as a path relative to the server's folder; a path only where
+        """monailabel's infer, with the request typed and its image resolved once (``request_image``): a datastore id
+        (or a PACS series) through the datastore, never as a path relative to the server's folder; a path only where
         monailabel put an upload or a session, or anywhere with --conf allow_server_paths."""
         tasks = compat.infer_tasks(self)
         task = tasks.get(request.get("model"))
@@ -212,44 +212,19 @@ class DeLightSAMApp(MONAILabelApp):
         context = {"max_batch_size": self.settings.max_batch_size, "model_files": self.served.choices()}
         parsed = options.parse(kind, request, request["model"], context)
         store = datastore or self.datastore()
-        image_id, path = self._image_of(parsed, store)
+        sessions = self.sessions()
+        image = request_image.resolve(parsed.image, parsed.session is not None, store,
+                                      sessions.store_path if sessions else None, self.settings.allow_server_paths,
+                                      lambda: dicom_modalities(self.served))
         with self.gate():  # one of infer_workers slots, shared with the batch and scoring processes
-            label_file, result = task(task.request(parsed, path, image_id))
+            label_file, result = task(task.request(parsed, image))
         label_id = None
-        if getattr(parsed, "save_label", False) and image_id and label_file:
-            label_id = store.save_label(image_id, label_file, parsed.label_tag, {"model": parsed.model, "params": result})
-        if image_id and not isinstance(store, DICOMWebDatastore):
-            self._record_modality(store, image_id, task.modality, result)
+        if getattr(parsed, "save_label", False) and image.id and label_file:
+            label_id = store.save_label(image.id, label_file, parsed.label_tag, {"model": parsed.model, "params": result})
+        if image.id and not isinstance(store, DICOMWebDatastore):
+            self._record_modality(store, image.id, task.modality, result)
         return {"label": label_id or label_file, "tag": getattr(parsed, "label_tag", "original"), "file": label_file,
                 "params": result}
-
-    def _image_of(self, parsed: options.InferOptions, store) -> tuple[str | None, str]:
-        """(the datastore id or None, the image's path) of a request."""
-        image = parsed.image
-        if parsed.session is not None:  # monailabel put the session's image here
-            return None, self._within(image, self.sessions().store_path if self.sessions() else None, "session")
-        if not image:
-            raise HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
-        if guard.ID.fullmatch(image) and ".." not in image:  # a datastore id, whatever exists in the server's folder
-            if isinstance(store, DICOMWebDatastore):
-                return image, pacs.fetch_series(store, image, self.served_dicom_modalities())
-            uri = store.get_image_uri(image)
-            if not uri:
-                raise HTTPException(404, f"no image {image!r} in the datastore")
-            return image, uri
-        if Path(image).parent == Path(tempfile.gettempdir()) and Path(image).is_file():
-            return None, image  # where monailabel copied an upload
-        if self.settings.allow_server_paths:
-            return None, guard.check_image_reference(image, True)
-        raise HTTPException(422, f"invalid image {image[:80]!r}: name an image of the datastore by its id, or upload "
-                                 f"the file; server paths are refused (start the server with --conf "
-                                 f"allow_server_paths true to allow them)")
-
-    @staticmethod
-    def _within(path: str, folder: str | None, what: str) -> str:
-        if not folder or Path(folder).resolve() not in Path(path).resolve().parents:
-            raise HTTPException(422, f"the {what}'s image is not in the {what} store")
-        return path
 
     @staticmethod
     def _record_modality(store, image_id: str, modality: str, params: dict) -> None:

@@ -137,6 +137,28 @@ def routes_changed(router) -> None:
         router._mark_routes_changed()
 
 
+def _openapi_can_be_replaced() -> bool:
+    from fastapi import FastAPI
+
+    return callable(getattr(FastAPI, "openapi", None)) and _sets_in_init("fastapi:FastAPI", "openapi_schema")()
+
+
+private("fastapi", FASTAPI, "FastAPI.openapi and .openapi_schema (the document extended and rebuilt, as FastAPI's "
+        "'Extending OpenAPI' shows)", _openapi_can_be_replaced)
+
+
+def openapi_changed(server) -> None:
+    """The server's routes changed: FastAPI builds its OpenAPI document again on the next request for it."""
+    server.openapi_schema = None
+
+
+def extend_openapi(server, extend: Callable[[dict], dict]) -> None:
+    """The server's OpenAPI document as FastAPI builds it, then passed through ``extend`` (kept until the routes
+    change: ``openapi_changed``)."""
+    built = server.openapi
+    server.openapi = lambda: server.openapi_schema or extend(built())
+
+
 # ---- monailabel ------------------------------------------------------------------------------------------
 MONAILABEL = "0.8.5"
 APP = "monailabel.interfaces.app:MONAILabelApp"
@@ -162,6 +184,37 @@ private("monailabel", MONAILABEL, "LocalDatastore._init_from_datastore_file, _up
 private("monailabel", MONAILABEL, "LocalDatastore._handler (its file watcher)", _sets_in_init(LOCAL, "_handler"))
 private("monailabel", MONAILABEL, "DICOMWebDatastore._client, _search_filter (and its LocalDatastore's _datastore)",
         _sets_in_init(DICOMWEB, "_client", "_search_filter"))
+private("monailabel", MONAILABEL, "LocalDatastore.get_label_uri called on a DICOMWebDatastore (the label file it "
+        "cached, where its own would download a SEG)", lambda: _is_a(DICOMWEB, LOCAL) and _has(LOCAL, "get_label_uri")())
+
+
+def _is_a(child_path: str, parent_path: str) -> bool:
+    def load(path):
+        module, _, attr = path.partition(":")
+        return getattr(__import__(module, fromlist=["_"]), attr)
+
+    return issubclass(load(child_path), load(parent_path))
+
+
+# the MONAI Label panel of the OHIF viewer bundled in monailabel, whose error toast ``ohif.py`` extends
+OHIF_TOAST = "message: 'Failed to Run Segmentation',"
+
+
+def ohif_scripts() -> list:
+    """The scripts of the OHIF viewer bundled in monailabel (its static files)."""
+    from pathlib import Path
+
+    import monailabel
+
+    return sorted((Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif").glob("*.bundle.*.js"))
+
+
+def _ohif_has_the_toast() -> bool:
+    return any(OHIF_TOAST in f.read_text(encoding="utf-8", errors="surrogateescape") for f in ohif_scripts())
+
+
+private("monailabel", MONAILABEL, f"the bundled OHIF's MONAI Label panel script with {OHIF_TOAST!r} (its error toast, "
+        f"served extended by ohif.py)", _ohif_has_the_toast)
 
 
 def infer_tasks(app) -> dict:
@@ -256,6 +309,14 @@ def pacs_search_filter(store) -> dict:
 def pacs_cache(store):
     """The local index (and folders) where monailabel's DICOMweb datastore caches series and SEGs."""
     return store._datastore
+
+
+def cached_label_uri(store, image_id: str, tag: str) -> str:
+    """The label file that monailabel's DICOMweb datastore keeps in its cache for an image (its own get_label_uri
+    would download the SEG from the PACS)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    return LocalDatastore.get_label_uri(store, image_id, tag)
 
 
 # ---- dicomweb-client -------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ is mapped to and from the model's ids by name and code, never by number.
 
 from __future__ import annotations
 
+import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from . import anatomy
+
+logger = logging.getLogger(__name__)
 
 ANATOMICAL_STRUCTURE_CODE = Code("123037004", "SCT", "Anatomical Structure")
 ANATOMICAL_STRUCTURE = {"CodeValue": "123037004", "CodingSchemeDesignator": "SCT", "CodeMeaning": "Anatomical Structure"}
@@ -131,3 +135,33 @@ def seg_segments(seg: pydicom.Dataset, structures: dict[str, int]) -> tuple[dict
         else:
             numbers[int(segment.SegmentNumber)] = structures[name]
     return numbers, unknown
+
+
+def read_seg_label(seg_dir: str, names_to_ids: dict[str, int], image_path: str,
+                   out_path: str) -> tuple[str | None, list[str], list[str]]:
+    """A DICOM SEG series folder -> (a label map in the model's ids on the image's grid, the structures its
+    segments name, the names of segments that are no structure of the model). The SEG numbers its segments 1,
+    2, ... in its own order and may hold only the slices that have some; segments are matched to structures by
+    name or SNOMED CT code. None when no segment is a structure of the model."""
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir))
+    seg = pydicom.dcmread(files[0])
+    image = pydicom_seg.MultiClassReader().read(seg).image
+    numbers = sitk.GetArrayFromImage(image)
+    labels = np.zeros(numbers.shape, np.uint8)
+    to_ids, unknown = seg_segments(seg, names_to_ids)
+    for number, label in to_ids.items():
+        labels[numbers == number] = label
+    if unknown:
+        logger.warning(f"{seg_dir}: segments {unknown} are no structure of this model; left out of training")
+    known = [name for name, label in names_to_ids.items() if label in to_ids.values()]
+    if not known:
+        logger.warning(f"{seg_dir}: no segment names a structure of this model; not used for training")
+        return None, [], unknown
+    out = sitk.GetImageFromArray(labels)
+    out.CopyInformation(image)
+    out = sitk.Resample(out, sitk.ReadImage(image_path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(out, out_path, True)
+    return out_path, known, unknown

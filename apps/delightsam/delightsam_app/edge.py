@@ -152,7 +152,7 @@ def refuse_what_cannot_work(path: str, methods: set[str], values: dict) -> None:
     """Requests that monailabel would answer with a bare 500, answered with what is wrong instead."""
     if path.startswith("/infer/") and "POST" in methods and not (values.get("image") or values.get("file")
                                                                  or values.get("session_id")):
-        raise HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
+        raise guard.no_image()
     if path.startswith("/model/") and "PUT" in methods:
         raise HTTPException(403, "this server does not take model files over the API: the train task publishes "
                                  "new versions, and --conf checkpoint chooses the served one")
@@ -293,11 +293,10 @@ def install(server, app_settings) -> Admission:
     server.state.delightsam_admission = admission
     replaced = _replace(server.router, "", server.state, int(app_settings.max_request_mb * guard.MB))
     if replaced:
-        server.openapi_schema = None  # FastAPI rebuilds the schema from the routes
+        compat.openapi_changed(server)  # FastAPI rebuilds the schema from the routes
         logger.info(f"{replaced} API routes run off the event loop")
     if not getattr(server.state, "delightsam_documented", False):  # the typed options in the OpenAPI document
-        built = server.openapi
-        server.openapi = lambda: server.openapi_schema or options.document(built(), task_names(app_instance()))
+        compat.extend_openapi(server, lambda built: options.document(built, task_names(app_instance())))
         server.state.delightsam_documented = True
     logger.info(f"inference: {admission.workers} at once, {admission.queue} waiting")
     return admission

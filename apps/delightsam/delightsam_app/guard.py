@@ -30,8 +30,13 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".ta
 MB = 1024 * 1024
 
 
+def is_id(value) -> bool:
+    """Whether ``value`` is a datastore id (one path component, no ".."), not a path."""
+    return isinstance(value, str) and bool(ID.fullmatch(value)) and ".." not in value
+
+
 def check_id(value: str, what: str = "image id") -> str:
-    if not isinstance(value, str) or not ID.fullmatch(value) or ".." in value:
+    if not is_id(value):
         raise HTTPException(422, f"invalid {what} {str(value)[:80]!r}: expected a datastore id (letters, digits, "
                                  f"'.', '_', '-'; no path), not a path or a name with '..'")
     return value
@@ -46,9 +51,7 @@ def check_name(value: str, what: str) -> str:
 
 def check_image_reference(value: str, allow_server_paths: bool) -> str:
     """An `image` request parameter: a datastore id, or (only if the server allows it) an existing server path."""
-    if not value:
-        return value
-    if ID.fullmatch(value) and ".." not in value:
+    if not value or is_id(value):
         return value
     if not allow_server_paths:
         raise HTTPException(422, f"invalid image {value[:80]!r}: name an image of the datastore by its id, or upload "
@@ -57,6 +60,11 @@ def check_image_reference(value: str, allow_server_paths: bool) -> str:
     if not Path(value).is_absolute() or not Path(value).exists():
         raise HTTPException(404, f"no image {value[:80]!r}: a server path must be absolute and exist")
     return value
+
+
+def no_image() -> HTTPException:
+    """An inference request that names no image."""
+    return HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
 
 
 @dataclass(frozen=True)

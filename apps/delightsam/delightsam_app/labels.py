@@ -11,14 +11,22 @@ the user did not draw, not one the user found absent.
 
 from __future__ import annotations
 
+import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import nibabel as nib
 import numpy as np
+import torch
 from fastapi import HTTPException
+from monai.transforms import LoadImage
 
+from delightsam.label_maps import relabel
 from delightsam.reading import READ_ERRORS, read_error, read_grid, read_label
 
 from . import anatomy
+from .dicom_seg import segment_info
 from .options import SavedLabelInfo, parse
 
 
@@ -137,3 +145,50 @@ def check_saved_label(label_path: str, image_path: str, params: dict | None,
         notes.append("the image's modality is not known yet, so its segments are matched to structures when it trains "
                      "(run auto-segmentation on the image, or set its modality, to have them checked now)")
     return {**stored, "values": sorted(present), "notes": notes}, notes
+
+
+# ---- a label to be stored as a DICOM SEG ------------------------------------------------------------------
+@contextmanager
+def as_seg_label(label_path: str, image_path: str, label_info: dict | None, structures: dict[str, int],
+                 series: str, modality: str):
+    """A `final` label of a PACS series, as monailabel's DICOMweb datastore stores it (a DICOM SEG whose segments carry
+    the structures' names, SNOMED CT codes and colours): yields (the label file, the label_info its SEG writer takes).
+    The label is checked against its series first (``check_saved_label``: grid, values, label_info), its voxel values
+    read as the client named them (Slicer's label_info), brought to the model's label ids (``structures``: the
+    series' modality's; none: stored as it came) and described in the writer's own convention (label_info paired with
+    the ids present, in ascending order). ``series``, ``modality``: for messages. The files made here are removed
+    after."""
+    written = []
+    try:
+        if str(label_path).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
+            from monailabel.datastore.utils.convert import binary_to_image
+
+            label_path = binary_to_image(image_path, label_path)
+            written.append(label_path)
+        checked, _ = check_saved_label(label_path, image_path, label_info, structures or None)
+        if structures:
+            label = LoadImage(image_only=True, dtype=None)(label_path)
+            mapping = map_label(checked, set(checked["values"]), structures)
+            if mapping.problem:
+                raise HTTPException(422, f"the label for series {series} cannot be stored as a SEG of "
+                                         f"{modality} structures: {mapping.problem}")
+            values = relabel(torch.as_tensor(np.asarray(label)).to(torch.int64), mapping.values).numpy()
+            label_path = _write_like(label, values)
+            written.append(label_path)
+            names = {label_id: name for name, label_id in structures.items()}
+            present = sorted(int(i) for i in np.unique(values) if i)
+            label_info = {**(label_info or {}), "known_structures": mapping.known, "label_info": [
+                {**segment_info(names[i], i), "model_name": "De-LightSAM"} for i in present]}
+        yield label_path, label_info
+    finally:
+        for path in written:
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _write_like(reference, data) -> str:
+    """``data`` on ``reference``'s grid as a temporary NIfTI file."""
+    handle, path = tempfile.mkstemp(suffix=".nii.gz")
+    os.close(handle)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.asarray(reference.affine)), path)
+    return path

@@ -5,18 +5,17 @@ so that a user sees why (a series of another modality, a PACS that did not answe
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-import monailabel
 from fastapi import Depends
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC
 
+from .compat import OHIF_TOAST as TOAST
+from .compat import ohif_scripts
+
 logger = logging.getLogger(__name__)
-OHIF = Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif"
-TOAST = "message: 'Failed to Run Segmentation',"
 # the error that monailabel's OHIF client returns holds the response body as an ArrayBuffer
 WITH_DETAIL = ("message: 'Failed to Run Segmentation' + (function (r) { try { var d = r && r.response && "
                "r.response.data; var t = d ? new TextDecoder().decode(d) : ''; try { t = JSON.parse(t).detail || t; } "
@@ -25,7 +24,7 @@ WITH_DETAIL = ("message: 'Failed to Run Segmentation' + (function (r) { try { va
 
 def patched_panel() -> tuple[str, str] | None:
     """(file name, patched script) of the bundle that holds the toast, or None if this OHIF build has none."""
-    for bundle in sorted(OHIF.glob("*.bundle.*.js")):
+    for bundle in ohif_scripts():
         text = bundle.read_text(encoding="utf-8", errors="surrogateescape")
         if TOAST in text:
             return bundle.name, text.replace(TOAST, WITH_DETAIL)

@@ -12,22 +12,19 @@ import threading
 from collections import defaultdict
 from typing import Callable
 
-import numpy as np
 import requests
 import retrying
-import torch
 from cachetools import TTLCache, cached
 from fastapi import HTTPException
-from monai.transforms import LoadImage
 from dicomweb_client.session_utils import create_session_from_user_pass
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX, DICOMWebDatastore
 from pydicom import Dataset
 
 from . import compat
+from .labels import as_seg_label
 
 logger = logging.getLogger(__name__)
-IMAGE_MODALITIES = {"CT", "MR"}
 # what dicomweb-client raises when the PACS does not answer, or keeps answering "busy" after its retries
 PACS_ERRORS = (requests.RequestException, retrying.RetryError)
 
@@ -74,8 +71,15 @@ class PacsDatastore(DICOMWebDatastore):
         return (str(entry.get("Modality", "")) or None) if entry is not None else None
 
     def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
-        save = save_label_with_codes(self, self.structures_of, super().save_label)
-        return save(image_id, label_filename, label_tag, label_info, label_id)
+        """A `final` label as a SEG whose segments carry the structures' names, codes and colours
+        (``labels.as_seg_label``), checked against its series first."""
+        modality = str(self.get_image_info(image_id).get("Modality") or "")
+        if not modality:
+            entry = search_series(compat.pacs_client(self), image_id)
+            modality = str(entry.get("Modality", "")) if entry is not None else ""
+        with as_seg_label(label_filename, self.get_image_uri(image_id), label_info, self.structures_of(modality.lower()),
+                          image_id, modality) as (label, info):
+            return super().save_label(image_id, label, label_tag, info, label_id)
 
 
 @cached(cache=TTLCache(maxsize=16, ttl=settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY),
@@ -221,132 +225,3 @@ def _forget(datastore, series_uid: str, image_dir: str) -> None:
     nifti = os.path.join(compat.pacs_cache(datastore).image_path(), f"{series_uid}.nii.gz")
     if os.path.exists(nifti):
         os.unlink(nifti)
-
-
-def save_label_with_codes(datastore, structures: Callable[[str], dict[str, int]], save_label):
-    """Wraps the DICOMweb datastore's save_label: a `final` label becomes a DICOM SEG whose segments carry
-    the structures' names, SNOMED CT codes and colours. The label is checked against its series first
-    (``labels.check_saved_label``: grid, values, label_info), its voxel values read as the client named them
-    (Slicer's label_info), brought to the model's label ids, and described to monailabel's writer in its own
-    convention (label_info paired with the ids present, in ascending order)."""
-    from delightsam.label_maps import relabel
-
-    from .dicom_seg import segment_info
-    from .labels import check_saved_label, map_label
-
-    def save(image_id, label_filename, label_tag, label_info, label_id=""):
-        modality = str(datastore.get_image_info(image_id).get("Modality") or "")
-        if not modality:
-            entry = search_series(compat.pacs_client(datastore), image_id)
-            modality = str(entry.get("Modality", "")) if entry is not None else ""
-        ids = structures(modality.lower())
-        written = []
-        try:
-            if str(label_filename).endswith(".bin"):  # OHIF sends its labels raw, on the image's grid
-                from monailabel.datastore.utils.convert import binary_to_image
-
-                label_filename = binary_to_image(datastore.get_image_uri(image_id), label_filename)
-                written.append(label_filename)
-            checked, _ = check_saved_label(label_filename, datastore.get_image_uri(image_id), label_info, ids or None)
-            if ids:
-                label = LoadImage(image_only=True, dtype=None)(label_filename)
-                mapping = map_label(checked, set(checked["values"]), ids)
-                if mapping.problem:
-                    raise HTTPException(422, f"the label for series {image_id} cannot be stored as a SEG of "
-                                             f"{modality} structures: {mapping.problem}")
-                values = relabel(torch.as_tensor(np.asarray(label)).to(torch.int64), mapping.values).numpy()
-                label_filename = _write_like(label, values)
-                written.append(label_filename)
-                names = {label_id: name for name, label_id in ids.items()}
-                present = sorted(int(i) for i in np.unique(values) if i)
-                label_info = {**(label_info or {}), "known_structures": mapping.known, "label_info": [
-                    {**segment_info(names[i], i), "model_name": "De-LightSAM"} for i in present]}
-            return save_label(image_id, label_filename, label_tag, label_info, label_id)
-        finally:
-            for path in written:
-                if os.path.exists(path):
-                    os.unlink(path)
-
-    return save
-
-
-def _write_like(reference, data) -> str:
-    """``data`` on ``reference``'s grid as a temporary NIfTI file."""
-    import tempfile
-
-    import nibabel as nib
-
-    handle, path = tempfile.mkstemp(suffix=".nii.gz")
-    os.close(handle)
-    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.asarray(reference.affine)), path)
-    return path
-
-
-def seg_label(seg_dir: str, names_to_ids: dict[str, int], image_path: str,
-              out_path: str) -> tuple[str | None, list[str], list[str]]:
-    """A DICOM SEG series folder -> (a label map in the model's ids on the image's grid, the structures its
-    segments name, the names of segments that are no structure of the model). The SEG numbers its segments 1,
-    2, ... in its own order and may hold only the slices that have some; segments are matched to structures by
-    name or SNOMED CT code. None when no segment is a structure of the model."""
-    import numpy as np
-    import pydicom
-    import pydicom_seg
-    import SimpleITK as sitk
-
-    from .dicom_seg import seg_segments
-
-    files = sorted(os.path.join(seg_dir, f) for f in os.listdir(seg_dir))
-    seg = pydicom.dcmread(files[0])
-    image = pydicom_seg.MultiClassReader().read(seg).image
-    numbers = sitk.GetArrayFromImage(image)
-    labels = np.zeros(numbers.shape, np.uint8)
-    to_ids, unknown = seg_segments(seg, names_to_ids)
-    for number, label in to_ids.items():
-        labels[numbers == number] = label
-    if unknown:
-        logger.warning(f"{seg_dir}: segments {unknown} are no structure of this model; left out of training")
-    known = [name for name, label in names_to_ids.items() if label in to_ids.values()]
-    if not known:
-        logger.warning(f"{seg_dir}: no segment names a structure of this model; not used for training")
-        return None, [], unknown
-    out = sitk.GetImageFromArray(labels)
-    out.CopyInformation(image)
-    out = sitk.Resample(out, sitk.ReadImage(image_path), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    sitk.WriteImage(out, out_path, True)
-    return out_path, known, unknown
-
-
-def training_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> tuple[list[tuple], dict]:
-    """(image id, image path, label path, modality, None, known structures) of every image series with a SEG in
-    the PACS, and a report of those that cannot train and of segments that are no structure of the model. The
-    SEGs are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name and
-    code."""
-    from monailabel.datastore.local import LocalDatastore
-    from monailabel.interfaces.datastore import DefaultLabelTag
-
-    datastore.datalist()  # downloads every SEG that refers to a listed series
-    os.makedirs(out_dir, exist_ok=True)
-    items, report = [], {"refused": {}, "unmatched_segments": {}}
-    for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
-        info = datastore.get_image_info(image_id) or {}
-        modality = str(info.get("Modality") or "").lower()
-        if not structures_of(modality):
-            report["refused"][image_id] = f"its modality {modality or 'unknown'} is not served by this model"
-            continue
-        seg_uid = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("SeriesInstanceUID")
-        seg_dir = os.path.join(compat.pacs_cache(datastore).label_path(DefaultLabelTag.FINAL), str(seg_uid))
-        image = datastore.get_image_uri(image_id)
-        if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
-            label, known, unknown = seg_label(seg_dir, structures_of(modality), image,
-                                              os.path.join(out_dir, f"{image_id}.nii.gz"))
-            if unknown:
-                report["unmatched_segments"][image_id] = unknown
-            if label is None:
-                report["refused"][image_id] = "no segment of its SEG is a structure of the model"
-                continue
-        else:  # saved through this server and not re-read from the PACS: the label map as it was saved
-            label = LocalDatastore.get_label_uri(datastore, image_id, DefaultLabelTag.FINAL)
-            known = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("known_structures")
-        # structures the SEG does not name are unknown, not absent (values None: the label is in the model's ids)
-        items.append((image_id, image, label, modality, None, known))
-    return items, report

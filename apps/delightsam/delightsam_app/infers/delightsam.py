@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 from fastapi import HTTPException
 from monai.data import ITKReader, MetaTensor
@@ -24,20 +23,17 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from delightsam.geometry import VolumeError, as_volume
 from delightsam.pipeline import PROMPTS
-from delightsam.reading import READ_ERRORS, dicom_series, image_reader, read_error
+from delightsam.reading import READ_ERRORS, image_reader, read_error
 from delightsam.refiner_training import is_adapted
 
-from . import anatomy
-from .dicom_seg import source_images, write_dicom_seg
-from .options import InferOptions
-from .served import ServedModel
+from .. import anatomy
+from ..dicom_seg import source_images, write_dicom_seg
+from ..modality import dicom_modality, task_name
+from ..options import InferOptions
+from ..request_image import RequestImage
+from ..served import ServedModel
 
 logger = logging.getLogger(__name__)
-PREFIX = "delightsam"
-
-
-def task_name(modality: str) -> str:
-    return f"{PREFIX}_{modality}"
 
 
 class DeLightSAMInfer(BasicInferTask):
@@ -67,17 +63,18 @@ class DeLightSAMInfer(BasicInferTask):
                               "cleanup": settings.cleanup, "batch_size": settings.batch_size,
                               "model_filename": self.served.choices()})
 
-    def request(self, options: InferOptions, image_path: str, image_id: str | None) -> dict:
-        """What the task runs: the typed options with the server's defaults for those the request left out, the
-        image's path, and the datastore id whose label and uncertainty join the loop's record (None: an upload or
-        a session)."""
+    def request(self, options: InferOptions, image: RequestImage) -> dict:
+        """What the task runs: the typed options with the server's defaults for those the request left out, and the
+        image as the app resolved it: its path (and DICOM series), and the datastore id whose label and uncertainty
+        join the loop's record (None: an upload or a session)."""
         settings = self.served.settings
         defaults = {"cleanup": settings.cleanup, "batch_size": settings.batch_size, "device": settings.device}
         # every option is in it (None where the request left it out and the server has no default), so that the
         # task's config, which monailabel merges under it (its choices as lists), cannot fill one in; `refine` and
         # `prompts` left out stay None: the served pipeline decides them (``Pipeline.for_request``)
         values = {k: defaults.get(k) if v is None else v for k, v in options.model_dump().items()}
-        return {**values, "image": image_path, "loop_image": image_id, "description": self.description}
+        series = {"series_name": image.series.name, "series_files": image.series.files} if image.series else {}
+        return {**values, "image": image.path, **series, "loop_image": image.id, "description": self.description}
 
     def info(self):
         self._refresh()
@@ -89,17 +86,11 @@ class DeLightSAMInfer(BasicInferTask):
 
     # ---- the pipeline -----------------------------------------------------------------------
     def pre_transforms(self, data=None):
-        path = (data or {}).get("image_path", "")
-        if Path(str(path)).is_dir():  # a DICOM series, perhaps inside the folder of a zipped upload
-            try:
-                series = dicom_series(path)
-            except ValueError as e:
-                raise HTTPException(422, f"cannot read {Path(path).name!r} as a DICOM series: {e}") from e
-            data["image"] = data["image_path"] = series.folder
-            data["series_files"] = series.files  # the instances a DICOM SEG result refers to
-            return [LoadImaged(keys="image", reader=ITKReader(series_name=series.name), dtype=None)]
-        # dtype=None: the file's own type (CT is int16), not a float32 copy of the whole volume
-        return [LoadImaged(keys="image", reader=image_reader(path), dtype=None)]
+        """The resolved image (``request_image``) read as it is: a DICOM series by its name, a file by its type.
+        dtype=None: the file's own type (CT is int16), not a float32 copy of the whole volume."""
+        if (data or {}).get("series_name"):
+            return [LoadImaged(keys="image", reader=ITKReader(series_name=data["series_name"]), dtype=None)]
+        return [LoadImaged(keys="image", reader=image_reader((data or {}).get("image_path", "")), dtype=None)]
 
     def post_transforms(self, data=None):
         return []
@@ -181,9 +172,7 @@ class DeLightSAMInfer(BasicInferTask):
 
     def writer(self, data, extension=None, dtype=None):
         source = Path(str(data.get("image_path")))
-        if data.get("result_extension") == ".dcm":  # DICOM SEG referencing the source series
-            if not data.get("series_files"):
-                raise HTTPException(422, "DICOM SEG output (result_extension .dcm) needs a DICOM series as input")
+        if data.get("result_extension") == ".dcm":  # DICOM SEG referencing the source series (``_check_seg_output``)
             ids = set(np.unique(np.asarray(data["pred"])).tolist())
             present = {n: i for n, i in data["result"]["structures"].items() if i in ids}
             if not present:
@@ -214,21 +203,3 @@ class UnavailableInfer(DeLightSAMInfer):
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         self.served.refresh()
         raise HTTPException(503, f"the De-LightSAM model is not available: {self.served.problem or 'restart the server'}")
-
-
-def dicom_modality(path) -> str | None:
-    """The Modality tag of a DICOM file, or of the first file of a series folder, or of the series folder
-    beside a NIfTI made from it (how a DICOMweb datastore caches series); None for other files."""
-    if not path:
-        return None
-    path = Path(str(path))
-    source = path.with_name(path.name.removesuffix(".nii.gz"))
-    if path.name.endswith(".nii.gz") and source.is_dir():
-        path = source
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files[:5]:
-        try:
-            return str(pydicom.dcmread(f, stop_before_pixels=True).Modality) or None
-        except Exception:  # not DICOM (a NIfTI, an NRRD, a stray file in the folder)
-            continue
-    return None

@@ -6,7 +6,8 @@ MONAI Label runs it in a subprocess (`POST /train/delightsam`); the training its
 ``delightsam.training.train``, the same code as `delightsam train`. Every image's modality is known before it
 trains (the datastore's image info, which inference records, or its DICOM Modality tag, or the server's explicit
 `--conf modality`), and every saved label is read in the model's label ids by the segment names its client sent
-(``labels.map_label``); an image that fails either check is left out, and the run's statistics say why.
+(``labels.map_label``); an image that fails either check is left out, and the run's statistics say why. Over a
+PACS, the `final` labels are the SEGs it holds, read back by segment name and code (``pacs_items``).
 What it keeps in the app's model/ folder:
 
   split.json                    the train/validation split, extended as labels arrive, never reshuffled
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from monai.transforms import LoadImage
@@ -33,11 +35,12 @@ from delightsam.training import TrainConfig, train
 from delightsam.training_data import TrainItem
 from delightsam.versions import publish_version, update_split
 
-from . import pacs
-from .labels import map_label
-from .loop import image_modality
-from .options import TrainOptions, parse
-from .served import ServedModel
+from .. import compat
+from ..dicom_seg import read_seg_label
+from ..labels import map_label
+from ..modality import image_modality
+from ..options import TrainOptions, parse
+from ..served import ServedModel
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +71,7 @@ class DeLightSAMTrain(TrainTask):
         """The images with a final label that can train the model, and a report of those that cannot (by image
         id: why) and of saved segments that name no structure of the model."""
         if isinstance(datastore, DICOMWebDatastore):  # the SEGs in the PACS, mapped by segment name and code
-            found, report = pacs.training_items(datastore, self.served.structures_of,
-                                                str(self.model_dir / "pacs_labels"))
-            return [TrainItem(*item) for item in found], report
+            return pacs_items(datastore, self.served.structures_of, str(self.model_dir / "pacs_labels"))
         items, report = [], {"refused": {}, "unmatched_segments": {}}
         for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
             image = datastore.get_image_uri(image_id)
@@ -128,3 +129,35 @@ class DeLightSAMTrain(TrainTask):
                          m, {**metrics, **size}, self.model_dir / "versions", served=self.served.published,
                          base=str(self.served.settings.checkpoint)), log=logger.info,
                      data_report=report)
+
+
+def pacs_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> tuple[list[TrainItem], dict]:
+    """The training items of every image series with a SEG in the PACS, and a report of those that cannot train and of segments that are no structure of the model. The
+    SEGs are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name and
+    code."""
+    datastore.datalist()  # downloads every SEG that refers to a listed series
+    os.makedirs(out_dir, exist_ok=True)
+    items, report = [], {"refused": {}, "unmatched_segments": {}}
+    for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+        info = datastore.get_image_info(image_id) or {}
+        modality = str(info.get("Modality") or "").lower()
+        if not structures_of(modality):
+            report["refused"][image_id] = f"its modality {modality or 'unknown'} is not served by this model"
+            continue
+        seg_uid = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("SeriesInstanceUID")
+        seg_dir = os.path.join(compat.pacs_cache(datastore).label_path(DefaultLabelTag.FINAL), str(seg_uid))
+        image = datastore.get_image_uri(image_id)
+        if seg_uid and os.path.isdir(seg_dir) and os.listdir(seg_dir):
+            label, known, unknown = read_seg_label(seg_dir, structures_of(modality), image,
+                                                   os.path.join(out_dir, f"{image_id}.nii.gz"))
+            if unknown:
+                report["unmatched_segments"][image_id] = unknown
+            if label is None:
+                report["refused"][image_id] = "no segment of its SEG is a structure of the model"
+                continue
+        else:  # saved through this server and not re-read from the PACS: the label map as it was saved
+            label = compat.cached_label_uri(datastore, image_id, DefaultLabelTag.FINAL)
+            known = (datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}).get("known_structures")
+        # structures the SEG does not name are unknown, not absent (values None: the label is in the model's ids)
+        items.append(TrainItem(image_id, image, label, modality, None, known))
+    return items, report
