@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 CONF ?=
 
-.PHONY: setup samples system test run pacs starter benchmark clean
+.PHONY: setup samples system lint test test-fast run pacs starter benchmark clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,16 @@ samples: setup
 system: setup
 	$(PY) scripts/pacs.py --install-only
 
-test: setup samples
+# every test (the README's test command, with `system`); the tiers are markers in pyproject.toml (tests/helpers.py)
+test: setup samples lint
 	$(PY) -m pytest -q tests
+
+# daily work: the tests that start no server, no PACS and train nothing for minutes (a few minutes on 2 cores)
+test-fast: setup samples lint
+	$(PY) -m pytest -q tests -m "not server and not pacs and not slow"
+
+lint: setup
+	$(PY) -m pyflakes lib apps scripts tests
 
 # The MONAI Label server on the samples with the default model; extra keys: make run CONF="--conf cleanup true"
 run: setup samples

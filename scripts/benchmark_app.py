@@ -35,7 +35,7 @@ from serve import peak_rss_mb, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_test_checkpoint  # noqa: E402  (the same random CT+MR checkpoint the tests use)
+from helpers import make_test_checkpoint  # noqa: E402  (the same random CT+MR checkpoint the tests use)
 
 
 def timed(fn, repeats: int) -> float:

@@ -16,15 +16,14 @@ import pytest
 import requests
 import torch
 
-from conftest import REPO, monailabel_server
+from helpers import REPO, monailabel_server
 
-sys.path.insert(0, str(REPO / "scripts"))
-from annotation_loop import QUICK_TRAIN, Annotator, make_volumes  # noqa: E402
+from annotation_loop import QUICK_TRAIN, Annotator, make_volumes
 
-from delightsam.config import Structure  # noqa: E402
-from delightsam.ledger import Ledger  # noqa: E402
-from delightsam.uncertainty import DoubtMeter  # noqa: E402
-from delightsam.reading import read_volume  # noqa: E402
+from delightsam.config import Structure
+from delightsam.ledger import Ledger
+from delightsam.uncertainty import DoubtMeter
+from delightsam.reading import read_volume
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 STRUCTURES = {"Stomach": 5, "Liver": 1, "Spleen": 2}  # the annotators' names -> the model's ids
@@ -87,6 +86,8 @@ def loop_run(tmp_path_factory, samples):
                "second": second, "volumes": volumes, "info": info, "card": card, "colleague": colleague}
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_next_sample_hands_out_the_image_the_model_is_least_sure_of(loop_run):
     scores, handed = loop_run["scores"], loop_run["annotator"].handed
     assert set(scores) == {v.image_id for v in loop_run["volumes"]}  # the starter scored every unlabelled image
@@ -99,6 +100,8 @@ def test_next_sample_hands_out_the_image_the_model_is_least_sure_of(loop_run):
                 f"{handed[1]['model_version']}.json").exists()  # a labelled image is not scored again
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_the_new_version_is_served_and_does_better_on_the_next_image(loop_run):
     new = loop_run["annotator"].trained[0]["to"]
     model = loop_run["info"]["models"]["delightsam_ct"]
@@ -111,6 +114,8 @@ def test_the_new_version_is_served_and_does_better_on_the_next_image(loop_run):
     assert after["structures"]["liver"]["hd95_mm"] is not None
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_clients_see_versions_scores_and_the_model_card(loop_run):
     info = loop_run["info"]
     assert list(info["strategies"])[0] == "uncertain" and {"random", "first", "last"} <= set(info["strategies"])
@@ -123,6 +128,8 @@ def test_clients_see_versions_scores_and_the_model_card(loop_run):
     assert loop_run["card"].status_code == 200 and "De-LightSAM" in loop_run["card"].text
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_delightsam_report_tabulates_and_plots_each_version(loop_run, tmp_path):
     reply = subprocess.run([sys.executable, "-m", "delightsam.cli", "report", "--model-dir", str(loop_run["tmp"] / "model"),
                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -139,6 +146,8 @@ SAMPLE_MR = ["mni152_t1", "radiomics_brain1", "radiomics_brain2", "ts_mr_small"]
 SAMPLE_CT = ["ts_ct_small", "ts_ct", "radiomics_lung1", "radiomics_lung2"]
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_batch_inference_pre_segments_the_sample_datastore_on_the_cpu(tmp_path, samples):
     """Every sample volume, and the held-out slabs (one in another voxel order), get an `original` label from a
     CPU-only server's batch inference; a modality is never assumed: the MRs are recorded as MR (as a user sets

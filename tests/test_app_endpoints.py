@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from requests_toolbelt.multipart import decoder
 
-from conftest import APP_DIR, REPO, dciodvfy_errors, make_test_checkpoint, studies_folder
+from helpers import APP_DIR, dciodvfy_errors, make_test_checkpoint, studies_folder
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 
@@ -22,8 +21,6 @@ def _client(studies, conf, tmp):
     from fastapi.testclient import TestClient
     from monailabel.config import settings
 
-    if str(APP_DIR) not in sys.path:
-        sys.path.insert(0, str(APP_DIR))  # start_server puts the app on PYTHONPATH
     settings.MONAI_LABEL_APP_DIR = str(APP_DIR)
     settings.MONAI_LABEL_STUDIES = str(studies)
     settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False
@@ -265,7 +262,6 @@ def test_without_a_checkpoint_the_server_starts_and_says_why(env):
 def series_with_uids(env):
     """The sample CT series with the Study and Series Instance UIDs its anonymisation removed (as `make pacs`
     uploads it)."""
-    sys.path.insert(0, str(REPO / "scripts"))
     from pacs import prepare_ct
 
     out = env["tmp"] / "ct_series"

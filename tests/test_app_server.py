@@ -20,7 +20,9 @@ from monailabel.client.client import MONAILabelClientException
 from safetensors import safe_open
 
 import delightsam
-from conftest import make_test_checkpoint, monailabel_server, studies_folder
+from helpers import make_test_checkpoint, monailabel_server, studies_folder
+
+pytestmark = pytest.mark.server
 
 SLICER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
 

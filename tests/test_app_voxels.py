@@ -18,7 +18,9 @@ import requests
 import SimpleITK as sitk
 from monailabel.client import MONAILabelClient
 
-from conftest import monailabel_server
+from helpers import monailabel_server
+
+pytestmark = pytest.mark.server
 
 TS = {"liver": 5, "spleen": 1, "stomach": 6}  # TotalSegmentator's ids in the reference label
 # the app's default (two stages) on this held-out series measured 0.963 / 0.931 / 0.849 (model card)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import delightsam
-from conftest import make_test_checkpoint
+from helpers import make_test_checkpoint
 from delightsam.box_atlas import atlas_entry, context_boxes
 from delightsam.box_atlas import update_box_atlas
 from delightsam.training_data import SliceData, TrainItem

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import delightsam
-from conftest import random_images, small_model
+from helpers import random_images, small_model
 from delightsam import CheckpointError, load_model, save_model
 
 

@@ -16,10 +16,9 @@ import pytest
 from fastapi import HTTPException
 from monailabel.datastore.local import LocalDatastore
 
-from conftest import APP_DIR, REPO
+from helpers import REPO, subprocess_env
 
-sys.path.insert(0, str(APP_DIR))
-from delightsam_app.datastore import AtomicLocalDatastore  # noqa: E402
+from delightsam_app.datastore import AtomicLocalDatastore
 
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd"]
 
@@ -44,12 +43,11 @@ def _index(folder) -> dict:
 def _another_process_saves_a_label(folder, samples) -> None:
     """A train, scoring or batch process of the app (a process of its own, with its own copy of the index) saves
     a label of ts_mr_small."""
-    code = (f"import sys; sys.path.insert(0, {str(APP_DIR)!r})\n"
-            "from delightsam_app.datastore import AtomicLocalDatastore\n"
+    code = ("from delightsam_app.datastore import AtomicLocalDatastore\n"
             f"store = AtomicLocalDatastore({str(folder)!r}, extensions={EXTENSIONS!r})\n"
             f"store.save_label('ts_mr_small', {str(samples / 'samples' / 'labels' / 'ts_mr_small.nii.gz')!r}, "
             "'original', {'model': 'delightsam_mr'})\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=subprocess_env())
 
 
 @pytest.mark.parametrize("change", ["update_image_info", "add_image", "refresh", "remove_label"])

@@ -6,7 +6,7 @@ import importlib
 def test_monailabel_app_imports():
     server = importlib.import_module("monailabel.app")  # the FastAPI server module that start_server runs
     assert hasattr(server, "app")
-    from monailabel.interfaces.app import MONAILabelApp  # noqa: F401  (what apps/delightsam builds on)
+    assert hasattr(importlib.import_module("monailabel.interfaces.app"), "MONAILabelApp")  # what the app builds on
 
     import pydicom
 

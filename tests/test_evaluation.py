@@ -148,7 +148,7 @@ def test_evaluate_command_writes_a_report_with_figures(tmp_path, samples):
 def test_the_verdict_says_where_the_model_under_test_loses(tmp_path, samples):
     """A random model first, the shipped (trained) starter second: the report says, with both Dice figures, that
     the random one loses on the liver; in the other order, that the starter is at least as good everywhere."""
-    from conftest import REPO
+    from helpers import REPO
 
     starter = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
     images, labels = tmp_path / "images", tmp_path / "labels"

@@ -18,8 +18,9 @@ import pytest
 import requests
 
 import delightsam
-from conftest import make_test_checkpoint, studies_folder
-from serve import running_server
+from helpers import make_test_checkpoint, running_server, studies_folder
+
+pytestmark = pytest.mark.server
 
 QUICK = {"max_epochs": 1, "steps_per_epoch": 2, "train_batch_size": 2, "teacher": "none", "tracking": "none",
          "name": "quick"}
@@ -113,6 +114,7 @@ def test_killed_while_saving_a_label_the_label_is_old_or_new(setup):
         assert reply.status_code == 200
 
 
+@pytest.mark.slow
 def test_killed_while_publishing_the_served_model_is_old_or_new(setup):
     model_dir = setup["tmp"] / "model"
     with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, proc):
@@ -131,10 +133,11 @@ def test_killed_while_publishing_the_served_model_is_old_or_new(setup):
         # a second run publishes while a kill lands on the served copy's write
         requests.post(f"{url}/train/delightsam", json={**QUICK, "name": "again"}, timeout=60).raise_for_status()
         assert _kill_when(model_dir, ".published.safetensors.*.tmp", proc.pid), "the served copy was never seen"
-    if published.exists():
-        assert delightsam.load_model(published).config.version.startswith("delightsam-")  # whole, loadable
+    # the kill lands on the served copy's write, or just after its rename: the old model or the new one, whole
+    served = delightsam.load_model(published).config.version if published.exists() else "configured"
+    assert served == "configured" or served.startswith("delightsam-"), served
     with running_server(setup["tmp"], setup["studies"], setup["conf"]) as (url, _):
         reply = requests.post(f"{url}/infer/delightsam_ct", params={"image": "ts_ct_small", "output": "json"},
                               data={"params": "{}"}, timeout=300)
         assert reply.status_code == 200
-        assert reply.json()["model_version"] in ("configured", *(p.stem for p in (model_dir / "versions").glob("*.safetensors")))
+        assert reply.json()["model_version"] == served  # what the file holds is what is served

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import delightsam
-from conftest import REPO
+from helpers import REPO
 from delightsam.checkpoint import project_to_released_name
 from delightsam.foundation import foundation_model, foundation_state, transfer
 from delightsam.sp_generator import boxes_from_masks
@@ -128,6 +128,7 @@ def test_structure_regions_keep_each_structures_largest_26_connected_component()
     assert np.array_equal(structure_regions(blobs, structures[:1])[0], expected) and 20 < expected.sum() < 1000
 
 
+@pytest.mark.slow
 def test_the_foundation_decodes_the_starters_own_boxes(student, samples):
     """Prompt-free two-stage inference on the held-out CT: the starter's coarse liver becomes a 3-D box, the
     foundation decodes it; the liver comes out far closer to the reference than the starter's own."""

@@ -16,7 +16,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from conftest import make_test_checkpoint, monailabel_server, studies_folder
+from helpers import make_test_checkpoint, monailabel_server, studies_folder
+
+pytestmark = pytest.mark.server
 
 JOBS = ("/train/", "/batch/infer", "/scoring/")
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from fastapi import HTTPException
 
-from conftest import APP_DIR, tar_bytes
+from helpers import APP_DIR, subprocess_env, tar_bytes
 
-sys.path.insert(0, str(APP_DIR))
-from delightsam_app import guard  # noqa: E402
-from delightsam_app.edge import Admission  # noqa: E402
+from delightsam_app import guard
+from delightsam_app.edge import Admission
 
 LIMITS = guard.UploadLimits(max_file_bytes=5 * 2**20, max_unpacked_bytes=20 * 2**20, max_ratio=50)
 
@@ -162,7 +161,7 @@ def test_the_app_warns_when_it_listens_beyond_loopback_without_auth(argv, warns,
 
 
 def test_a_published_model_is_served_only_with_the_checkpoint_it_came_from(tmp_path, caplog):
-    from conftest import make_test_checkpoint
+    from helpers import make_test_checkpoint
     from delightsam import load_model
     from delightsam.versions import publish_version
     from delightsam_app.served import ServedModel
@@ -232,7 +231,7 @@ def test_a_refiner_is_kept_only_beside_the_model_being_served(tmp_path):
     import gc
     import weakref
 
-    from conftest import make_test_checkpoint
+    from helpers import make_test_checkpoint
     from delightsam_app.served import ServedModel
     from delightsam_app.settings import AppSettings
 
@@ -262,11 +261,11 @@ def test_the_work_gate_is_shared_by_processes(tmp_path):
     from delightsam_app.gate import WorkGate
 
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(APP_DIR)!r})\n"
+        [sys.executable, "-c", "import sys\n"
                                "from delightsam_app.gate import WorkGate\n"
                                f"with WorkGate({str(tmp_path)!r}, 1)():\n"
                                "    print('held', flush=True); sys.stdin.read()\n"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
         assert holder.stdout.readline().strip() == "held"
         gate = WorkGate(tmp_path, 1)

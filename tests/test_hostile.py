@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import REPO, make_test_checkpoint, monailabel_server, studies_folder, tar_bytes
+from helpers import REPO, make_test_checkpoint, monailabel_server, studies_folder, tar_bytes
+
+pytestmark = pytest.mark.server
 
 TOKEN = f"escaped-{uuid.uuid4().hex[:8]}"  # in every name a hostile request tries to write
 

@@ -6,8 +6,6 @@ extra one, a missing one) and check what training makes of them."""
 
 from __future__ import annotations
 
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -15,15 +13,13 @@ import torch
 from fastapi import HTTPException
 
 import delightsam
-from conftest import APP_DIR
 from delightsam.config import Structure
 from delightsam.losses import DeLightSAMLoss
 from delightsam.training_data import SliceData, TrainItem
 from delightsam.label_maps import clean_up
 
-sys.path.insert(0, str(APP_DIR))
-from delightsam_app import anatomy  # noqa: E402
-from delightsam_app.labels import check_saved_label, map_label  # noqa: E402
+from delightsam_app import anatomy
+from delightsam_app.labels import check_saved_label, map_label
 
 CT = {"liver": 1, "spleen": 2, "kidney_right": 3, "kidney_left": 4, "stomach": 5}
 TS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "stomach": 6}  # TotalSegmentator's ids

@@ -7,9 +7,13 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from helpers import REPO
 
 
+@pytest.mark.server
+@pytest.mark.slow
 def test_clients_inferring_while_training_publishes_get_the_single_user_answers(tmp_path, samples):
     out = tmp_path / "load.json"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "load_test.py"), "--clients", "2", "--requests",

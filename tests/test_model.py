@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_images, small_model
+from helpers import random_images, small_model
 from delightsam import DeLightSAM, DeLightSAMConfig, released_config
 
 

@@ -5,16 +5,11 @@ feature stops the app by name."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 from fastapi import HTTPException
 
-from conftest import APP_DIR
-
-sys.path.insert(0, str(APP_DIR))
-from delightsam_app import compat, options  # noqa: E402
-from delightsam_app.options import (BatchOptions, ImageInfoUpdate, InferOptions, LoopInferOptions,  # noqa: E402
+from delightsam_app import compat, options
+from delightsam_app.options import (BatchOptions, ImageInfoUpdate, InferOptions, LoopInferOptions,
                                     NextSampleOptions, SavedLabelInfo, TrainOptions, parse)
 
 CONTEXT = {"max_batch_size": 8, "model_files": ["model.safetensors", "delightsam-v2.safetensors"]}

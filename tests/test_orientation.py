@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from nibabel import orientations
 
-from conftest import REPO, monailabel_server
+from helpers import REPO, monailabel_server
 from delightsam import load_model
 from delightsam.cli import main as cli
 from delightsam.training_data import SliceData, TrainItem
@@ -94,6 +94,7 @@ def _infer(url: str, model: str, path: str, out) -> np.ndarray:
     return _canonical(out)
 
 
+@pytest.mark.server
 def test_infer_gives_the_same_labels_in_every_storage_order(server, volumes):
     tmp = volumes["tmp"]
     results = {name: _infer(server, "delightsam_ct", path, tmp / f"ct_out_{name.replace('.', '_')}.nii.gz")
@@ -112,6 +113,7 @@ def test_infer_gives_the_same_labels_in_every_storage_order(server, volumes):
         np.testing.assert_array_equal(labels, first, err_msg=name)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_every_storage_order_alike(volumes):
     images, labels = volumes["tmp"] / "eval_images", volumes["tmp"] / "eval_labels"
     images.mkdir(exist_ok=True)

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 import requests
 
-from conftest import REPO, _free_port, dciodvfy_errors
+from helpers import REPO, dciodvfy_errors, free_port, require_marker
 
 TOOLS = ["/usr/sbin/Orthanc", "/usr/bin/socat", "/usr/bin/chromium",
          "/usr/share/orthanc/plugins/libOrthancDicomWeb.so", "/usr/share/orthanc/plugins/libOrthancGdcm.so"]
@@ -31,6 +31,7 @@ ARTIFACTS = Path(os.environ.get("DELIGHTSAM_ARTIFACTS", REPO / "test-artifacts")
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory, samples):
+    require_marker("pacs", "Orthanc and the app on it")
     missing = [t for t in TOOLS if not Path(t).exists()]
     if missing:
         if os.environ.get("CI"):
@@ -41,7 +42,7 @@ def pacs(tmp_path_factory, samples):
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
     began = time.time()
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "pacs.py"), "--no-install", "--work", str(work),
-                             "--port", str(_free_port()), "--orthanc-port", str(_free_port())],
+                             "--port", str(free_port()), "--orthanc-port", str(free_port())],
                             stdout=open(work / "pacs.out", "w"), stderr=subprocess.STDOUT, env=env)
     ready = work / "ready.json"
     while not ready.exists():
@@ -79,12 +80,14 @@ def _read_label(content: bytes, suffix: str, tmp: Path):
     return sitk.ReadImage(str(path))
 
 
+@pytest.mark.pacs
 def test_the_pacs_holds_two_studies_and_the_app_lists_ct_and_mr(pacs):
     assert {s["00080060"]["Value"][0] for s in _qido(pacs)} >= {"CT", "MR"}
     stats = requests.get(f"{pacs['app']}/datastore/", params={"output": "stats"}, timeout=30).json()
     assert stats["total"] == 2  # the CT and the MR series, no SEG
 
 
+@pytest.mark.pacs
 def test_infer_by_series_uid_takes_the_modality_from_the_series(pacs, tmp_path):
     import SimpleITK as sitk
 
@@ -120,10 +123,10 @@ def _multipart(reply) -> dict[str, bytes]:
     return parts
 
 
+@pytest.mark.pacs
 def test_dicom_seg_output_names_and_codes_its_segments(pacs, tmp_path):
     """output=dicom_seg: monailabel wants label_info from the client; with the app's segment attributes the SEG
     that comes back references the series and names and codes each structure."""
-    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
     from delightsam_app.dicom_seg import segment_info
 
     import SimpleITK as sitk
@@ -157,6 +160,7 @@ def _seg_of(pacs, series_uid: str) -> pydicom.Dataset:
     return pydicom.dcmread(io.BytesIO(decoder.MultipartDecoder.from_response(reply).parts[0].content))
 
 
+@pytest.mark.pacs
 def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp_path):
     import pydicom_seg
     import SimpleITK as sitk
@@ -219,7 +223,8 @@ def test_saved_final_label_becomes_a_seg_in_the_pacs_and_training_data(pacs, tmp
 
 
 def _upload_variant(pacs, tmp_path, name: str, change) -> str:
-    """Four slices of the CT series with new UIDs and one change, uploaded to Orthanc; returns the series UID."""
+    """Four slices of the CT series with new UIDs and one change, uploaded to Orthanc (and kept in tmp_path/name);
+    returns the series UID."""
     from pydicom.uid import generate_uid
 
     study, series = generate_uid(entropy_srcs=["test-study", name]), generate_uid(entropy_srcs=["test", name])
@@ -230,12 +235,37 @@ def _upload_variant(pacs, tmp_path, name: str, change) -> str:
         change(ds)
         out = io.BytesIO()
         ds.save_as(out, write_like_original=False)
-        reply = requests.post(f"{pacs['orthanc']}/instances", data=out.getvalue(),
-                              headers={"Content-Type": "application/dicom"}, timeout=30)
-        assert reply.status_code == 200, reply.text
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / f"{i}.dcm").write_bytes(out.getvalue())
+        _store(pacs, out.getvalue())
     return series
 
 
+def _store(pacs, dicom: bytes) -> None:
+    reply = requests.post(f"{pacs['orthanc']}/instances", data=dicom, headers={"Content-Type": "application/dicom"},
+                          timeout=30)
+    assert reply.status_code == 200, reply.text
+
+
+def _upload_seg(pacs, tmp_path) -> str:
+    """A DICOM SEG (a liver square on four CT slices, written by the app's own SEG writer) of a series of its own,
+    uploaded to Orthanc; returns the SEG's series UID."""
+    from delightsam.reading import read_volume
+    from delightsam_app.dicom_seg import write_dicom_seg
+
+    _upload_variant(pacs, tmp_path, "seg_source", lambda ds: None)
+    files = sorted(str(f) for f in (tmp_path / "seg_source").glob("*.dcm"))
+    image = read_volume(tmp_path / "seg_source")
+    labels = np.zeros(tuple(image.shape), np.uint8)
+    labels[100:200, 100:200, :] = 1
+    seg = pydicom.dcmread(write_dicom_seg(files, labels, image.affine, {"liver": 1}, "test"))
+    out = io.BytesIO()
+    seg.save_as(out)
+    _store(pacs, out.getvalue())
+    return str(seg.SeriesInstanceUID)
+
+
+@pytest.mark.pacs
 def test_bad_series_get_clear_errors_and_the_server_goes_on(pacs, tmp_path):
     def not_ct_or_mr(ds):
         ds.Modality = "PT"
@@ -251,10 +281,8 @@ def test_bad_series_get_clear_errors_and_the_server_goes_on(pacs, tmp_path):
     cases = {
         "pet": (_upload_variant(pacs, tmp_path, "pet", not_ct_or_mr), 422, "has Modality PT"),
         "syntax": (_upload_variant(pacs, tmp_path, "syntax", unsupported_syntax), None, "could not"),
+        "seg": (_upload_seg(pacs, tmp_path), 422, "is a DICOM SEG"),
     }
-    seg = {s["0020000E"]["Value"][0] for s in _qido(pacs, Modality="SEG")}
-    if seg:
-        cases["seg"] = (next(iter(seg)), 422, "is a DICOM SEG")
     for name, (series, status, text) in cases.items():
         reply = _infer(pacs, series, "json")
         print(name, reply.status_code, reply.text)
@@ -330,6 +358,7 @@ DRAWN_ANY = """() => { const v = window.services.segmentationService.getLabelmap
   return !!v && v.voxelManager.getCompleteScalarDataArray().some((x) => x > 0); }"""
 
 
+@pytest.mark.pacs
 def test_ohif_auto_segment_button_draws_the_label(pacs, tmp_path):
     """OHIF's auto-segment button with delightsam_ct: the organs are drawn under their own names, with the
     voxel counts of the server's label (names from the model's own labels in /info, never another
@@ -375,6 +404,7 @@ def test_ohif_auto_segment_button_draws_the_label(pacs, tmp_path):
     assert "liver" in painted  # not a comparison of two empty maps
 
 
+@pytest.mark.pacs
 def test_ohif_toast_says_why_a_run_failed(pacs, tmp_path):
     """A series whose pixels the PACS cannot send: the toast carries the server's reason."""
     from playwright.sync_api import sync_playwright
@@ -422,7 +452,6 @@ def test_a_pacs_that_never_answers_times_out():
     import socket
     import threading
 
-    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
     from delightsam_app.pacs import TimeoutAdapter
 
     listener = socket.socket()
@@ -497,13 +526,15 @@ class PausingProxy:
         self.listener.close()
 
 
+@pytest.mark.pacs
+@pytest.mark.server
 def test_orthanc_killed_mid_download_then_back(pacs, tmp_path):
     """Orthanc SIGKILLed while the app streams a series from it: a 502 naming the PACS, no partial series left
     in the cache, the server up (and a second app on Orthanc directly says the PACS did not answer); Orthanc
     restarted on the same storage: the same request succeeds with the whole series."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from conftest import monailabel_server
+    from helpers import monailabel_server
 
     proxy = PausingProxy(pacs["orthanc"])
     cache = tmp_path / "dicomweb-cache"
@@ -589,7 +620,6 @@ def test_a_series_that_did_not_all_come_is_the_pacs_failure(tmp_path, arrive, fa
     """The PACS says the series holds 25 instances: fewer arrived (a parse error on the cut part, or a shorter
     series that reads) is a 502 naming the PACS, and nothing is kept; all arrived but unreadable is the image's
     fault (422); all arrived and readable is served."""
-    sys.path.insert(0, str(REPO / "apps" / "delightsam"))
     from fastapi import HTTPException
 
     from delightsam_app.pacs import _download

@@ -53,6 +53,7 @@ def _boxed_dice(refiner, data: SliceData, picks, size: int = 96) -> np.ndarray:
     return (2 * inter / (predicted.flatten(2).sum(-1).sum(0) + truth.flatten(2).sum(-1).sum(0)).clamp(min=1)).numpy()
 
 
+@pytest.mark.slow
 def test_the_refiner_learns_the_structure_it_decoded_worst_and_keeps_the_foundation(ct_items, tmp_path):
     """Forty steps on one real CT's labels (the slices it is then probed on: learning, not generalisation, which the
     annotation loop's report measures): the structure the frozen foundation decodes worst from a tight box gains, so
@@ -105,6 +106,7 @@ def test_a_refiner_tensor_of_the_wrong_shape_is_refused_at_load(tmp_path):
         delightsam.load_model(tmp_path / "bad.safetensors")
 
 
+@pytest.mark.slow
 def test_training_the_served_pipeline_validates_and_publishes_it(ct_items, tmp_path):
     """The train loop with the app's pipeline: the refiner trains beside the first stage and the published model
     carries it (published always: nothing to validate on), the pipeline serves that adaptation, and validation runs

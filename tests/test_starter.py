@@ -14,7 +14,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 
 import delightsam
-from conftest import REPO, monailabel_server
+from helpers import REPO, monailabel_server
 from delightsam.reading import read_label, read_volume
 
 BUNDLE = REPO / "models" / "delightsam_ct_mr"
@@ -64,6 +64,7 @@ def test_monai_bundle_runner_segments_a_volume(tmp_path, samples):
     assert dice > 0.5, dice  # a training volume: this checks that the shipped weights work, not accuracy
 
 
+@pytest.mark.server
 def test_the_run_command_serves_the_starter_model(tmp_path, samples):
     """`make run` passes no checkpoint: the app serves the bundle's, and segments a sample CT and MR volume
     into the structures of the model card."""
@@ -85,6 +86,7 @@ def test_the_run_command_serves_the_starter_model(tmp_path, samples):
             assert all(n > 100 for n in counts.values()), (modality, counts)
 
 
+@pytest.mark.slow
 def test_the_recipe_runs_end_to_end_in_short(tmp_path, samples):
     """scripts/train_starter.py --quick: every step of the recipe with tiny budgets (the full run is hours)."""
     work, bundle = tmp_path / "work", tmp_path / "bundle"

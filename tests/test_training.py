@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import delightsam
-from conftest import make_test_checkpoint
+from helpers import REPO, make_test_checkpoint, subprocess_env
 from delightsam.checkpoint import project_to_released_name
 from delightsam.embedding_cache import EmbeddingCache
 from delightsam.teachers import TeacherError, init_trunk_from, load_teacher
@@ -142,11 +142,11 @@ def test_the_cache_is_capped_and_evicts_the_least_recently_used(tmp_path):
 
 
 def test_two_runs_can_share_the_cache(tmp_path):
-    script = ("import sys, torch; sys.path.insert(0, 'tests'); from test_training import _CountingTeacher;"
+    script = ("import torch; from test_training import _CountingTeacher;"
               "from delightsam.embedding_cache import EmbeddingCache;"
               "g = torch.arange(20 * 3 * 32 * 32, dtype=torch.float32).view(20, 3, 32, 32) % 255;"
               f"[EmbeddingCache({str(tmp_path)!r}).embed(_CountingTeacher(), g, 16) for _ in range(3)]")
-    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1]) for _ in range(2)]
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=subprocess_env()) for _ in range(2)]
     assert all(r.wait(timeout=120) == 0 for r in runs)
     entries = list(tmp_path.rglob("*.npy"))
     assert len(entries) == 20 and not list(tmp_path.rglob("*.tmp"))
@@ -204,6 +204,7 @@ def test_a_released_modality_gets_its_own_parts_before_training(mode):
 
 
 # ---- real learning, resume ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     """A few minutes on the CPU: LiteMedSAM teacher and trunk, one real CT's liver to train on, another CT
     (the DICOM series) to validate on."""
@@ -239,6 +240,7 @@ def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     assert any("not resuming" in line for line in again)
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_step_like_one(tmp_path, liver):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir()

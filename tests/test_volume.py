@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_test_checkpoint
+from helpers import REPO, make_test_checkpoint
 from delightsam import load_model
 from delightsam.geometry import acquisition_plane, fitted_size, to_grey_levels
 from delightsam.training_data import SliceData, TrainItem
@@ -130,6 +130,7 @@ def test_bad_volumes_are_refused_with_reasons(model):
     assert segment_volume(model, volume, "ct").non_finite_voxels == 1
 
 
+@pytest.mark.slow
 def test_the_mr_brain_is_found_in_a_real_head_with_skull(starter, samples, tmp_path):
     """A real T1 with skull and scalp that no training saw (ROBEX's reference head, stored LAS): the shipped MR
     model's whole brain (brain with grey and white matter) against its brain mask, as stored and reoriented to RAS,
