@@ -317,3 +317,13 @@ def test_dicom_seg_of_a_series_without_uids_is_refused(env):
 def test_dicom_seg_needs_a_dicom_input(env):
     reply = _infer(env["client"], {"result_extension": ".dcm"}, image="ts_ct_small", output="image")
     assert reply.status_code == 422 and "needs a DICOM series" in reply.json()["detail"]
+
+
+def test_whole_slide_inference_is_refused_with_where_to_go(env):
+    """monailabel's whole-slide image routes would run a volume model's task on the raw request (untyped, past the
+    work gate): this server has no such models, and says which it has (a 404, never a 500)."""
+    for route in ("/infer/wsi/delightsam_ct", "/infer/wsi_v2/delightsam_ct", "/infer/wsi_v2/s"):
+        reply = env["client"].post(f"{route}?image=ts_ct_small", json={}) if "v2" not in route else \
+            env["client"].post(f"{route}?image=ts_ct_small", data={})
+        assert reply.status_code == 404, (route, reply.text)
+        assert "no whole-slide image models" in reply.json()["detail"] and "delightsam_ct" in reply.json()["detail"]

@@ -197,6 +197,12 @@ class DeLightSAMApp(MONAILabelApp):
         (`params` into the route's fields), which is parsed here into ``options.InferOptions``."""
         return self._infer(request, datastore, options.InferOptions)
 
+    def infer_wsi(self, request, datastore=None):
+        """monailabel's whole-slide image route would run a model's task on the raw request (untyped, ungated):
+        none of this app's models segments pathology slides."""
+        raise HTTPException(404, f"this server has no whole-slide image models; its models segment 3-D volumes "
+                                 f"through POST /infer/<model> ({', '.join(compat.infer_tasks(self))})")
+
     def loop_infer(self, request, datastore=None):
         """The app's own inferences (batch, uncertainty scoring), which may save their label (``LoopInferOptions``)."""
         return self._infer(request, datastore, options.LoopInferOptions)

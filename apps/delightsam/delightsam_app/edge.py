@@ -169,6 +169,8 @@ def as_client_error(path: str, error: Exception) -> HTTPException | None:
         return HTTPException(404, str(error.msg))
     if isinstance(error, MONAILabelException) and error.error == MONAILabelError.APP_INIT_ERROR:
         return HTTPException(404, str(error.msg))  # no such task (strategy, scoring method, trainer)
+    if isinstance(error, MONAILabelException) and error.error == MONAILabelError.INVALID_INPUT:
+        return HTTPException(422, str(error.msg))  # monailabel's own check of a request (no model named, say)
     if path.startswith("/datastore/dataset") and isinstance(error, AssertionError):
         return HTTPException(404, f"no dataset archive: {error}")
     return None
