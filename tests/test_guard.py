@@ -251,6 +251,29 @@ def test_a_refiner_is_kept_only_beside_the_model_being_served(tmp_path):
     assert gone() is None  # no refiner, cache or reference keeps the replaced model
 
 
+def test_the_pipeline_keeps_a_refiner_until_what_it_was_built_from_changes(tmp_path):
+    """One refiner per model, built by the served pipeline: the same one for every request, and a new one when the
+    input size, the model's adaptation (training replaces it each epoch) or its configuration changes."""
+    import torch
+
+    import delightsam
+    from delightsam.pipeline import Pipeline
+    from helpers import make_test_checkpoint
+
+    model = delightsam.load_model(make_test_checkpoint(tmp_path / "model.safetensors"))
+    first = Pipeline(["ct"]).refiner(model)
+    assert Pipeline(["ct"]).refiner(model) is first and first.config.img_size == 96
+    larger = Pipeline(["ct"], size=128).refiner(model)
+    assert larger is not first and larger.config.img_size == 128
+    queries = torch.zeros_like(first.state_dict()["decoder.query_groups.ct"])
+    model.refiner_state = {"decoder.query_groups.ct": queries}
+    adapted = Pipeline(["ct"]).refiner(model)
+    assert adapted is not first and torch.equal(adapted.state_dict()["decoder.query_groups.ct"], queries)
+    assert Pipeline(["ct"]).refiner(model) is adapted
+    model.add_modality("pet", [("lesion", 9)])
+    assert "pet" in Pipeline(["ct"]).refiner(model).config.modality_names
+
+
 def test_the_work_gate_is_shared_by_processes(tmp_path):
     """The batch and scoring processes take the same slots as the server's inferences: a slot another process
     holds is not free here until it lets go."""

@@ -120,3 +120,13 @@ def test_a_missing_feature_stops_the_app_by_name(monkeypatch):
         "fastapi", compat.FASTAPI, "APIRoute.some_feature_a_new_release_dropped", lambda: False)])
     with pytest.raises(RuntimeError, match="fastapi .* has no APIRoute.some_feature_a_new_release_dropped"):
         compat.check()
+
+
+def test_a_missing_optional_feature_is_a_warning_at_start(monkeypatch, caplog):
+    """What only adds to the app (OHIF's error toast with the server's message) does not stop it when it is gone."""
+    monkeypatch.setattr(compat, "REGISTRY", [*compat.REGISTRY, compat.Private(
+        "monailabel", compat.MONAILABEL, "the bundled OHIF's toast", lambda: False, required=False)])
+    missing, differ = compat.problems()
+    assert missing == [] and any("the bundled OHIF's toast" in d and "runs without" in d for d in differ)
+    compat.check()
+    assert "the bundled OHIF's toast" in caplog.text

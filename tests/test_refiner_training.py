@@ -16,7 +16,7 @@ from delightsam.foundation import foundation_model
 from delightsam.geometry import model_input
 from delightsam.normalization import get_normalization
 from delightsam.pipeline import Pipeline
-from delightsam.refiner_training import RefinerTrainer, RefinerTraining, is_adapted
+from delightsam.refiner_training import RefinerTrainer, RefinerTraining, carries_adaptation
 from delightsam.sp_generator import boxes_from_masks
 from delightsam.training import TrainConfig, train
 from delightsam.training_data import SliceData, TrainItem
@@ -25,10 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 TS_TO_OURS = {5: 1, 1: 2, 2: 3, 3: 4, 6: 5}  # TotalSegmentator's ids -> the shipped model's (liver ... stomach)
 NAMES = ["liver", "spleen", "kidney_right", "kidney_left", "stomach"]
-
-
-def carries_adaptation(model, modality: str) -> bool:
-    return is_adapted(model.refiner_state, model.config.modality(modality).query_group)
 
 
 @pytest.fixture(scope="module")

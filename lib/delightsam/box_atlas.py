@@ -111,4 +111,3 @@ def update_box_atlas(model, entries: dict[str, list[dict]]) -> None:
         spec = model.config.modality(name)
         ids = {e["id"] for e in new}
         spec.box_atlas = [e for e in spec.box_atlas if e.get("id") not in ids] + new
-

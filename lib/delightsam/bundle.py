@@ -18,8 +18,8 @@ class VolumeInferer(Inferer):
     """inputs [B, 1, X, Y, Z] (MetaTensors with their affines) -> label maps [B, 1, X, Y, Z] on the same grids."""
 
     def __init__(self, modality: str, batch_size: int = 4, cleanup: bool = False, refine: bool = False,
-                 refine_size: int = 96, prompts: str = "slice", refine_every_mm: float = 10.0,
-                 first_every_mm: float = 3.0) -> None:
+                 refine_size: int = Pipeline.size, prompts: str = Pipeline.prompts,
+                 refine_every_mm: float = Pipeline.refine_every_mm, first_every_mm: float = Pipeline.first_every_mm) -> None:
         self.modality, self.batch_size, self.cleanup = modality, batch_size, cleanup
         self.pipeline = Pipeline([modality] if refine else [], refine_size, prompts, refine_every_mm, first_every_mm)
 

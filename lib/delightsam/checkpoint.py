@@ -235,6 +235,7 @@ def released_modality_from_filename(path: str | os.PathLike) -> str:
 # ---- the project's own format ------------------------------------------------------------------
 REFINER_PREFIX = "refiner."  # the adapted tensors of the second stage's refiner (refiner_training.adapted_state)
 
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], set[str]]:
     """A safetensors checkpoint's metadata and tensor names, from its header without its weights ({} and an empty
     set when it cannot be read: whoever loads it says why)."""

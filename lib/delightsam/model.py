@@ -7,6 +7,8 @@ prompt. ``mask_logits`` come at the input resolution, one channel per structure 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -151,17 +153,20 @@ def _structure(spec, token: int) -> Structure:
     return Structure(name, label, token, list(parts[0]) if parts else [])
 
 
-_RESIZED: dict[int, tuple[DeLightSAM, DeLightSAM]] = {}  # input size -> (model, that model at the size)
+_RESIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {input size: the model at that size}
+_RESIZING = threading.Lock()
 
 
 def resized(model: DeLightSAM, img_size: int) -> DeLightSAM:
     """``model`` at another input size: the same weights (every one of them is independent of the size), for the
-    refiner to see part of a slice at a whole slice's scale. The last one made for each size is kept."""
+    refiner to see part of a slice at a whole slice's scale. Kept per model and size as long as the model is (a
+    refiner's copies go with it); a model's weights are not changed once it is resized (the served refiners)."""
     if img_size == model.config.img_size:
         return model
-    entry = _RESIZED.get(img_size)
-    if entry is None or entry[0] is not model:
-        other = DeLightSAM(model.config.replace(img_size=img_size))
-        other.load_state_dict(model.state_dict())
-        entry = _RESIZED[img_size] = (model, other.to(next(model.parameters()).device).eval())
-    return entry[1]
+    with _RESIZING:
+        copies = _RESIZED.setdefault(model, {})
+        if img_size not in copies:
+            other = DeLightSAM(model.config.replace(img_size=img_size))
+            other.load_state_dict(model.state_dict())
+            copies[img_size] = other.to(next(model.parameters()).device).eval()
+        return copies[img_size]

@@ -47,15 +47,18 @@ class Pipeline:
         return foundation_model(model, img_size=self.size).to(next(model.parameters()).device)
 
     def refiner(self, model: DeLightSAM) -> DeLightSAM:
-        """``model``'s second stage, built once per model, input size and adaptation and kept as long as the model
-        is (a hot reload's old model takes its refiner with it). A model's adaptation (``refiner_state``) is
-        replaced, never changed in place, so its identity says whether the kept refiner is still the model's."""
+        """``model``'s second stage, built once per model, input size, adaptation, configuration and device, and kept
+        as long as the model is (a hot reload's old model takes its refiner with it). A model's adaptation
+        (``refiner_state``) and configuration are replaced, never changed in place, so their identities say whether
+        the kept refiner is still the model's."""
+        size, device = self.size, next(model.parameters()).device
         with _BUILDING:
             kept = _REFINERS.get(model)
-            if kept is not None and kept[0] == self.size and kept[1] is model.refiner_state:
-                return kept[2]
+            if kept is not None and kept[:2] == (size, device) and kept[2] is model.refiner_state \
+                    and kept[3] is model.config:
+                return kept[4]
             built = self.build_refiner(model)
-            _REFINERS[model] = (self.size, model.refiner_state, built)
+            _REFINERS[model] = (size, device, model.refiner_state, model.config, built)
             return built
 
     def segment(self, model: DeLightSAM, image, modality: str, **options) -> VolumeResult:
@@ -77,7 +80,8 @@ class Pipeline:
                 f"a slice about every {self.refine_every_mm:g} mm")
 
 
-# model -> (the refiner's input size, the adaptation it was built with, the refiner): ``Pipeline.refiner``'s
+# model -> (the refiner's input size, and the device, adaptation and configuration it was built with; the refiner):
+# ``Pipeline.refiner``'s
 _REFINERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _BUILDING = threading.Lock()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -31,7 +31,7 @@ def image_reader(path) -> str:
 class DicomSeries:
     folder: str
     name: str  # the series identifier as MONAI's ITKReader names it (its ``series_name``)
-    files: list[str]
+    files: list[str] = field(repr=False)  # (hundreds of paths: not in every log line that shows a request)
 
 
 def dicom_series(folder) -> DicomSeries:

@@ -73,6 +73,11 @@ def is_adapted(adaptation, query_group: str) -> bool:
     return f"decoder.query_groups.{query_group}" in adaptation
 
 
+def carries_adaptation(model: DeLightSAM, modality: str) -> bool:
+    """``is_adapted`` for a loaded model's modality."""
+    return is_adapted(model.refiner_state, model.config.modality(modality).query_group)
+
+
 def apply_adapted(refiner: DeLightSAM, state: dict[str, torch.Tensor]) -> None:
     """Loads adapted tensors (``adapted_state``) into a refiner made by ``foundation_model``: each must exist there
     with its shape (a head is created for its group first), so that a checkpoint never half-applies."""

@@ -10,6 +10,7 @@ version other than the pinned one is logged. ``requirements.txt`` pins the versi
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -25,13 +26,14 @@ class Private:
     version: str  # the version this use was written against (and requirements.txt pins)
     what: str  # the private name, as a reader would look it up
     probe: Callable[[], bool]  # whether the installed package still has it
+    required: bool = True  # False: the app runs without it, losing only what it adds (a warning at start)
 
 
 REGISTRY: list[Private] = []
 
 
-def private(package: str, version: str, what: str, probe: Callable[[], bool]) -> None:
-    REGISTRY.append(Private(package, version, what, probe))
+def private(package: str, version: str, what: str, probe: Callable[[], bool], required: bool = True) -> None:
+    REGISTRY.append(Private(package, version, what, probe, required))
 
 
 def _has(owner_path: str, *names: str) -> Callable[[], bool]:
@@ -65,7 +67,8 @@ def installed(package: str) -> str | None:
 
 
 def problems() -> tuple[list[str], list[str]]:
-    """(missing features, version differences) of every registered private use."""
+    """(missing features the app needs, version differences and missing optional features) of every registered
+    private use."""
     missing, differ = [], set()
     for use in REGISTRY:
         version = installed(use.package)
@@ -77,7 +80,11 @@ def problems() -> tuple[list[str], list[str]]:
             ok = False
             logger.debug(f"probe of {use.what} failed: {e}")
         if not ok:
-            missing.append(f"{use.package} {version or '(not installed)'} has no {use.what} (written for {use.version})")
+            found = f"{use.package} {version or '(not installed)'} has no {use.what} (written for {use.version})"
+            if use.required:
+                missing.append(found)
+            else:
+                differ.add(f"{found}: the app runs without what it adds")
     return missing, sorted(differ)
 
 
@@ -85,8 +92,8 @@ def check() -> None:
     """Stops the app at start if a library it reaches into lacks what it uses; logs other versions."""
     missing, differ = problems()
     if differ:
-        logger.warning(f"versions other than those this app was written for: {'; '.join(differ)} "
-                       f"(requirements.txt pins them); every feature it uses was found")
+        logger.warning(f"libraries other than those this app was written for: {'; '.join(differ)} "
+                       f"(requirements.txt pins them)")
     if missing:
         raise RuntimeError("this De-LightSAM app cannot run with the installed libraries: "
                            + "; ".join(missing) + ". Install the versions in requirements.txt.")
@@ -209,12 +216,19 @@ def ohif_scripts() -> list:
     return sorted((Path(monailabel.__file__).parent / "endpoints" / "static" / "ohif").glob("*.bundle.*.js"))
 
 
-def _ohif_has_the_toast() -> bool:
-    return any(OHIF_TOAST in f.read_text(encoding="utf-8", errors="surrogateescape") for f in ohif_scripts())
+@functools.lru_cache(maxsize=1)
+def ohif_panel() -> tuple[str, str] | None:
+    """(file name, text) of the bundled OHIF script that holds the MONAI Label panel's error toast, or None (read
+    once per process: the scripts are megabytes)."""
+    for script in ohif_scripts():
+        text = script.read_text(encoding="utf-8", errors="surrogateescape")
+        if OHIF_TOAST in text:
+            return script.name, text
+    return None
 
 
 private("monailabel", MONAILABEL, f"the bundled OHIF's MONAI Label panel script with {OHIF_TOAST!r} (its error toast, "
-        f"served extended by ohif.py)", _ohif_has_the_toast)
+        f"served extended by ohif.py)", lambda: ohif_panel() is not None, required=False)
 
 
 def infer_tasks(app) -> dict:

@@ -13,7 +13,7 @@ from monailabel.config import settings
 from monailabel.endpoints.user.auth import RBAC
 
 from .compat import OHIF_TOAST as TOAST
-from .compat import ohif_scripts
+from .compat import ohif_panel
 
 logger = logging.getLogger(__name__)
 # the error that monailabel's OHIF client returns holds the response body as an ArrayBuffer
@@ -24,11 +24,8 @@ WITH_DETAIL = ("message: 'Failed to Run Segmentation' + (function (r) { try { va
 
 def patched_panel() -> tuple[str, str] | None:
     """(file name, patched script) of the bundle that holds the toast, or None if this OHIF build has none."""
-    for bundle in ohif_scripts():
-        text = bundle.read_text(encoding="utf-8", errors="surrogateescape")
-        if TOAST in text:
-            return bundle.name, text.replace(TOAST, WITH_DETAIL)
-    return None
+    found = ohif_panel()
+    return (found[0], found[1].replace(TOAST, WITH_DETAIL)) if found else None
 
 
 def serve_error_details(server) -> bool:

@@ -74,9 +74,12 @@ class AppSettings:
 
 
 def _pipeline(conf: dict[str, str]) -> Pipeline:
-    return Pipeline(sorted(_refined_modalities(conf.get("refine", "ct"))), _refine_size(conf.get("refine_size", "96")),
-                    conf.get("prompts", "slice"), max(float(conf.get("refine_every_mm", 10)), 0.0),
-                    max(float(conf.get("first_every_mm", 3)), 0.0))
+    """--conf refine (default: CT), refine_size, prompts, refine_every_mm, first_every_mm; the rest as ``Pipeline``'s
+    defaults (what the model card measured)."""
+    default = Pipeline()
+    return Pipeline(sorted(_refined_modalities(conf.get("refine", "ct"))), _refine_size(conf.get("refine_size", default.size)),
+                    conf.get("prompts", default.prompts), max(float(conf.get("refine_every_mm", default.refine_every_mm)), 0.0),
+                    max(float(conf.get("first_every_mm", default.first_every_mm)), 0.0))
 
 
 def _refined_modalities(value: str) -> frozenset[str]:

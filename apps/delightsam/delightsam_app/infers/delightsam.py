@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,14 +25,16 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from delightsam.geometry import VolumeError, as_volume
 from delightsam.pipeline import PROMPTS
 from delightsam.reading import READ_ERRORS, image_reader, read_error
-from delightsam.refiner_training import is_adapted
+from delightsam.refiner_training import carries_adaptation
 
 from .. import anatomy
 from ..dicom_seg import source_images, write_dicom_seg
 from ..modality import dicom_modality, task_name
 from ..options import InferOptions
-from ..request_image import RequestImage
 from ..served import ServedModel
+
+if TYPE_CHECKING:  # the request's image, resolved by the app (importing it would load the PACS client)
+    from ..request_image import RequestImage
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +76,8 @@ class DeLightSAMInfer(BasicInferTask):
         # task's config, which monailabel merges under it (its choices as lists), cannot fill one in; `refine` and
         # `prompts` left out stay None: the served pipeline decides them (``Pipeline.for_request``)
         values = {k: defaults.get(k) if v is None else v for k, v in options.model_dump().items()}
-        series = {"series_name": image.series.name, "series_files": image.series.files} if image.series else {}
-        return {**values, "image": image.path, **series, "loop_image": image.id, "description": self.description}
+        return {**values, "image": image.path, "series": image.series, "loop_image": image.id,
+                "description": self.description}
 
     def info(self):
         self._refresh()
@@ -88,8 +91,8 @@ class DeLightSAMInfer(BasicInferTask):
     def pre_transforms(self, data=None):
         """The resolved image (``request_image``) read as it is: a DICOM series by its name, a file by its type.
         dtype=None: the file's own type (CT is int16), not a float32 copy of the whole volume."""
-        if (data or {}).get("series_name"):
-            return [LoadImaged(keys="image", reader=ITKReader(series_name=data["series_name"]), dtype=None)]
+        if (data or {}).get("series") is not None:
+            return [LoadImaged(keys="image", reader=ITKReader(series_name=data["series"].name), dtype=None)]
         return [LoadImaged(keys="image", reader=image_reader((data or {}).get("image_path", "")), dtype=None)]
 
     def post_transforms(self, data=None):
@@ -131,10 +134,9 @@ class DeLightSAMInfer(BasicInferTask):
         # the input's grid and affine; a singleton channel axis of a 4-D input is not kept (a 3-D label)
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta={**image.meta, "original_channel_dim": "no_channel"})
         names, refined = result.label_names, pipeline.refines(self.modality)
-        adapted = is_adapted(model.refiner_state, model.config.modality(self.modality).query_group)
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
                           "refined": refined, "prompts": pipeline.prompts if refined else None,
-                          "pipeline": pipeline.describe(self.modality, adapted),
+                          "pipeline": pipeline.describe(self.modality, carries_adaptation(model, self.modality)),
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes}
         if result.doubt:
@@ -162,10 +164,10 @@ class DeLightSAMInfer(BasicInferTask):
         """A DICOM SEG result needs a DICOM series it can reference: refused before the inference, not after."""
         if data.get("result_extension") != ".dcm":
             return
-        if not data.get("series_files"):
+        if data.get("series") is None:
             raise HTTPException(422, "DICOM SEG output (result_extension .dcm) needs a DICOM series as input")
         try:
-            source_images(data["series_files"])
+            source_images(data["series"].files)
         except ValueError as e:
             raise HTTPException(422, f"cannot write a DICOM SEG for "
                                      f"{Path(str(data.get('image_path'))).name!r}: {e}") from e
@@ -178,7 +180,7 @@ class DeLightSAMInfer(BasicInferTask):
             if not present:
                 raise HTTPException(422, "nothing was segmented, and a DICOM SEG cannot be empty")
             try:
-                seg = write_dicom_seg(data["series_files"], as_volume(data["pred"]).numpy(), data["pred"].affine,
+                seg = write_dicom_seg(data["series"].files, as_volume(data["pred"]).numpy(), data["pred"].affine,
                                       present, data["result"]["model_version"])
             except ValueError as e:
                 raise HTTPException(422, f"cannot write a DICOM SEG for {source.name!r}: {e}") from e

@@ -131,7 +131,8 @@ class DeLightSAMTrain(TrainTask):
                      data_report=report)
 
 
-def pacs_items(datastore, structures_of: Callable[[str], dict[str, int]], out_dir: str) -> tuple[list[TrainItem], dict]:
+def pacs_items(datastore, structures_of: Callable[[str], dict[str, int]],
+               out_dir: str) -> tuple[list[TrainItem], dict]:
     """The training items of every image series with a SEG in the PACS, and a report of those that cannot train and of segments that are no structure of the model. The
     SEGs are downloaded (monailabel's datalist) and turned into label maps in the model's ids by segment name and
     code."""
