@@ -120,12 +120,13 @@ def test_structure_regions_keep_each_structures_largest_26_connected_component()
     labels[9:14, 9:13, 5] = 1  # 20 voxels apart: the largest only if corners did not connect
     labels[0:2, 14:16, 7] = 2  # 4 voxels: a speck
     regions = structure_regions(labels, structures)
-    assert int(regions[0].sum()) == 22 and regions[0][4, 4, 3] and not regions[0][10, 10, 5]
+    assert int(regions[0].sum()) == 22 and regions[0].full()[4, 4, 3] and not regions[0].full()[10, 10, 5]
+    assert regions[0].mask.shape == (5, 5, 3)  # kept within its own box, not the scan's
     assert regions[1] is None and regions[2] is None
     rng = np.random.default_rng(0)
     blobs = torch.from_numpy((rng.random((40, 40, 12)) < 0.08).astype(np.uint8))  # many small components
     expected = KeepLargestConnectedComponent(applied_labels=[1])(blobs[None])[0].bool().numpy()
-    assert np.array_equal(structure_regions(blobs, structures[:1])[0], expected) and 20 < expected.sum() < 1000
+    assert np.array_equal(structure_regions(blobs, structures[:1])[0].full(), expected) and 20 < expected.sum() < 1000
 
 
 @pytest.mark.slow

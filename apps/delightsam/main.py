@@ -24,10 +24,11 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.utils.async_tasks.utils import processes, tasks
 
 import delightsam
+from delightsam import headers
 from delightsam_app import compat, edge, guard, labels, ohif, options, pacs, request_image
 from delightsam_app.activelearning.strategies import Last, Random, Uncertain
 from delightsam_app.datastore import AtomicLocalDatastore
-from delightsam_app.gate import WorkGate
+from delightsam_app.gate import MemoryBudget, OverBudget, WorkGate
 from delightsam_app.infers.batch import CPUBatchInfer
 from delightsam_app.infers.delightsam import DeLightSAMInfer, UnavailableInfer
 from delightsam_app.modality import PREFIX, dicom_modalities, image_modality, task_modality, task_name
@@ -45,11 +46,14 @@ class DeLightSAMApp(MONAILabelApp):
         compat.check()  # a library without what the app reaches into stops it here, by name
         self.requested = [m.strip() for m in conf.get("models", PREFIX).split(",") if m.strip()]
         self.settings = AppSettings.from_conf(conf, app_dir)
+        headers.use_limits(self.settings.limits)  # every reader of this process (labels, training, scoring)
         self.model_dir = str(self.settings.model_dir)
         os.makedirs(self.model_dir, exist_ok=True)
         self.served = ServedModel(self.settings, self.model_dir)
         # the CPU work of every process of this app: the server's inferences, batch and scoring processes'
         self.gate = WorkGate(self.settings.model_dir / "gate", self.settings.infer_workers)
+        # and their memory: each holds its estimate (by the volume's header) within --conf memory_budget_mb
+        self.memory = MemoryBudget(self.settings.model_dir / "gate", self.settings.memory_budget_mb)
         self._scorer = ThreadPoolExecutor(1, thread_name_prefix="agreement")  # saved labels, one at a time
         logger.info(f"De-LightSAM app: checkpoint {self.settings.checkpoint}, {self.settings}")
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="De-LightSAM",
@@ -91,7 +95,9 @@ class DeLightSAMApp(MONAILabelApp):
         info = super().info()
         gate = getattr(server.state, "delightsam_admission", None)
         if gate is not None:
-            info["inference"] = {"running_or_queued": gate.in_flight, "workers": gate.workers, "queue": gate.queue}
+            info["inference"] = {"running_or_queued": gate.in_flight, "workers": gate.workers, "queue": gate.queue,
+                                 "memory_budget_mb": self.memory.budget_mb, "memory_held_mb": round(self.memory.held_mb()),
+                                 "waiting_for_memory": self.memory.waiting}
         return info
 
     def init_datastore(self):
@@ -221,9 +227,16 @@ class DeLightSAMApp(MONAILabelApp):
         sessions = self.sessions()
         image = request_image.resolve(parsed.image, parsed.session is not None, store,
                                       sessions.store_path if sessions else None, self.settings.allow_server_paths,
-                                      lambda: dicom_modalities(self.served))
-        with self.gate():  # one of infer_workers slots, shared with the batch and scoring processes
-            label_file, result = task(task.request(parsed, image))
+                                      lambda: dicom_modalities(self.served), self.settings.limits)
+        request = task.request(parsed, image)
+        try:
+            self.memory.check(request["memory_mb"])
+        except OverBudget as e:
+            raise HTTPException(503, f"{image.header.name!r} {e}") from e
+        # its memory estimate within the budget (waiting while others hold it), then one of infer_workers slots;
+        # both shared with the batch and scoring processes
+        with self.memory(request["memory_mb"]), self.gate():
+            label_file, result = task(request)
         label_id = None
         if getattr(parsed, "save_label", False) and image.id and label_file:
             label_id = store.save_label(image.id, label_file, parsed.label_tag, {"model": parsed.model, "params": result})

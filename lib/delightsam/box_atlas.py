@@ -38,8 +38,9 @@ def mask_extent(mask: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def box_of(mask, spacing) -> Box | None:
-    """A mask's 3-D box in mm (a voxel spans [index, index + 1) times the spacing); None if the mask is empty."""
-    extent = mask_extent(np.asarray(mask))
+    """A mask's (or a ``label_maps.Region``'s) 3-D box in mm (a voxel spans [index, index + 1) times the spacing);
+    None if the mask is empty."""
+    extent = mask.extent if hasattr(mask, "extent") else mask_extent(np.asarray(mask))  # a label_maps.Region knows
     if extent is None:
         return None
     step = np.asarray(spacing, dtype=np.float64)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import Modality
-from .geometry import (VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
+from .geometry import (GreyVolume, VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
                        probabilities_on_slice)
 from .keyframes import interpolated, keyframes, refine_stride
 from .label_maps import clean_up, combine, part_indices
@@ -81,7 +81,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                  affine=None, refine=None, doubt: bool = False, every_mm: float | None = None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
-    ``refine(grey, coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
+    ``refine(grey (a ``GreyVolume``), coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
     network sees one slice in about that many millimetres (and the last), those between take interpolated
     probabilities (see ``segment_volume``)."""
     if spacing is not None and len(spacing) != 3:
@@ -110,7 +110,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     for z, probabilities in interpolated(decoded(), set(range(depth))):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
-        labels, refined = refine(levels(oriented.data), labels, oriented)
+        labels, refined = refine(GreyVolume(oriented.data, levels), labels, oriented)
         notes.append(refined)
     if cleanup:
         labels = clean_up(labels, spec.structures)

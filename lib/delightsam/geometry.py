@@ -178,6 +178,26 @@ def grey_levels(volume: torch.Tensor, intensity: dict | None) -> GreyLevels:
     return GreyLevels(float(low), 255.0 / max(high - low, 1e-6), fill, bad)
 
 
+@dataclass(frozen=True)
+class GreyVolume:
+    """An oriented volume's grey levels, made part by part as they are read: the second stage crops the slices
+    and reads them a batch at a time, so no float copy of the whole volume (4 bytes a voxel) is ever made."""
+
+    data: torch.Tensor  # [rows, columns, slices], any dtype, any strides
+    levels: GreyLevels
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def crop(self, rows: slice, columns: slice) -> "GreyVolume":
+        return GreyVolume(self.data[rows, columns], self.levels)
+
+    def slices(self, zs) -> torch.Tensor:
+        """Grey levels (float, 0..255) of the slices ``zs``: [rows, columns, len(zs)]."""
+        return self.levels(self.data[..., zs])
+
+
 def to_grey_levels(volume: torch.Tensor, intensity: dict | None) -> torch.Tensor:
     """Volume intensities -> float 0..255 as the model expects of each channel."""
     return grey_levels(volume, intensity)(volume)

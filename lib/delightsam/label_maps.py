@@ -3,6 +3,8 @@ a map's values brought to label ids, and the 3-D clean-up (largest component, ho
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from monai.transforms import FillHoles, MapLabelValue
@@ -67,33 +69,69 @@ def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
     return out
 
 
-def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[np.ndarray | None]:
-    """Per structure, the mask ([rows, columns, slices], numpy) of its largest 3-D connected component in a label
-    map; None where the structure is absent (or only specks of fewer than ``min_voxels``)."""
+@dataclass(frozen=True)
+class Region:
+    """A structure's largest connected component, kept within its own bounding box: a mask of the whole scan per
+    structure would cost a byte a voxel each (5 bytes a voxel for the CT organs)."""
+
+    mask: np.ndarray  # bool, the component within ``extent``
+    extent: tuple[slice, slice, slice]  # where it lies in the label map
+    shape: tuple[int, ...]  # the label map's
+
+    def full(self) -> np.ndarray:
+        out = np.zeros(self.shape, dtype=bool)
+        out[self.extent] = self.mask
+        return out
+
+    def sum(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    def profiles(self) -> tuple[np.ndarray, np.ndarray]:
+        """([slices, rows], [slices, columns]): whether the region has a voxel in each row, and each column, of each
+        slice of a [rows, columns, slices] map."""
+        rows = np.zeros((self.shape[2], self.shape[0]), dtype=bool)
+        columns = np.zeros((self.shape[2], self.shape[1]), dtype=bool)
+        r, c, z = self.extent
+        rows[z, r], columns[z, c] = self.mask.any(1).T, self.mask.any(0).T
+        return rows, columns
+
+
+def structure_regions(labels: torch.Tensor, structures: list[Structure], min_voxels: int = 20) -> list[Region | None]:
+    """Per structure, the ``Region`` of its largest 3-D connected component in a label map; None where the structure
+    is absent (or only specks of fewer than ``min_voxels``)."""
     volume = np.asarray(labels)
     regions = []
     for s in structures:
         mask = structure_mask(volume, s)
-        region = largest_component(mask) if np.count_nonzero(mask) >= min_voxels else None
-        regions.append(region if region is not None and np.count_nonzero(region) >= min_voxels else None)
+        region = largest_region(mask) if np.count_nonzero(mask) >= min_voxels else None
+        del mask
+        regions.append(region if region is not None and region.sum() >= min_voxels else None)
     return regions
 
 
 FULL_CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26 neighbours, as MONAI's KeepLargestConnectedComponent
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """A mask's largest 26-connected component. Labelled within the mask's extent only: labelling a whole
-    512x512x100 volume per structure took seconds of the second stage."""
-    out = np.zeros(mask.shape, dtype=bool)
+def largest_region(mask: np.ndarray) -> Region | None:
+    """A mask's largest 26-connected component (None: an empty mask). Labelled within the mask's extent only:
+    labelling a whole 512x512x100 volume per structure took seconds of the second stage."""
     extent = mask_extent(mask)
     if extent is None:
-        return out
+        return None
     components, _ = ndimage.label(mask[extent], structure=FULL_CONNECTIVITY)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
-    out[extent] = components == int(sizes.argmax())
-    return out
+    largest = components == int(sizes.argmax())
+    del components
+    tight = mask_extent(largest)
+    return Region(largest[tight], tuple(slice(e.start + t.start, e.start + t.stop) for e, t in zip(extent, tight)),
+                  tuple(mask.shape))
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """A mask's largest 26-connected component, as a mask of the same shape."""
+    region = largest_region(mask)
+    return region.full() if region is not None else np.zeros(mask.shape, dtype=bool)
 
 
 def relabel(label: torch.Tensor, values: dict[int, int]) -> torch.Tensor:

@@ -22,6 +22,10 @@ from .model import DeLightSAM
 from .refinement import refine
 
 PROMPTS = ("3d", "slice")
+# ``Pipeline.memory_mb``: MB an inference adds whatever its size, and bytes per voxel beside the volume as read and
+# its oriented copy (label maps, the result written). Measured through /infer (scripts/benchmark_memory.py, 512x512
+# CT of 100 and 300 slices, two stages): 6.2 bytes a voxel above about 340 MB; these carry a margin.
+MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 3.0, 4.0
 
 
 @dataclass
@@ -68,6 +72,14 @@ class Pipeline:
         return segment_volume(model, image, modality, refiner=self.refiner(model) if two else None,
                               prompts=self.prompts, refine_every_mm=self.refine_every_mm,
                               every_mm=self.first_every_mm if two else None, **options)
+
+    def memory_mb(self, modality: str, voxels: int, itemsize: int) -> float:
+        """The peak memory that one inference of a volume of ``voxels`` stored ``itemsize`` bytes a voxel adds to a
+        resting server: a fixed part (the refiner's copies, activations) and bytes per voxel (the volume as read,
+        its oriented copy, the label maps and the written result), measured through ``/infer`` by
+        scripts/benchmark_memory.py, with a margin."""
+        per_voxel = itemsize * 2 + (MEMORY_TWO_STAGE if self.refines(modality) else MEMORY_ONE_STAGE)
+        return MEMORY_FIXED_MB + per_voxel * voxels / 2 ** 20
 
     def describe(self, modality: str, adapted: bool) -> str:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the

@@ -13,18 +13,18 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk
 import torch
 from monai.data import ITKReader
 from monai.transforms import LoadImage
 
 from .geometry import spacing_of
+from .headers import Limits, check_series, check_volume, is_nifti
 
 
 def image_reader(path) -> str:
     """nibabel for NIfTI (ITK's NIfTI reader turns NaN into 0, hiding corrupt volumes), ITK for the rest
     (NRRD, DICOM series folders)."""
-    return "NibabelReader" if str(path).endswith((".nii", ".nii.gz")) else "ITKReader"
+    return "NibabelReader" if is_nifti(path) else "ITKReader"
 
 
 @dataclass
@@ -78,13 +78,16 @@ def read_error(error: BaseException) -> str:
     return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
 
 
-def read_volume(path, dtype=np.float32):
+def read_volume(path, dtype=np.float32, limits: Limits | None = None):
     """A volume as MONAI reads it for the app: MetaTensor [X, Y, Z] with its (RAS) affine. A folder is read as
-    the largest DICOM series in it or below it. ``dtype``: None keeps the file's own type."""
+    the largest DICOM series in it or below it. ``dtype``: None keeps the file's own type. Its header is read and
+    checked first (``headers``: within ``limits``, None: the process's; as long as it says; of possible geometry)."""
     if Path(path).is_dir():
         series = dicom_series(path)
+        check_series(series.files, Path(path).name, limits)
         image = LoadImage(image_only=True, reader=ITKReader(series_name=series.name), dtype=dtype)(series.folder)
     else:
+        check_volume(path, limits)
         image = LoadImage(image_only=True, reader=image_reader(path), dtype=dtype)(str(path))
     if image.dim() == 4 and 1 in (image.shape[0], image.shape[-1]):  # one 3-D volume in a 4-D file
         image = image[0] if image.shape[0] == 1 else image[..., 0]
@@ -100,25 +103,19 @@ class Grid:
 
 
 def read_grid(path) -> Grid:
-    """A volume file's grid from its header alone (nibabel for NIfTI, ITK for the rest, with MONAI's LPS-to-RAS
+    """A volume file's grid from its header alone (``headers``: checked; for ITK's files with MONAI's LPS-to-RAS
     affine), without reading its voxels; a DICOM series folder is read whole."""
     if Path(path).is_dir():
         image = read_volume(path, dtype=None)
         return Grid(tuple(image.shape), np.asarray(image.affine, dtype=np.float64))
-    if image_reader(path) == "NibabelReader":  # its affine is the 3 spatial axes' whatever the file's dimensions
-        header = nib.load(str(path))
-        shape, affine = tuple(int(n) for n in header.shape), np.asarray(header.affine, dtype=np.float64)
-        return Grid(shape[:3] if len(shape) == 4 and shape[-1] == 1 else shape, affine)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    shape, dims = tuple(int(n) for n in reader.GetSize()), reader.GetDimension()
-    lps = np.eye(dims + 1)
-    lps[:dims, :dims] = np.reshape(reader.GetDirection(), (dims, dims)) @ np.diag(reader.GetSpacing())
-    lps[:dims, dims] = reader.GetOrigin()
-    affine = np.diag([-1.0, -1.0] + [1.0] * (dims - 1)) @ lps
+    header = check_volume(path, three_d=False)
+    shape, affine, dims = header.shape, header.affine, len(header.affine) - 1
+    if not is_nifti(path):  # nibabel's affine is RAS already; ITK's is LPS
+        affine = np.diag([-1.0, -1.0] + [1.0] * (dims - 1)) @ affine
     if len(shape) == 4 and shape[-1] == 1:  # one 3-D volume in a 4-D file, as read_volume takes it
-        shape, affine = shape[:3], np.delete(np.delete(affine, 3, axis=0), 3, axis=1)
+        shape = shape[:3]
+        if dims == 4:
+            affine = np.delete(np.delete(affine, 3, axis=0), 3, axis=1)
     return Grid(shape, affine)
 
 

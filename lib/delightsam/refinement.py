@@ -14,9 +14,9 @@ import torch
 
 from .box_atlas import box_of, context_boxes
 from .config import Modality
-from .geometry import Oriented, fit_to_square, model_input, probabilities_on_slice
+from .geometry import GreyVolume, Oriented, fit_to_square, model_input, probabilities_on_slice
 from .keyframes import interpolated, keyframes
-from .label_maps import combine, part_indices, structure_regions
+from .label_maps import Region, combine, part_indices, structure_regions
 from .model import DeLightSAM, resized
 from .normalization import get_normalization
 from .sp_generator import boxes_from_profiles
@@ -24,14 +24,18 @@ from .sp_generator import boxes_from_profiles
 
 def slice_boxes(regions: list, prompts: str, depth: int) -> torch.Tensor:
     """[slices, S, 4] boxes (x0, y0, x1, y1 = column, row, column, row on the slice; NaN: none) from the
-    structures' regions ([rows, columns, slices] masks): one 3-D box over each region's extent and one slice beyond
+    structures' regions (``label_maps.Region``s, or [rows, columns, slices] masks): one 3-D box over each region's extent and one slice beyond
     it, or each slice's own box."""
     boxes = torch.full((depth, len(regions), 4), float("nan"))
     for k, region in enumerate(regions):
         if region is None:
             continue
-        region = np.asarray(region)  # numpy from structure_regions; a tensor from a caller of its own
-        per_slice = boxes_from_profiles(torch.from_numpy(region.any(1).T), torch.from_numpy(region.any(0).T))
+        if isinstance(region, Region):  # from structure_regions
+            rows, columns = region.profiles()
+        else:  # a mask of a caller's own
+            region = np.asarray(region)
+            rows, columns = region.any(1).T, region.any(0).T
+        per_slice = boxes_from_profiles(torch.from_numpy(np.ascontiguousarray(rows)), torch.from_numpy(np.ascontiguousarray(columns)))
         if prompts == "slice":
             boxes[:, k] = per_slice
             continue
@@ -75,7 +79,7 @@ def context_prompts(boxes: torch.Tensor, regions: list, spec: Modality, oriented
 CONTEXT_SIZE, CONTEXT_KEYFRAMES = 160, 6
 
 
-def refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torch.Tensor, prompts: str,
+def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.Tensor, prompts: str,
            batch_size: int, threshold: float, stride: int, oriented: Oriented) -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
@@ -100,7 +104,7 @@ def refine(refiner: DeLightSAM, spec: Modality, grey: torch.Tensor, coarse: torc
     c0, r0 = (int(v) for v in (torch.stack([found[:, 0].min(), found[:, 1].min()]) - margin).floor().clamp(min=0))
     c1 = int(min(float(found[:, 2].max() + margin[0]), columns - 1))
     r1 = int(min(float(found[:, 3].max() + margin[1]), rows - 1))
-    part = grey[r0: r1 + 1, c0: c1 + 1]
+    part = grey.crop(slice(r0, r1 + 1), slice(c0, c1 + 1))
     scale = refiner.config.img_size / max(rows, columns)  # as if the whole slice were fitted
     size = min(refiner.config.img_size, max(64, 32 * int(np.ceil(max(part.shape[:2]) * scale / 32))))
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
@@ -129,7 +133,7 @@ def _boxed_slices(boxes: torch.Tensor) -> list[int]:
     return torch.isfinite(boxes).all(-1).any(-1).nonzero()[:, 0].tolist()
 
 
-def _decode(model: DeLightSAM, modality: str, grey: torch.Tensor, boxes: torch.Tensor, todo: list[int], stride: int,
+def _decode(model: DeLightSAM, modality: str, grey: GreyVolume, boxes: torch.Tensor, todo: list[int], stride: int,
             batch_size: int, draw) -> list[int]:
     """Decodes the keyframes of ``todo`` (``keyframes``) of ``grey`` [rows, columns, slices], each fitted to the
     model's input, with ``boxes`` [slices, S, 4] in grey's pixels, and calls ``draw(z, probabilities [S, rows,
@@ -143,7 +147,7 @@ def _decode(model: DeLightSAM, modality: str, grey: torch.Tensor, boxes: torch.T
     def decoded():
         for start in range(0, len(keys), batch_size):
             zs = keys[start: start + batch_size]
-            fitted_grey, fitted = fit_to_square(grey[..., zs].permute(2, 0, 1)[:, None].float(), size)
+            fitted_grey, fitted = fit_to_square(grey.slices(zs).permute(2, 0, 1)[:, None], size)
             inputs = model_input(fitted_grey, fitted, normalise).to(device)
             logits = model(inputs, modality, (boxes[zs] * scale).to(device)).low_res_logits
             logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
@@ -154,7 +158,7 @@ def _decode(model: DeLightSAM, modality: str, grey: torch.Tensor, boxes: torch.T
     return keys
 
 
-def _context_pass(model: DeLightSAM, spec: Modality, grey: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor,
+def _context_pass(model: DeLightSAM, spec: Modality, grey: GreyVolume, labels: torch.Tensor, boxes: torch.Tensor,
                   boxed: list[int], stride: int, batch_size: int, threshold: float) -> str:
     """Decodes the structures ``boxed`` by the atlas (``boxes`` [slices, S, 4] has only theirs) on whole slices (see
     CONTEXT_SIZE) and draws them in ``labels`` where no other structure is; returns a note."""

@@ -171,6 +171,8 @@ def as_client_error(path: str, error: Exception) -> HTTPException | None:
         return HTTPException(404, str(error.msg))  # no such task (strategy, scoring method, trainer)
     if isinstance(error, MONAILabelException) and error.error == MONAILabelError.INVALID_INPUT:
         return HTTPException(422, str(error.msg))  # monailabel's own check of a request (no model named, say)
+    if guard.is_out_of_memory(error):  # where the infer task's own message (with the estimate) did not apply
+        return guard.out_of_memory("this request")
     if path.startswith("/datastore/dataset") and isinstance(error, AssertionError):
         return HTTPException(404, f"no dataset archive: {error}")
     return None

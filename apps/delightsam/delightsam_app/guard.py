@@ -67,6 +67,33 @@ def no_image() -> HTTPException:
     return HTTPException(422, "name an image (image=ID), upload one (file) or give a session_id")
 
 
+def unreadable(name: str, error: BaseException) -> HTTPException:
+    """A file that no reader can read as a volume (``delightsam.reading.READ_ERRORS``)."""
+    from delightsam.reading import read_error
+
+    return HTTPException(422, f"cannot read {name!r} as a medical image volume (NIfTI, NRRD or a DICOM series): "
+                              f"{read_error(error)}")
+
+
+# how running out of memory shows: Python's MemoryError; torch's CPU allocator and CUDA (RuntimeError subclasses),
+# ITK's allocation failures (wrapped by MONAI's LoadImage in the RuntimeError of a reader that failed)
+OUT_OF_MEMORY_WORDS = ("can't allocate memory", "bad_alloc", "failed to allocate", "out of memory", "memoryerror")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(w in str(error).lower() for w in OUT_OF_MEMORY_WORDS))
+
+
+def out_of_memory(what: str, estimate_mb: float | None = None, budget_mb: float | None = None) -> HTTPException:
+    """A request within the limits that did not fit in memory: the operator's problem (503), with the estimate the
+    app admitted it by and the budget, where they are known."""
+    known = (f" (estimated {estimate_mb:,.0f} MB, within the inference memory budget of {budget_mb:,.0f} MB)"
+             if estimate_mb and budget_mb else "")
+    return HTTPException(503, f"{what} did not fit in this server's memory{known}: retry when fewer inferences run, "
+                              f"or set --conf memory_budget_mb to what the machine can hold")
+
+
 @dataclass(frozen=True)
 class UploadLimits:
     max_file_bytes: int

@@ -23,7 +23,8 @@ from fastapi import HTTPException
 from monai.transforms import LoadImage
 
 from delightsam.label_maps import relabel
-from delightsam.reading import READ_ERRORS, read_error, read_grid, read_label
+from delightsam.headers import HeaderError
+from delightsam.reading import READ_ERRORS, read_error, read_grid, read_label, read_volume
 
 from . import anatomy
 from .dicom_seg import segment_info
@@ -119,6 +120,10 @@ def check_saved_label(label_path: str, image_path: str, params: dict | None,
     try:
         grid = read_grid(image_path)
         label = read_label(label_path, grid, dtype=None)
+    except HeaderError as e:
+        if e.kind == "size":
+            raise HTTPException(413, f"the saved label is refused: {e}") from e
+        raise refused(f"cannot read it on its image's grid: {read_error(e)}") from e
     except READ_ERRORS as e:
         raise refused(f"cannot read it on its image's grid: {read_error(e)}") from e
     present = set(label_values(label)) - {0}
@@ -145,6 +150,11 @@ def check_saved_label(label_path: str, image_path: str, params: dict | None,
         notes.append("the image's modality is not known yet, so its segments are matched to structures when it trains "
                      "(run auto-segmentation on the image, or set its modality, to have them checked now)")
     return {**stored, "values": sorted(present), "notes": notes}, notes
+
+
+def values_in(label_path) -> set[int]:
+    """The values a stored label file holds (read header first: ``delightsam.headers``; READ_ERRORS if it cannot be)."""
+    return set(np.unique(np.asarray(read_volume(label_path, dtype=None))).astype(int).tolist())
 
 
 # ---- a label to be stored as a DICOM SEG ------------------------------------------------------------------

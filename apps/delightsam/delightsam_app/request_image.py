@@ -14,7 +14,8 @@ from typing import Callable
 from fastapi import HTTPException
 from monailabel.datastore.dicom import DICOMWebDatastore
 
-from delightsam.reading import DicomSeries, dicom_series
+from delightsam.headers import Header, HeaderError, Limits, check_series, check_volume
+from delightsam.reading import READ_ERRORS, DicomSeries, dicom_series
 
 from . import guard, pacs
 
@@ -24,12 +25,33 @@ class RequestImage:
     id: str | None  # the datastore id, whose label and uncertainty join the loop's record (None: an upload, a session)
     path: str  # what the reader opens: a volume file, or the folder of a DICOM series
     series: DicomSeries | None = None  # the DICOM series of a folder (its files: what a DICOM SEG references)
+    header: Header | None = None  # read and checked before any voxel is (``delightsam.headers``)
 
 
 def resolve(image: str | None, in_session: bool, store, session_store: str | None, allow_server_paths: bool,
-            pacs_modalities: Callable[[], list[str]]) -> RequestImage:
-    """``image`` as monailabel left it in the merged request (``in_session``: monailabel put a session's image there);
-    raises an HTTPException that says what is wrong."""
+            pacs_modalities: Callable[[], list[str]], limits: Limits | None = None) -> RequestImage:
+    """``image`` as monailabel left it in the merged request (``in_session``: monailabel put a session's image there),
+    its header read and checked against ``limits``; raises an HTTPException that says what is wrong."""
+    found = _resolve(image, in_session, store, session_store, allow_server_paths, pacs_modalities)
+    return RequestImage(found.id, found.path, found.series, checked_header(found, limits))
+
+
+def checked_header(image: RequestImage, limits: Limits | None) -> Header:
+    """The image's header, refused with 413 beyond the server's limits and 422 where the file itself is wrong
+    (shorter than it says, impossible geometry, not 3-D, unreadable), before a voxel is read."""
+    name = Path(image.series.folder if image.series else image.path).name
+    try:
+        if image.series is not None:
+            return check_series(image.series.files, name, limits)
+        return check_volume(image.path, limits)
+    except HeaderError as e:
+        raise HTTPException(413 if e.kind == "size" else 422, f"refused {name!r} by its header: {e}") from e
+    except READ_ERRORS as e:
+        raise guard.unreadable(name, e) from e
+
+
+def _resolve(image: str | None, in_session: bool, store, session_store: str | None, allow_server_paths: bool,
+             pacs_modalities: Callable[[], list[str]]) -> RequestImage:
     if in_session:
         return _with_series(None, _within(image, session_store, "session"))
     if not image:

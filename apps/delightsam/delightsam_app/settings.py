@@ -7,6 +7,7 @@ from pathlib import Path
 
 from monailabel.utils.others.generic import strtobool
 
+from delightsam.headers import MB, Limits
 from delightsam.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[3]
@@ -46,6 +47,15 @@ class AppSettings:
     infer_workers: int = 1  # inferences that run at once (each uses `threads` cores)
     infer_queue: int = 8  # inferences that may wait for a worker; beyond that: 503 with Retry-After
     handout_minutes: float = 30.0  # Next Sample (uncertain) skips images handed to another user this recently
+    # volumes that lie (``delightsam.headers``): a volume is refused by its header beyond these (a 512 x 512 x 2,000
+    # whole-body CT passes), and inferences hold their memory estimate within a budget shared by the app's processes
+    max_megavoxels: float = 600.0  # voxels of one volume, in millions
+    max_volume_mb: float = 4096.0  # bytes of one volume's voxels as its header declares them
+    memory_budget_mb: float = 8192.0  # inference memory held at once (``gate.MemoryBudget``); beyond it, a wait
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(int(self.max_megavoxels * 1e6), int(self.max_volume_mb * MB))
 
     @classmethod
     def from_conf(cls, conf: dict[str, str], app_dir: str | Path) -> "AppSettings":
@@ -70,6 +80,9 @@ class AppSettings:
             infer_workers=max(int(conf.get("infer_workers", 1)), 1),
             infer_queue=max(int(conf.get("infer_queue", 8)), 0),
             handout_minutes=float(conf.get("handout_minutes", 30)),
+            max_megavoxels=_positive(conf, "max_megavoxels", 600),
+            max_volume_mb=_positive(conf, "max_volume_mb", 4096),
+            memory_budget_mb=_positive(conf, "memory_budget_mb", 8192),
         )
 
 
@@ -80,6 +93,13 @@ def _pipeline(conf: dict[str, str]) -> Pipeline:
     return Pipeline(sorted(_refined_modalities(conf.get("refine", "ct"))), _refine_size(conf.get("refine_size", default.size)),
                     conf.get("prompts", default.prompts), max(float(conf.get("refine_every_mm", default.refine_every_mm)), 0.0),
                     max(float(conf.get("first_every_mm", default.first_every_mm)), 0.0))
+
+
+def _positive(conf: dict[str, str], key: str, default: float) -> float:
+    value = float(conf.get(key, default))
+    if not 0 < value < float("inf"):
+        raise ValueError(f"--conf {key} must be a positive, finite number, got {conf.get(key)!r}")
+    return value
 
 
 def _refined_modalities(value: str) -> frozenset[str]:

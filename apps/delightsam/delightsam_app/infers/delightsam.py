@@ -24,10 +24,11 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 
 from delightsam.geometry import VolumeError, as_volume
 from delightsam.pipeline import PROMPTS
-from delightsam.reading import READ_ERRORS, image_reader, read_error
+from delightsam.headers import HeaderError, check_geometry
+from delightsam.reading import READ_ERRORS, image_reader
 from delightsam.refiner_training import carries_adaptation
 
-from .. import anatomy
+from .. import anatomy, guard
 from ..dicom_seg import source_images, write_dicom_seg
 from ..modality import dicom_modality, task_name
 from ..options import InferOptions
@@ -77,7 +78,18 @@ class DeLightSAMInfer(BasicInferTask):
         # `prompts` left out stay None: the served pipeline decides them (``Pipeline.for_request``)
         values = {k: defaults.get(k) if v is None else v for k, v in options.model_dump().items()}
         return {**values, "image": image.path, "series": image.series, "loop_image": image.id,
-                "description": self.description}
+                "description": self.description, "memory_mb": self.memory_mb(image, options.refine)}
+
+    def memory_mb(self, image: RequestImage, refine: bool | None = None) -> float:
+        """The peak memory one inference of ``image`` adds (``Pipeline.memory_mb`` of the request's pipeline), by its
+        header (the bytes a voxel takes as read: scaled voxels are read as float64)."""
+        if image.header is None:
+            raise ValueError(f"the image {image.path!r} was not resolved with its header (request_image.resolve)")
+        pipeline = self.served.pipeline.for_request(self.modality, refine)
+        return pipeline.memory_mb(self.modality, image.header.voxels, image.header.bytes_per_voxel_read)
+
+    def _out_of_memory(self, name: str, data: dict) -> HTTPException:
+        return guard.out_of_memory(repr(name), data.get("memory_mb"), self.served.settings.memory_budget_mb)
 
     def info(self):
         self._refresh()
@@ -101,10 +113,16 @@ class DeLightSAMInfer(BasicInferTask):
     def run_pre_transforms(self, data, transforms):
         name = Path(str(data.get("image_path", "?"))).name
         try:
-            return super().run_pre_transforms(data, transforms)
-        except READ_ERRORS as e:  # what readers raise for a file they cannot read; anything else is the server's
-            raise HTTPException(422, f"cannot read {name!r} as a medical image volume (NIfTI, NRRD or a DICOM "
-                                     f"series): {read_error(e)}") from e
+            data = super().run_pre_transforms(data, transforms)
+        except (MemoryError, *READ_ERRORS) as e:  # what readers raise for a file they cannot read, or memory
+            if guard.is_out_of_memory(e):  # the header was checked: a volume within the limits that did not fit
+                raise self._out_of_memory(name, data) from e
+            raise guard.unreadable(name, e) from e
+        try:  # the geometry as read (ITK derives a DICOM series' from its slices' positions)
+            check_geometry(np.asarray(data["image"].affine)[:3, :3], name)
+        except HeaderError as e:
+            raise HTTPException(422, f"cannot segment {name!r}: {e}") from e
+        return data
 
     def run_inferer(self, data, convert_to_batch=True, device="cuda"):
         model = self.served.network(device, data.get("model_filename"))
@@ -126,6 +144,10 @@ class DeLightSAMInfer(BasicInferTask):
                                       doubt=bool(loop_image))
         except VolumeError as e:
             raise HTTPException(422, f"cannot segment {Path(str(data.get('image_path'))).name!r}: {e}") from e
+        except (MemoryError, RuntimeError) as e:
+            if guard.is_out_of_memory(e):
+                raise self._out_of_memory(Path(str(data.get("image_path"))).name, data) from e
+            raise
         if loop_image:
             self.served.ledger.record_prediction(
                 loop_image, model.config.version or "unversioned", self.modality,

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-from monai.transforms import LoadImage
+from delightsam.reading import READ_ERRORS, read_error
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 
-from ..labels import map_label
+from ..labels import map_label, values_in
 from ..modality import image_modality
 from ..served import ServedModel
 
@@ -29,7 +28,11 @@ def agree_with_final(datastore: Datastore, served: ServedModel, image_id: str) -
     if modality is None:
         logger.warning(f"not scoring the saved label of {image_id}: {why}")
         return None
-    present = set(np.unique(np.asarray(LoadImage(image_only=True)(label))).astype(int).tolist())
+    try:
+        present = values_in(label)
+    except READ_ERRORS as e:
+        logger.warning(f"not scoring the saved label of {image_id}: {read_error(e)}")
+        return None
     mapping = map_label(datastore.get_label_info(image_id, DefaultLabelTag.FINAL), present,
                         served.structures_of(modality))
     if mapping.problem:

@@ -24,20 +24,19 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from monai.transforms import LoadImage
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from delightsam import load_model
 from delightsam.training import TrainConfig, train
+from delightsam.reading import READ_ERRORS, read_error
 from delightsam.training_data import TrainItem
 from delightsam.versions import publish_version, update_split
 
 from .. import compat
 from ..dicom_seg import read_seg_label
-from ..labels import map_label
+from ..labels import map_label, values_in
 from ..modality import image_modality
 from ..options import TrainOptions, parse
 from ..served import ServedModel
@@ -80,7 +79,11 @@ class DeLightSAMTrain(TrainTask):
                 report["refused"][image_id] = why
                 continue
             label = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
-            present = set(np.unique(np.asarray(LoadImage(image_only=True)(label))).astype(int).tolist())
+            try:
+                present = values_in(label)
+            except READ_ERRORS as e:
+                report["refused"][image_id] = f"its final label cannot be read: {read_error(e)}"
+                continue
             mapping = map_label(datastore.get_label_info(image_id, DefaultLabelTag.FINAL),
                                 present, self.served.structures_of(modality))
             if mapping.unmatched:
