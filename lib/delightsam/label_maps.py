@@ -124,7 +124,8 @@ def largest_region(mask: np.ndarray) -> Region | None:
     largest = components == int(sizes.argmax())
     del components
     tight = mask_extent(largest)
-    return Region(largest[tight], tuple(slice(e.start + t.start, e.start + t.stop) for e, t in zip(extent, tight)),
+    # a copy, not a view, which would keep the array of the mask's whole extent alive
+    return Region(largest[tight].copy(), tuple(slice(e.start + t.start, e.start + t.stop) for e, t in zip(extent, tight)),
                   tuple(mask.shape))
 
 

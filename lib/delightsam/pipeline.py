@@ -23,9 +23,11 @@ from .refinement import refine
 
 PROMPTS = ("3d", "slice")
 # ``Pipeline.memory_mb``: MB an inference adds whatever its size, and bytes per voxel beside the volume as read and
-# its oriented copy (label maps, the result written). Measured through /infer (scripts/benchmark_memory.py, 512x512
-# CT of 100 and 300 slices, two stages): 6.2 bytes a voxel above about 340 MB; these carry a margin.
-MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 3.0, 4.0
+# its oriented copy. Measured through /infer (scripts/benchmark_memory.py, app defaults, int16 CT): the abdomen at
+# 512x512x600, whose first stage finds organs everywhere, 16.2 bytes a voxel above the resting server (the peak is
+# the connected components of the second stage's prompts); a 1024^3 volume of zeros (nothing found, nothing
+# refined) 7.7. These carry a margin: an estimate must not be below what a volume can take.
+MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 5.0, 13.0
 
 
 @dataclass
@@ -76,8 +78,8 @@ class Pipeline:
     def memory_mb(self, modality: str, voxels: int, itemsize: int) -> float:
         """The peak memory that one inference of a volume of ``voxels`` stored ``itemsize`` bytes a voxel adds to a
         resting server: a fixed part (the refiner's copies, activations) and bytes per voxel (the volume as read,
-        its oriented copy, the label maps and the written result), measured through ``/infer`` by
-        scripts/benchmark_memory.py, with a margin."""
+        its oriented copy, the label maps, the second stage's connected components, the written result), measured
+        through ``/infer`` by scripts/benchmark_memory.py, with a margin."""
         per_voxel = itemsize * 2 + (MEMORY_TWO_STAGE if self.refines(modality) else MEMORY_ONE_STAGE)
         return MEMORY_FIXED_MB + per_voxel * voxels / 2 ** 20
 

@@ -88,16 +88,17 @@ class MemoryBudget:
     def __call__(self, estimate_mb: float):
         self.check(estimate_mb)
         token = f"{_process()}-{uuid.uuid4().hex}"
-        with self._released:
-            self.waiting += 1
-            self._released.notify_all()  # (those who watch the count)
-        try:
-            while not self._hold(token, estimate_mb):
-                with self._released:  # woken at once by a release in this process; polls for the others'
-                    self._released.wait(self.poll_s)
-        finally:
+        if not self._hold(token, estimate_mb):
             with self._released:
-                self.waiting -= 1
+                self.waiting += 1  # waiting: it did not fit when it came
+                self._released.notify_all()  # (those who watch the count)
+            try:
+                while not self._hold(token, estimate_mb):
+                    with self._released:  # woken at once by a release in this process; polls for the others'
+                        self._released.wait(self.poll_s)
+            finally:
+                with self._released:
+                    self.waiting -= 1
         try:
             yield
         finally:
