@@ -29,7 +29,7 @@ system: setup
 
 # every test (the README's test command, with `system`); the tiers are markers in pyproject.toml (tests/helpers.py)
 test: setup samples lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=30
 
 # daily work: the tests that start no server, no PACS and train nothing for minutes (a few minutes on 2 cores)
 test-fast: setup samples lint

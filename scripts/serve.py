@@ -26,16 +26,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, studies: Path, conf: list[str], timeout: float = 240, env: dict | None = None):
-    """Yields (url, process); ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs). The log is
-    ``tmp/server.log``; ServerFailed (with the log's end) if the server exits or does not answer in time."""
+def running_server(tmp: Path, studies: Path, conf: list[str], timeout: float = 240, env: dict | None = None,
+                   app: Path = APP_DIR):
+    """Yields (url, process); ``conf``: extra command-line arguments (``--conf KEY VALUE`` pairs); ``app``: another
+    tree's app (a benchmark's "before"). The log is ``tmp/server.log``; ServerFailed (with the log's end) if the
+    server exits or does not answer in time."""
     port = free_port()
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
            "MONAI_LABEL_SESSION_PATH": str(tmp / "sessions"), **(env or {})}
     log_path = tmp / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(APP_DIR), "--studies",
+        proc = subprocess.Popen([str(bindir / "monailabel"), "start_server", "--app", str(app), "--studies",
                                  str(studies), "--conf", "models", "delightsam", *conf,
                                  "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
                                 env=env)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .body_frame import BodyFrame, absent, body_frame, drop_specks, keep_structures
 from .config import Modality
 from .geometry import (GreyVolume, VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
                        probabilities_on_slice)
@@ -35,6 +36,7 @@ class VolumeResult:
     notes: list[str] = field(default_factory=list)
     plane: str = "axial"  # the acquisition plane the slices were cut in
     doubt: dict | None = None  # uncertainty.DoubtMeter.summary() of the first stage, when asked for
+    not_found: list[str] = field(default_factory=list)  # the modality's structures with no voxel in ``labels``
 
 
 class FittedSliceNetwork(nn.Module):
@@ -94,7 +96,9 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
     meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
     depth = labels.shape[2]
-    keys = keyframes(list(range(depth)), refine_stride(every_mm, oriented.spacing[2]))
+    frame = _frame(spec, oriented)  # a CT's body frame: where its abdomen cannot be (body_frame)
+    todo = frame.slices(spec.structures, oriented.plane, depth) if frame is not None else list(range(depth))
+    keys = keyframes(todo, refine_stride(every_mm, oriented.spacing[2]))
 
     def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
         for batch in _batches(len(keys), batch_size, progress):
@@ -107,16 +111,29 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                 meter.add(probabilities)
             yield from zip(zs, probabilities)
 
-    for z, probabilities in interpolated(decoded(), set(range(depth))):
+    for z, probabilities in interpolated(decoded(), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
+    if frame is not None:
+        notes.extend(keep_structures(labels, frame, oriented.plane, spec.structures))
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
         labels, refined = refine(GreyVolume(oriented.data, levels), labels, oriented)
         notes.append(refined)
+        if frame is not None:  # boxes the atlas placed may reach outside it too
+            keep_structures(labels, frame, oriented.plane, spec.structures)
     if cleanup:
         labels = clean_up(labels, spec.structures)
+    if frame is not None:
+        notes.extend(drop_specks(labels, oriented.spacing, spec.structures))
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
                         {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
-                        meter.summary() if meter is not None else None)
+                        meter.summary() if meter is not None else None, absent(labels, spec.structures))
+
+
+def _frame(spec: Modality, oriented) -> BodyFrame | None:
+    """A CT's body frame (``body_frame``) for a modality in Hounsfield units (a CT window); None for others."""
+    if "window" not in (intensity_of(spec) or {}):
+        return None
+    return body_frame(oriented.data, oriented.spacing, oriented.plane)
 
 
 def _batches(depth: int, batch_size: int, progress: bool = False):

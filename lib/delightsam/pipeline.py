@@ -26,8 +26,9 @@ PROMPTS = ("3d", "slice")
 # its oriented copy. Measured through /infer (scripts/benchmark_memory.py, app defaults, int16 CT): the abdomen at
 # 512x512x600, whose first stage finds organs everywhere, 16.2 bytes a voxel above the resting server (the peak is
 # the connected components of the second stage's prompts); a 1024^3 volume of zeros (nothing found, nothing
-# refined) 7.7. These carry a margin: an estimate must not be below what a volume can take.
-MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 5.0, 13.0
+# refined) 7.7. These carry a margin: an estimate must not be below what a volume can take. A CT's body frame
+# (``body_frame``) adds its body mask and a rule's mask, a byte a voxel each (not yet measured through /infer).
+MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 7.0, 15.0
 
 
 @dataclass

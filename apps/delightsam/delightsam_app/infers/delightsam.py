@@ -160,7 +160,9 @@ class DeLightSAMInfer(BasicInferTask):
                           "refined": refined, "prompts": pipeline.prompts if refined else None,
                           "pipeline": pipeline.describe(self.modality, carries_adaptation(model, self.modality)),
                           "structures": names, "label_colors": anatomy.colours(names),
-                          "model_version": model.config.version, "notes": result.notes}
+                          "model_version": model.config.version, "notes": result.notes,
+                          # absence is an answer: a structure not in the scan is named, not drawn somewhere
+                          "found": [n for n in names if n not in result.not_found], "not_found": result.not_found}
         if result.doubt:
             data["result"]["uncertainty"] = round(result.doubt["score"], 4)
         return data

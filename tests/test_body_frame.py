@@ -1,0 +1,118 @@
+"""The body's frame of a CT (``delightsam.body_frame``) on real scans, in more than one storage order: it keeps
+every voxel of the reference organs of the labelled scans (the training scan, whole, and the development series),
+rules out the abdomen above a chest CT's domes, puts a spleen drawn on the patient's right out of bounds, and gives
+the same answer whatever the file's voxel order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from delightsam.body_frame import ABDOMINAL, absent, body_frame, drop_specks, keep_structures
+from delightsam.config import Structure
+from delightsam.geometry import orient
+from delightsam.reading import read_label, read_volume
+
+TS = {"liver": (5, 1), "spleen": (1, 2), "kidney_right": (2, 3), "kidney_left": (3, 4), "stomach": (6, 5)}
+STRUCTURES = [Structure(name, label, label - 1) for name, (_, label) in TS.items()]
+
+
+def _reference(samples, image_name: str, label_name: str):
+    image = read_volume(samples / image_name)
+    reference = np.asarray(read_label(samples / "samples" / "labels" / label_name, image)).round().astype(np.int64)
+    ours = np.zeros(reference.shape, np.uint8)
+    for ts, label in TS.values():
+        ours[reference == ts] = label
+    return image, ours
+
+
+def _kept(image, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    oriented = orient(image)
+    layout = oriented.to_layout(torch.from_numpy(labels)).clone()
+    notes = keep_structures(layout, body_frame(oriented.data, oriented.spacing, oriented.plane), oriented.plane,
+                            STRUCTURES)
+    return oriented.to_input(layout.numpy()), notes
+
+
+def _reordered(image):
+    """The same volume stored in another voxel order: axes permuted and one flipped (its affine to match)."""
+    from monai.data import MetaTensor
+
+    data = np.asarray(image.as_subclass(torch.Tensor))
+    affine = np.asarray(image.affine, dtype=np.float64)
+    moved = np.flip(np.transpose(data, (1, 0, 2)), axis=2)
+    swap = np.eye(4)[[1, 0, 2, 3]]
+    flip = np.diag([1.0, 1.0, -1.0, 1.0])
+    flip[2, 3] = data.shape[2] - 1
+    return MetaTensor(torch.from_numpy(moved.copy()), affine=torch.from_numpy(affine @ swap @ flip))
+
+
+@pytest.mark.parametrize("image_name,label_name", [("studies/ts_ct.nii.gz", "ts_ct.nii.gz"),
+                                                   ("samples/ts_ct_dicom", "ts_ct_dicom.nii.gz")])
+def test_the_reference_organs_are_all_inside_the_frame(samples, image_name, label_name):
+    image, reference = _reference(samples, image_name, label_name)
+    kept, notes = _kept(image, reference)
+    np.testing.assert_array_equal(kept, reference)
+    assert not any("rules a structure out" in n for n in notes), notes
+    # a spleen drawn mirrored onto the patient's right is ruled out (the side rule can fail)
+    oriented = orient(image)
+    layout = oriented.to_layout(torch.from_numpy(reference)).numpy()
+    mirrored = np.where(layout == 2, 0, layout)
+    mirrored[np.flip(layout == 2, axis=1)] = 2
+    mirrored = oriented.to_input(mirrored)
+    kept, notes = _kept(image, mirrored)
+    assert (kept == 2).sum() < 0.1 * (mirrored == 2).sum(), notes
+
+
+def test_a_chest_ct_keeps_the_abdomen_below_its_domes_in_either_storage_order(samples):
+    image = read_volume(samples / "studies" / "radiomics_lung1.nrrd")  # neck and chest, another patient
+    for volume in (image, _reordered(image)):
+        oriented = orient(volume)
+        frame = body_frame(oriented.data, oriented.spacing, oriented.plane)
+        assert oriented.plane == "axial"
+        allowed = np.flatnonzero(frame.abdomen)
+        assert len(allowed) and allowed.max() * oriented.spacing[2] <= 80, frame.notes  # the scan's lowest 60 mm
+        assert any("thorax" in n for n in frame.notes)
+        depth = oriented.data.shape[2]
+        assert frame.slices(STRUCTURES, oriented.plane, depth) == allowed.tolist()
+        # a structure not of the abdomen is looked for on every slice
+        assert len(frame.slices(STRUCTURES + [Structure("lung", 9, 8)], oriented.plane, depth)) == depth
+        # organs drawn over the whole scan keep only what lies in the body on those slices
+        everywhere = torch.ones(oriented.data.shape, dtype=torch.uint8)
+        keep_structures(everywhere, frame, oriented.plane, STRUCTURES[:1])
+        assert not everywhere[..., allowed.max() + 1:].any() and everywhere[..., : allowed.max() + 1].any()
+        assert not everywhere[0, 0].any()  # the corner of the field of view is air, outside the body
+
+
+def test_a_ct_cut_in_another_plane_keeps_its_organs_and_every_slice(samples):
+    # the training CT with its columns 3.5 mm apart: the widest spacing makes its slices sagittal (as a 512x512x600
+    # scan of 0.56 mm slices and 0.71 mm columns is cut)
+    image, reference = _reference(samples, "studies/ts_ct.nii.gz", "ts_ct.nii.gz")
+    from monai.data import MetaTensor
+
+    affine = np.asarray(image.affine, dtype=np.float64) @ np.diag([3.5 / 3.0, 1.0, 1.0, 1.0])
+    sagittal = MetaTensor(image.as_subclass(torch.Tensor), affine=torch.from_numpy(affine))
+    oriented = orient(sagittal)
+    assert oriented.plane == "sagittal"
+    frame = body_frame(oriented.data, oriented.spacing, oriented.plane)
+    assert frame.slices(STRUCTURES, oriented.plane, oriented.data.shape[2]) == list(range(oriented.data.shape[2]))
+    kept, _ = _kept(sagittal, reference)
+    np.testing.assert_array_equal(kept, reference)
+
+
+def test_absent_names_the_structures_with_no_voxel():
+    labels = np.zeros((4, 4, 4), np.uint8)
+    labels[1, 1, 1] = 3
+    assert absent(labels, STRUCTURES) == ["liver", "spleen", "kidney_left", "stomach"]
+    assert set(TS) <= ABDOMINAL
+
+
+def test_a_speck_is_not_an_organ():
+    labels = torch.zeros((30, 30, 30), dtype=torch.uint8)
+    labels[:10, :10, :5] = 1  # 500 voxels of 8 mm^3: 4 mL of "liver"
+    labels[10:30, 10:30, :] = 3  # 12,000 voxels: 96 mL of kidney
+    labels[0, 29, 29] = 9  # a structure not of the abdomen keeps its speck
+    notes = drop_specks(labels, (2.0, 2.0, 2.0), STRUCTURES + [Structure("lung", 9, 8)])
+    assert not (labels == 1).any() and int((labels == 3).sum()) == 12000 and int((labels == 9).sum()) == 1
+    assert notes == ["left out as specks under 10 mL: liver (4.0 mL)"]
