@@ -87,11 +87,15 @@ def monailabel_server(tmp: Path, studies: Path | str, conf: list[str], timeout: 
 
 @contextlib.contextmanager
 def running_server(tmp: Path, studies: Path | str, conf: list[str], timeout: float = 240, env: dict | None = None):
-    """``monailabel_server`` that also yields the server's process: (url, process)."""
+    """``monailabel_server`` that also yields the server's process: (url, process). monailabel scores every image of
+    the datastore for Next Sample in a process of its own at start (and after each Next Sample and training): that
+    is off here (``MONAI_LABEL_AUTO_UPDATE_SCORING``) unless ``env`` turns it on, as the annotation loop's tests do,
+    so that it does not share the cores with what a test measures."""
     from serve import ServerFailed
     from serve import running_server as serve
 
     require_marker("server", "a monailabel server")
+    env = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", **(env or {})}
     try:
         with serve(tmp, studies, conf, timeout, env) as (url, process):
             yield url, process

@@ -27,6 +27,7 @@ from delightsam.reading import read_volume
 
 STARTER = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"
 STRUCTURES = {"Stomach": 5, "Liver": 1, "Spleen": 2}  # the annotators' names -> the model's ids
+SCORING = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "true"}  # monailabel's scoring at start and after each step, as served
 
 
 def test_doubt_is_zero_when_sure_and_one_bit_at_even_odds():
@@ -70,7 +71,7 @@ def loop_run(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("loop")
     volumes = make_volumes(samples, tmp, 2)
     conf = ["--conf", "checkpoint", str(STARTER), "--conf", "model_dir", str(tmp / "model"), "--conf", "modality", "ct"]
-    with monailabel_server(tmp, tmp / "studies", conf) as url:
+    with monailabel_server(tmp, tmp / "studies", conf, env=SCORING) as url:
         annotator = Annotator(url, volumes, QUICK_TRAIN)
         starter_version = annotator.version()
         first = annotator.next_sample()
@@ -156,7 +157,7 @@ def test_batch_inference_pre_segments_the_sample_datastore_on_the_cpu(tmp_path, 
     for f in (samples / "studies").iterdir():
         (tmp_path / "studies" / f.name).write_bytes(f.read_bytes())
     conf = ["--conf", "checkpoint", str(STARTER), "--conf", "model_dir", str(tmp_path / "model")]
-    with monailabel_server(tmp_path, tmp_path / "studies", conf) as url:
+    with monailabel_server(tmp_path, tmp_path / "studies", conf, env=SCORING) as url:
         for image in SAMPLE_MR:
             set_info = requests.put(f"{url}/datastore/image/info", params={"image": image},
                                     data={"info": json.dumps({"modality": "mr"})}, timeout=60)
