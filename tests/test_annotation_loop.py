@@ -157,7 +157,7 @@ def test_batch_inference_pre_segments_the_sample_datastore_on_the_cpu(tmp_path, 
     for f in (samples / "studies").iterdir():
         (tmp_path / "studies" / f.name).write_bytes(f.read_bytes())
     conf = ["--conf", "checkpoint", str(STARTER), "--conf", "model_dir", str(tmp_path / "model")]
-    with monailabel_server(tmp_path, tmp_path / "studies", conf, env=SCORING) as url:
+    with monailabel_server(tmp_path, tmp_path / "studies", conf) as url:
         for image in SAMPLE_MR:
             set_info = requests.put(f"{url}/datastore/image/info", params={"image": image},
                                     data={"info": json.dumps({"modality": "mr"})}, timeout=60)

@@ -101,6 +101,17 @@ def test_a_ct_cut_in_another_plane_keeps_its_organs_and_every_slice(samples):
     np.testing.assert_array_equal(kept, reference)
 
 
+def test_a_scan_without_hounsfield_units_is_not_ruled_out(samples):
+    # the development CT stored with +1024 and no rescaling (as some converters write unsigned CT): no air anywhere,
+    # so the frame cannot tell body from air nor bone from tissue, and rules nothing out rather than everything
+    image, reference = _reference(samples, "samples/ts_ct_dicom", "ts_ct_dicom.nii.gz")
+    shifted = image.clone()
+    shifted += 1024
+    kept, notes = _kept(shifted, reference)
+    np.testing.assert_array_equal(kept, reference)
+    assert any("may not be Hounsfield units" in n for n in notes), notes
+
+
 def test_absent_names_the_structures_with_no_voxel():
     labels = np.zeros((4, 4, 4), np.uint8)
     labels[1, 1, 1] = 3
@@ -108,11 +119,19 @@ def test_absent_names_the_structures_with_no_voxel():
     assert set(TS) <= ABDOMINAL
 
 
-def test_a_speck_is_not_an_organ():
-    labels = torch.zeros((30, 30, 30), dtype=torch.uint8)
-    labels[:10, :10, :5] = 1  # 500 voxels of 8 mm^3: 4 mL of "liver"
-    labels[10:30, 10:30, :] = 3  # 12,000 voxels: 96 mL of kidney
+def test_a_speck_is_not_an_organ(samples):
+    image = read_volume(samples / "studies" / "ts_ct.nii.gz")  # 336 mm along the body, 3 mm voxels
+    oriented = orient(image)
+    frame = body_frame(oriented.data, oriented.spacing, oriented.plane)
+    labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
+    labels[:10, :10, :5] = 1  # 500 voxels of 27 mm^3: 13.5 mL of "liver"
+    labels[10:13, 10:13, :10] = 3  # 90 voxels: 2.4 mL of kidney
     labels[0, 29, 29] = 9  # a structure not of the abdomen keeps its speck
-    notes = drop_specks(labels, (2.0, 2.0, 2.0), STRUCTURES + [Structure("lung", 9, 8)])
-    assert not (labels == 1).any() and int((labels == 3).sum()) == 12000 and int((labels == 9).sum()) == 1
-    assert notes == ["left out as specks under 10 mL: liver (4.0 mL)"]
+    notes = drop_specks(labels, frame, STRUCTURES + [Structure("lung", 9, 8)])
+    assert int((labels == 1).sum()) == 500 and not (labels == 3).any() and int((labels == 9).sum()) == 1
+    assert notes == ["left out as specks under 10.0 mL: kidney_right (2.4 mL)"]
+    # one slice of it (3 mm along the body) may cut an organ to a sliver: held to 3/100 of the least volume
+    thin = body_frame(oriented.data[..., 60:61], oriented.spacing, oriented.plane)
+    sliver = torch.zeros((*oriented.data.shape[:2], 1), dtype=torch.uint8)
+    sliver[10:14, 10:14] = 3  # 0.43 mL
+    assert drop_specks(sliver, thin, STRUCTURES) == [] and int((sliver == 3).sum()) == 16

@@ -14,7 +14,9 @@ says where the abdomen cannot be, without a label or a model:
 - **on the wrong side**: the spleen and the left kidney lie on the patient's left of the body's midline, the right
   kidney on the right (``SIDES``; ``SIDE_MARGIN_MM`` allows for a patient lying slightly turned);
 - **a speck**: an abdominal structure drawn with less than ``MIN_ML`` in all is not that organ (``drop_specks``;
-  chosen knowing what was drawn in the chest of pyradiomics' ``lung1``, the tests' scan of another region).
+  chosen knowing what was drawn in the chest of pyradiomics' ``lung1``, the tests' scan of another region); a scan
+  shorter than ``SPECK_SPAN_MM`` along the body (a slab, a single slice) may cut an organ to a sliver, and is held to
+  that share of it.
 
 None of these constants was chosen on a labelled scan. ``keep_structures`` applies them to a label map in a plane's
 layout; ``absent`` says which structures a label map lacks (the result names them as not found).
@@ -40,8 +42,8 @@ DOME_MARGIN_MM = 60.0
 SIDE_MARGIN_MM = 10.0
 SMOOTH_MM = 20.0  # the lungs' share per slice is averaged over this many millimetres
 # an abdominal structure drawn with less than this volume is a speck, not an organ (the smallest of them, a kidney
-# or a spleen, is over 100 mL; specks of 2-5 mL were drawn in the mediastinum of pyradiomics' lung1)
-MIN_ML = 10.0
+# or a spleen, is over 100 mL; specks of 2-5 mL were drawn in the chest of pyradiomics' lung1)
+MIN_ML, SPECK_SPAN_MM = 10.0, 100.0
 # structures of the abdomen (the frame's slice rules apply to them), and the side of the patient each lies on
 ABDOMINAL = {"liver", "spleen", "kidney_right", "kidney_left", "stomach", "pancreas", "gallbladder", "duodenum",
              "adrenal_gland_right", "adrenal_gland_left", "colon", "small_bowel", "urinary_bladder"}
@@ -101,6 +103,11 @@ def body_frame(hu: torch.Tensor, spacing, plane: str) -> BodyFrame:
     spacing = tuple(float(spacing[i]) for i in order)
     step = [max(1, int(round(FRAME_MM / s))) for s in spacing[:2]]
     coarse = axial[::step[0], ::step[1]].numpy()
+    if not (coarse < AIR_HU).any():  # no air at all: not Hounsfield units (an offset, unscaled values) or no body edge
+        return BodyFrame(torch.ones(axial.shape, dtype=torch.bool), np.ones(axial.shape[2], dtype=bool),
+                         np.full(axial.shape[2], np.nan), spacing,
+                         [f"no voxel below {AIR_HU:g}: the scan's values may not be Hounsfield units, so the body's "
+                          "frame rules nothing out"])
     body = np.zeros(coarse.shape, dtype=bool)
     lung_share, skull = np.zeros(coarse.shape[2]), np.zeros(coarse.shape[2], dtype=bool)
     midline = np.full(coarse.shape[2], np.nan)
@@ -178,18 +185,20 @@ def keep_structures(labels: torch.Tensor, frame: BodyFrame, plane: str, structur
     return notes
 
 
-def drop_specks(labels: torch.Tensor, spacing, structures) -> list[str]:
-    """Removes each abdominal structure drawn with less than ``MIN_ML`` in all (``labels`` changed in place); returns
-    a note naming them."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+def drop_specks(labels: torch.Tensor, frame: BodyFrame, structures) -> list[str]:
+    """Removes each abdominal structure drawn with less than ``MIN_ML`` in all (``labels`` changed in place; a scan
+    shorter than ``SPECK_SPAN_MM`` along the body, which may cut an organ to a sliver, is held to that share of it);
+    returns a note naming them."""
+    voxel_ml = float(np.prod(frame.spacing)) / 1000.0
+    least = MIN_ML * min(1.0, len(frame.abdomen) * frame.spacing[2] / SPECK_SPAN_MM)
     counts = torch.bincount(labels.flatten(), minlength=256)
     dropped = []
     for s in structures:
         ml = float(counts[list(s.target_labels)].sum()) * voxel_ml
-        if s.name in ABDOMINAL and 0 < ml < MIN_ML:
+        if s.name in ABDOMINAL and 0 < ml < least:
             labels[torch.isin(labels, torch.tensor(list(s.target_labels), dtype=labels.dtype))] = 0
             dropped.append(f"{s.name} ({ml:.1f} mL)")
-    return [f"left out as specks under {MIN_ML:g} mL: {', '.join(dropped)}"] if dropped else []
+    return [f"left out as specks under {least:.1f} mL: {', '.join(dropped)}"] if dropped else []
 
 
 def absent(labels, structures) -> list[str]:

@@ -123,7 +123,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     if cleanup:
         labels = clean_up(labels, spec.structures)
     if frame is not None:
-        notes.extend(drop_specks(labels, oriented.spacing, spec.structures))
+        notes.extend(drop_specks(labels, frame, spec.structures))
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
                         {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
                         meter.summary() if meter is not None else None, absent(labels, spec.structures))
