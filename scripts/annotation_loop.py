@@ -43,7 +43,6 @@ REFERENCE_NAMES = {6: "Stomach", 5: "Liver", 1: "Spleen"}
 QUICK_TRAIN = {"max_epochs": 2, "steps_per_epoch": 12, "train_batch_size": 4, "teacher": "none", "lr": 5e-4,
                "trainable": "all", "name": "loop", "resume": False, "tracking": "none"}
 FULL_TRAIN = {**QUICK_TRAIN, "max_epochs": 4, "steps_per_epoch": 25}
-TS_IDS = {5: 1, 1: 2, 2: 3, 3: 4, 6: 5}  # TotalSegmentator's class -> the CT model's label id
 DEFAULT_OUT = ROOT / "models" / "delightsam_ct_mr" / "docs" / "evaluation" / "annotation_loop"
 
 
@@ -210,6 +209,8 @@ class Annotator:
 
 def next_patient_dice(client, image_id: str, reference: Path) -> dict:
     """The served model's Dice per structure on a patient, against its reference (TotalSegmentator's ids)."""
+    from train_starter import TS_IDS
+
     label_file, result = client.infer("delightsam_ct", image_id, {})
     predicted = np.asarray(nib.load(label_file).dataobj)
     truth = np.asarray(nib.load(reference).dataobj).round().astype(np.int64)

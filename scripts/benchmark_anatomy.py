@@ -31,10 +31,10 @@ import numpy as np
 from benchmark_app import make_large_ct
 from benchmark_memory import reset_peak, rss_mb, server_pid
 from serve import running_server
+from train_starter import CT_STRUCTURES, TS_IDS
 
 ROOT = Path(__file__).resolve().parents[1]
-TS_IDS = {5: 1, 1: 2, 2: 3, 3: 4, 6: 5}
-NAMES = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left", 5: "stomach"}
+NAMES = {ours: name for name, ours, _ in CT_STRUCTURES}
 
 
 def studies(data: Path, out: Path, slices: list[int]) -> list[str]:

@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "delightsam_ct_mr"
 # (name, label id in this model, TotalSegmentator "total" class id)
 CT_STRUCTURES = [("liver", 1, 5), ("spleen", 2, 1), ("kidney_right", 3, 2), ("kidney_left", 4, 3), ("stomach", 5, 6)]
+TS_IDS = {ts: ours for _, ours, ts in CT_STRUCTURES}  # TotalSegmentator's class -> this model's label id
 # (name, label id, parts): the MNI tissue map's ids (scripts/fetch_samples.py); the brain holds both matters
 MR_STRUCTURES = [("brain", 1, [2, 3]), ("grey_matter", 2, []), ("white_matter", 3, [])]
 # (modality, id, image under data/, label under data/samples/labels/)

@@ -37,10 +37,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from train_starter import TS_IDS
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "delightsam_ct_mr"
 SHIPPED = BUNDLE / "models" / "model.safetensors"
-TS_IDS = {5: 1, 1: 2, 2: 3, 3: 4, 6: 5}  # TotalSegmentator's liver, spleen, kidneys, stomach -> this model's ids
 TS_REFERENCE = "totalsegmentator-2.18.0/tests/reference_files"
 # unlabelled CTs of other body regions: name -> file under data/ (fetch_samples.py)
 NEGATIVES = {"lung2": "studies/radiomics_lung2.nrrd",
