@@ -139,9 +139,8 @@ def _slice_frame(hu: np.ndarray) -> tuple[np.ndarray, float, bool, float]:
     body = ndimage.binary_fill_holes(components == np.bincount(components.ravel())[1:].argmax() + 1)
     area = body.sum()
     enclosed = ndimage.binary_fill_holes(body & (hu > BONE_HU)).sum()
-    columns = np.flatnonzero(body.any(0))
     return body, float((body & (hu < AIR_HU)).sum() / area), bool(enclosed >= SKULL_SHARE * area), \
-        float(np.average(np.arange(hu.shape[1]), weights=body.sum(0)) if len(columns) else np.nan)
+        float(np.average(np.arange(hu.shape[1]), weights=body.sum(0)))  # the largest component is never empty
 
 
 def _dome_level(lung_share: np.ndarray, slice_mm: float) -> float | None:
@@ -202,6 +201,7 @@ def drop_specks(labels: torch.Tensor, frame: BodyFrame, structures) -> list[str]
 
 
 def absent(labels, structures) -> list[str]:
-    """The structures with no voxel in ``labels``."""
-    present = set(np.unique(np.asarray(labels)).tolist())
-    return [s.name for s in structures if not present & set(s.target_labels)]
+    """The structures with no voxel in ``labels`` (a uint8 label map; counted, not sorted: it runs on every
+    inference)."""
+    counts = torch.bincount(torch.as_tensor(np.asarray(labels)).flatten(), minlength=256)
+    return [s.name for s in structures if not counts[list(s.target_labels)].any()]
