@@ -14,7 +14,8 @@
 4. The peer: a MONAI 2-D U-Net on the same slices for the same CPU time as both stages together.
 5. ``delightsam.evaluation`` on the volumes not trained on (the development CT; the MR template's fit): the starter model, the distilled-only model, the U-Net
    and LiteMedSAM with reference boxes; report, figures and JSON in the bundle's docs/evaluation/.
-6. The starter checkpoint, in half precision, as the bundle's models/model.safetensors.
+6. The starter checkpoint, in half precision, with the CT registration atlas (scripts/attach_atlas.py: the training
+   patient's whole CT and its labels), as the bundle's models/model.safetensors.
 
 ``--quick`` runs every step with tiny budgets into another folder (the CI test of the recipe).
 
@@ -214,6 +215,10 @@ def main() -> int:
     # where the training labels put each structure (training adds it; a starter trained before the box atlas
     # existed gets it here): the second stage's context prompts
     update_box_atlas(starter, atlas_entries(train_items, starter))
+    if not args.reverse:  # the training patient's whole CT as the registration atlas (the other fold evaluates on it)
+        from attach_atlas import attach_ct_atlas
+
+        attach_ct_atlas(starter, args.data)
     no_atlas = copy.deepcopy(starter)
     for spec in no_atlas.config.modalities:
         spec.box_atlas = []

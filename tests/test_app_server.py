@@ -20,7 +20,7 @@ from monailabel.client.client import MONAILabelClientException
 from safetensors import safe_open
 
 import delightsam
-from helpers import make_test_checkpoint, monailabel_server, studies_folder
+from helpers import STARTER, make_test_checkpoint, monailabel_server, studies_folder
 
 pytestmark = pytest.mark.server
 
@@ -32,6 +32,9 @@ def server(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("server")
     studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "radiomics_brain1.nrrd", "ts_ct.nii.gz"])
     checkpoint = make_test_checkpoint(tmp / "models" / "delightsam.safetensors")
+    model = delightsam.load_model(checkpoint)
+    model.atlases = delightsam.load_model(STARTER).atlases  # the shipped CT atlas: a published model must keep it
+    delightsam.save_model(model, checkpoint)
     with monailabel_server(tmp, studies, ["--conf", "checkpoint", str(checkpoint),
                                           "--conf", "model_dir", str(tmp / "model")]) as url:
         yield {"url": url, "tmp": tmp, "studies": studies, "samples": samples, "checkpoint": checkpoint}
@@ -168,7 +171,7 @@ def test_train_publishes_and_infer_serves_the_new_model(server):
     info = client.info()
     # the served pipeline learned: the published model carries the CT refiner's queries and head, and serves them
     with safe_open(str(server["tmp"] / "model" / "published.safetensors"), "pt") as f:
-        assert "refiner.decoder.query_groups.ct" in set(f.keys())
+        assert {"refiner.decoder.query_groups.ct", "atlas.ct.image", "atlas.ct.labels"} <= set(f.keys())
     assert info["models"]["delightsam_ct"]["refiner_adapted"] and "adapted" in result["pipeline"], result["pipeline"]
     assert not info["models"]["delightsam_mr"]["refiner_adapted"]  # MR is served in one stage
     assert info["train_stats"]["delightsam"]["pipeline"]["refiner_trained"] == ["ct"]

@@ -30,7 +30,8 @@ def starter():
 
 
 def test_the_bundle_holds_a_small_checkpoint_with_the_card_s_structures(starter):
-    assert CHECKPOINT.stat().st_size <= 32_000_000  # 31.6 MB since 0.4.0 gave MR a controller of its own
+    # 31.6 MB since 0.4.0 gave MR a controller of its own; 33.3 MB since 0.4.4 carries the CT atlas (1.8 MB at 4 mm)
+    assert CHECKPOINT.stat().st_size <= 34_000_000
     served = {m.name: {s.name: s.label for s in m.structures} for m in starter.config.modalities}
     assert served == CARD
     assert starter.config.img_size == 256

@@ -213,7 +213,7 @@ def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     train_items = [TrainItem("small", str(liver["small_image"]), str(liver["ts_ct_small"]), "ct")]
     val_items = [TrainItem("dicom", str(liver["dicom_image"]), str(liver["ts_ct_dicom"]), "ct")]
     published = []
-    config = TrainConfig(epochs=3, steps_per_epoch=25, batch_size=4, lr=2e-4, trainable="all",
+    config = TrainConfig(epochs=2, steps_per_epoch=25, batch_size=4, lr=2e-4, trainable="all",
                          cache_dir=str(tmp_path / "cache"), tracking="tensorboard")
     stats = train(model, train_items, val_items, config, tmp_path / "run",
                   publish=lambda m, metrics: published.append(metrics) or "published")
@@ -224,14 +224,14 @@ def test_training_on_real_liver_labels_raises_validation_dice(tmp_path, liver):
     assert [e["id"] for e in model.config.modality("ct").box_atlas] == ["small"]  # what it trained on joins the atlas
     assert set(model.config.modality("ct").box_atlas[0]["boxes"]) == {"liver"}
     assert list((tmp_path / "run" / "tensorboard").iterdir())
-    # resume: a longer run picks up after epoch 3, with the trained weights, instead of starting over
-    config.epochs = 4
+    # resume: a longer run picks up after epoch 2, with the trained weights, instead of starting over
+    config.epochs = 3
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = _liver_model(seed=9)
     logs = []
     resumed = train(fresh, train_items, val_items, config, tmp_path / "run", log=logs.append)
-    assert resumed["epoch"] == 4 and resumed["before"] == stats["before"]
-    assert any("resumed" in line and "epoch 3" in line for line in logs)
+    assert resumed["epoch"] == 3 and resumed["before"] == stats["before"]
+    assert any("resumed" in line and "epoch 2" in line for line in logs)
     assert not all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())  # it went on training
     # a finished run is not resumed: the next request starts over from the model it is given
     again = []

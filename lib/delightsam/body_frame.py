@@ -61,6 +61,7 @@ class BodyFrame:
     midline: np.ndarray  # per slice, the body's middle column (NaN where no body)
     spacing: tuple[float, float, float]
     notes: list[str]
+    dome: float | None = None  # the slice of the lung bases (``_dome_level``), None where no thorax is in view
 
     def slices(self, structures, plane: str, depth: int) -> list[int]:
         """Which of the ``depth`` slices of a plane's layout any of ``structures`` may lie on: for axial slices and
@@ -127,7 +128,7 @@ def body_frame(hu: torch.Tensor, spacing, plane: str) -> BodyFrame:
         notes.append(f"the thorax from slice {int(np.ceil(limit))} up (lung bases at slice {dome:.0f})")
     full = torch.from_numpy(body).repeat_interleave(step[0], 0)[: axial.shape[0]]
     full = full.repeat_interleave(step[1], 1)[:, : axial.shape[1]]
-    return BodyFrame(full, abdomen, midline * step[1] + (step[1] - 1) / 2, spacing, notes)
+    return BodyFrame(full, abdomen, midline * step[1] + (step[1] - 1) / 2, spacing, notes, dome)
 
 
 def _slice_frame(hu: np.ndarray) -> tuple[np.ndarray, float, bool, float]:

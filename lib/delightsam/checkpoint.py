@@ -28,6 +28,7 @@ from .files import atomic_path
 
 from .config import FORMAT_VERSION, RELEASED_MODALITIES, RELEASED_QUERY_GROUP, DeLightSAMConfig, released_config
 from .model import DeLightSAM
+from .registration_prior import atlases_from
 
 FORMAT_NAME = "delightsam"
 
@@ -266,7 +267,8 @@ def save_model(model: DeLightSAM, path: str | os.PathLike, half: bool = False,
     path = Path(path)
     dtype = torch.float16 if half else torch.float32
     # the second stage's adapted tensors (refiner_training) travel with the model they were validated with
-    state = {**model.state_dict(), **{REFINER_PREFIX + k: v for k, v in model.refiner_state.items()}}
+    state = {**model.state_dict(), **{REFINER_PREFIX + k: v for k, v in model.refiner_state.items()},
+             **{k: v for m, atlas in model.atlases.items() for k, v in atlas.tensors(m).items()}}
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
                 "config": json.dumps(model.config.to_dict()), **(extra or {})}
@@ -321,7 +323,14 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", *, c
         raise CheckpointError(f"checkpoint {path} has an invalid configuration: {e}") from e
     model = DeLightSAM(config)
     refiner = {k.removeprefix(REFINER_PREFIX): state.pop(k).float() for k in [k for k in state if k.startswith(REFINER_PREFIX)]}
+    try:
+        atlases = atlases_from(state)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
+    if set(atlases) - set(config.modality_names):
+        raise CheckpointError(f"checkpoint {path} has an atlas of a modality it does not serve: {sorted(set(atlases) - set(config.modality_names))}")
     _load_into(model, state, path)
+    model.atlases = atlases
     if refiner:
         _check_refiner(model, refiner, path)
         model.refiner_state = refiner  # applied by foundation.foundation_model (``pipeline.Pipeline.refiner``)

@@ -23,6 +23,7 @@ from .keyframes import interpolated, keyframes, refine_stride
 from .label_maps import clean_up, combine, part_indices
 from .model import DeLightSAM
 from .normalization import get_normalization
+from .registration_prior import Atlas, Prior, gate, register
 from .uncertainty import DoubtMeter
 
 
@@ -80,12 +81,14 @@ class SliceNetwork(FittedSliceNetwork):
 @torch.inference_mode()
 def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=None, batch_size: int = 8,
                  threshold: float = 0.5, cleanup: bool = False, progress: bool = False, guide=None,
-                 affine=None, refine=None, doubt: bool = False, every_mm: float | None = None) -> VolumeResult:
+                 affine=None, refine=None, doubt: bool = False, every_mm: float | None = None,
+                 atlas: Atlas | None = None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
     ``refine(grey (a ``GreyVolume``), coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
     network sees one slice in about that many millimetres (and the last), those between take interpolated
-    probabilities (see ``segment_volume``)."""
+    probabilities (see ``segment_volume``); ``atlas``: a labelled CT to register onto the scan as a prior of where
+    its organs are (``registration_prior``)."""
     if spacing is not None and len(spacing) != 3:
         raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
     oriented = orient(volume, affine, spacing)
@@ -97,6 +100,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
     depth = labels.shape[2]
     frame = _frame(spec, oriented)  # a CT's body frame: where its abdomen cannot be (body_frame)
+    prior = _prior(atlas, spec, oriented, frame, notes)
     todo = frame.slices(spec.structures, oriented.plane, depth) if frame is not None else list(range(depth))
     keys = keyframes(todo, refine_stride(every_mm, oriented.spacing[2]))
 
@@ -115,11 +119,15 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     if frame is not None:
         notes.extend(keep_structures(labels, frame, oriented.plane, spec.structures))
+    if prior is not None:  # a structure found too little of is boxed where the prior puts it (second stage only)
+        notes.extend(gate(labels, prior, spec.structures, fill=refine is not None))
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
         labels, refined = refine(GreyVolume(oriented.data, levels), labels, oriented)
         notes.append(refined)
         if frame is not None:  # boxes the atlas placed may reach outside it too
             keep_structures(labels, frame, oriented.plane, spec.structures)
+        if prior is not None:
+            gate(labels, prior, spec.structures, fill=False)
     if cleanup:
         labels = clean_up(labels, spec.structures)
     if frame is not None:
@@ -134,6 +142,16 @@ def _frame(spec: Modality, oriented) -> BodyFrame | None:
     if "window" not in (intensity_of(spec) or {}):
         return None
     return body_frame(oriented.data, oriented.spacing, oriented.plane)
+
+
+def _prior(atlas: Atlas | None, spec: Modality, oriented, frame: BodyFrame | None, notes: list[str]) -> Prior | None:
+    """The ``atlas`` registered onto a CT with a body frame and a liver to place it by (``registration_prior``)."""
+    liver = next((s.label for s in spec.structures if s.name == "liver"), None)
+    if atlas is None or frame is None or liver is None:
+        return None
+    prior, note = register(atlas, oriented.data, frame, oriented.plane, liver)
+    notes.append(note)
+    return prior
 
 
 def _batches(depth: int, batch_size: int, progress: bool = False):

@@ -41,6 +41,7 @@ class DeLightSAM(nn.Module):
         # the second stage's adapted queries and heads (``refiner_training.adapted_state``), which the checkpoint
         # carries beside the model's own tensors; replaced as a whole, never changed in place (``pipeline``)
         self.refiner_state: dict[str, torch.Tensor] = {}
+        self.atlases: dict = {}  # modality -> registration_prior.Atlas: a labelled scan registered as a prior
 
     def forward(self, images: torch.Tensor, modality: str | Sequence[str],
                 boxes: torch.Tensor | None = None) -> DeLightSAMOutput:

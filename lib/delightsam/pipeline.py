@@ -124,4 +124,4 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
         lambda grey, coarse, oriented: refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
                                               refine_stride(refine_every_mm, oriented.spacing[2]), oriented))
     return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
-                        affine=affine, refine=second, doubt=doubt, every_mm=every_mm)
+                        affine=affine, refine=second, doubt=doubt, every_mm=every_mm, atlas=model.atlases.get(modality))
