@@ -45,6 +45,11 @@ def test_slices_follow_the_acquisition_axis():
     assert acquisition_plane(np.diag([0.8, 5.0, 0.8, 1])) == ("coronal", 1)
     # isotropic: axial, whichever stored axis runs along S-I
     assert acquisition_plane(np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])) == ("axial", 1)
+    # near-isotropic, whichever axis is a little wider: a thin-slice CT (the 512x512x600 abdomen's 0.715 x 0.592 x
+    # 0.56 mm, which was cut sagittally and lost every organ but the liver) and a 3-D MR of 1 x 1 x 1.2 mm
+    assert acquisition_plane(np.diag([0.715, 0.592, 0.56, 1])) == ("axial", 2)
+    assert acquisition_plane(np.array([[0, 0, 1.2, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1.0]])) == ("axial", 1)
+    assert acquisition_plane(np.diag([1.5, 1.0, 1.0, 1])) == ("sagittal", 0)  # from 1.5 times: the cut axis
 
 
 def test_each_slice_is_segmented_on_its_own(starter, samples):

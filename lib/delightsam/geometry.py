@@ -11,7 +11,8 @@ radiological display of that plane, with the slices along the last axis:
 So the same anatomy gives the same slices whether a file stores it RAS, LPS, LAS or any other way, and a label
 map goes back to the input's own grid by the inverse flip and permutation, voxel for voxel. Orientation comes
 from the RAS affine that MONAI's readers give (ITK's LPS is converted by MONAI); a plain array without one is
-taken as stored RAS. The acquisition axis is the one with the widest voxel spacing; on a tie, the axial one.
+taken as stored RAS. The acquisition axis is the one whose voxel spacing stands out (``THICK_SLICE``); a
+near-isotropic volume is cut axially.
 """
 
 from __future__ import annotations
@@ -44,13 +45,21 @@ def spacing_of(affine_or_volume) -> tuple[float, float, float]:
 
 
 def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
-    """(plane, stored axis) of the slices: the stored axis with the widest spacing; ties prefer axial, then
-    coronal, then sagittal (so an isotropic volume is cut axially whatever its storage order)."""
-    spacing = spacing_of(affine)
+    """(plane, stored axis) of the slices: the stored axis whose spacing is ``THICK_SLICE`` times the others' or more;
+    a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR) is cut axially, as the
+    models learned, whichever of its axes is widest; among equally wide axes axial, then coronal, then sagittal."""
+    spacing = np.asarray(spacing_of(affine))
     world = orientations.io_orientation(affine)[:, 0].astype(int)  # stored axis -> RAS world axis
-    widest = [i for i, s in enumerate(spacing) if np.isclose(s, max(spacing), rtol=1e-3)]
+    widest = [i for i, s in enumerate(spacing) if np.isclose(s, spacing.max(), rtol=1e-3)]
+    if spacing.max() < THICK_SLICE * np.sort(spacing)[1]:  # no axis stands out: every stored axis is a candidate
+        widest = [0, 1, 2]
     axis = max(widest, key=lambda i: world[i])
     return PLANE_OF_WORLD_AXIS[int(world[axis])], axis
+
+
+# a stored axis is the one the slices were cut along where its spacing is at least this many times the next widest
+# (a 3-5 mm CT, a 2-D MR series); below it, a volume was cut (or resampled) thin along every axis
+THICK_SLICE = 1.5
 
 
 def _apply(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
