@@ -45,15 +45,13 @@ def spacing_of(affine_or_volume) -> tuple[float, float, float]:
 
 
 def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
-    """(plane, stored axis) of the slices: the stored axis whose spacing is ``THICK_SLICE`` times the others' or more;
-    a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR) is cut axially, as the
-    models learned, whichever of its axes is widest; among equally wide axes axial, then coronal, then sagittal."""
+    """(plane, stored axis) of the slices: the stored axis whose spacing is ``THICK_SLICE`` times the next widest or
+    more; a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR, or two axes equally
+    wide) is cut axially, as the models learned, along its stored axis that runs along the body."""
     spacing = np.asarray(spacing_of(affine))
     world = orientations.io_orientation(affine)[:, 0].astype(int)  # stored axis -> RAS world axis
-    widest = [i for i, s in enumerate(spacing) if np.isclose(s, spacing.max(), rtol=1e-3)]
-    if spacing.max() < THICK_SLICE * np.sort(spacing)[1]:  # no axis stands out: every stored axis is a candidate
-        widest = [0, 1, 2]
-    axis = max(widest, key=lambda i: world[i])
+    second, widest = np.argsort(spacing, kind="stable")[1:]
+    axis = int(widest) if spacing[widest] >= THICK_SLICE * spacing[second] else int(np.flatnonzero(world == 2)[0])
     return PLANE_OF_WORLD_AXIS[int(world[axis])], axis
 
 
