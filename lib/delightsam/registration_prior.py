@@ -24,7 +24,7 @@ two unlabelled chest-abdomen CTs (the model card).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
@@ -113,14 +113,17 @@ class Prior:
     seen: np.ndarray  # bool, same grid
     maps: tuple[np.ndarray, np.ndarray, np.ndarray]
     voxel_ml: float  # a full-resolution voxel's volume
+    _grown: dict = field(default_factory=dict, repr=False)  # label -> ``grown``'s answer
 
     def grown(self, label: int) -> np.ndarray:
         """Where ``label`` may lie, on the coarse grid: within ``GATE_MM`` of where the prior puts it, and wherever
-        the atlas did not see."""
-        mask = self.labels == label
-        if mask.any():
-            mask = ndimage.distance_transform_edt(~mask, sampling=ATLAS_MM) <= GATE_MM
-        return mask | ~self.seen
+        the atlas did not see (kept: the gate runs before the second stage and after it)."""
+        if label not in self._grown:
+            mask = self.labels == label
+            if mask.any():
+                mask = ndimage.distance_transform_edt(~mask, sampling=ATLAS_MM) <= GATE_MM
+            self._grown[label] = mask | ~self.seen
+        return self._grown[label]
 
     def full(self, coarse: np.ndarray, slices: slice = slice(None)) -> torch.Tensor:
         """A coarse array on the scan's full grid (its ``slices`` only)."""
