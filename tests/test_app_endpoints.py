@@ -11,6 +11,8 @@ import pytest
 import SimpleITK as sitk
 from requests_toolbelt.multipart import decoder
 
+from delightsam.precision import resolve
+
 from helpers import APP_DIR, dciodvfy_errors, make_test_checkpoint, studies_folder
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
@@ -210,8 +212,10 @@ def test_ct_runs_the_second_stage_by_default_and_a_request_can_turn_it_off(env):
         parts = decoder.MultipartDecoder(reply.content, reply.headers["content-type"]).parts
         return json.loads(next(p.content for p in parts if b"params" in p.headers[b"Content-Disposition"]))
 
-    params = infer()  # the defaults: refine, prompts per slice
+    params = infer()  # the defaults: refine, prompts per slice, bfloat16 products where the CPU has them
     assert params["refined"] is True and params["prompts"] == "slice"
+    assert params["precision"] == models["delightsam_ct"]["precision"] == resolve("auto")
+    assert ("matrix products in bfloat16" in " ".join(params["notes"])) == (params["precision"] == "bfloat16")
     note = next(note for note in params["notes"] if note.startswith("refined "))
     assert "boxes per slice" in note
     # the app's refine_size (96): the foundation sees a whole slice at 96 pixels, a part of it at most that

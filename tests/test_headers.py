@@ -85,6 +85,10 @@ def test_scaled_voxels_are_estimated_as_read_and_a_singleton_fourth_axis_passes(
     out = nib.Nifti1Image(plain, image.affine)
     out.header.set_slope_inter(1.0, -1024.0)
     nib.save(out, scaled)
+    # read as int16 (its values are -2048..), estimated from the header as int32 (what int16 scaled so can reach)
+    assert check_volume(scaled).bytes_per_voxel_read == 4 and read_volume(scaled, dtype=None).element_size() == 2
+    out.header.set_slope_inter(0.5, -1024.0)  # a fractional scale: floats
+    nib.save(out, scaled)
     assert check_volume(scaled).bytes_per_voxel_read == read_volume(scaled, dtype=None).element_size() == 8
     single = tmp_path / "single.nii.gz"
     nib.save(nib.Nifti1Image(plain[..., None], image.affine), single)

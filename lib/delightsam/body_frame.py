@@ -32,6 +32,7 @@ from nibabel import orientations
 from scipy import ndimage
 
 from .geometry import LAYOUTS, _apply
+from .label_maps import labelled_voxels
 
 BODY_HU, AIR_HU, BONE_HU = -400.0, -400.0, 300.0
 FRAME_MM = 2.0  # the frame is measured at about this in-plane resolution (an outline needs no more)
@@ -70,16 +71,6 @@ class BodyFrame:
         if plane != "axial" or any(s.name not in ABDOMINAL for s in structures):
             return list(range(depth))
         return np.flatnonzero(self.abdomen).tolist()
-
-    def keep(self, name: str) -> torch.Tensor:
-        """Where structure ``name`` may lie: in the body, and for abdominal structures on slices of the abdomen and
-        on their side of the midline."""
-        keep = self.body.clone()
-        if name in ABDOMINAL:
-            keep[..., torch.from_numpy(~self.abdomen)] = False
-        if name in SIDES:
-            keep &= self.keep_side(name)[None]
-        return keep
 
     def keep_side(self, name: str) -> torch.Tensor:
         """[columns, slices]: whether each column of each slice is on ``name``'s side of the midline (``SIDES``)."""
@@ -157,32 +148,40 @@ def _dome_level(lung_share: np.ndarray, slice_mm: float) -> float | None:
 
 
 def keep_structures(labels: torch.Tensor, frame: BodyFrame, plane: str, structures) -> list[str]:
-    """Removes from ``labels`` (a label map in the plane's layout, changed in place) each structure's voxels where
-    the CT's ``frame`` (``body_frame``) says it cannot lie; returns notes of what the frame found and removed."""
-    before = torch.bincount(labels.flatten(), minlength=256)
-    if plane == "axial":  # the frame's view is the layout: whole-volume masks only where a rule needs one
-        labels[~frame.body] = 0
-        for s in structures:
-            ids = torch.tensor(list(s.target_labels), dtype=labels.dtype)
-            if s.name in ABDOMINAL and not frame.abdomen.all():
-                above = labels[..., torch.from_numpy(~frame.abdomen)]
-                above[torch.isin(above, ids)] = 0
-                labels[..., torch.from_numpy(~frame.abdomen)] = above
-            if s.name in SIDES:
-                wrong = ~frame.keep_side(s.name)  # [columns, slices]
-                labels[torch.isin(labels, ids) & wrong[None]] = 0
-    else:
-        _, back = _view(plane)
-        for s in structures:
-            mask = torch.isin(labels, torch.tensor(list(s.target_labels), dtype=labels.dtype))
-            if mask.any():
-                labels[mask & ~_apply(frame.keep(s.name), back)] = 0
-    after = torch.bincount(labels.flatten(), minlength=256)
-    removed = [f"{s.name} {int((before - after)[s.label])}" for s in structures if before[s.label] > after[s.label]]
+    """Removes from ``labels`` (a label map in the plane's layout, changed in place) each labelled voxel where the
+    CT's ``frame`` (``body_frame``) says its structure cannot lie (outside the body; an abdominal structure off the
+    abdomen's slices; a sided one across the midline); returns notes of what the frame found and removed. The rules
+    are looked up where each labelled voxel lies in the frame's axial view, whatever the layout."""
+    forward = _view(plane)[0]
+    abdomen = torch.from_numpy(frame.abdomen)
+    rules = [(torch.tensor(list(s.target_labels), dtype=labels.dtype), s.name in ABDOMINAL,
+              frame.keep_side(s.name) if s.name in SIDES else None) for s in structures]
+    removed = torch.zeros(256, dtype=torch.int64)
+    for index, values in labelled_voxels(labels):
+        rows, columns, slices = _axial_index(index, labels.shape, forward)
+        keep = frame.body[rows, columns, slices]
+        for ids, abdominal, side in rules:
+            other = ~torch.isin(values, ids)
+            if abdominal:
+                keep &= other | abdomen[slices]
+            if side is not None:
+                keep &= other | side[columns, slices]
+        removed += torch.bincount(values[~keep].long(), minlength=256)
+        labels[tuple(i[~keep] for i in index)] = 0
+    removed = [f"{s.name} {int(removed[s.label])}" for s in structures if removed[s.label]]
     notes = list(frame.notes)
     if removed:
         notes.append("voxels where the body's frame rules a structure out: " + ", ".join(removed))
     return notes
+
+
+def _axial_index(index: tuple[torch.Tensor, ...], shape, forward: np.ndarray) -> list[torch.Tensor]:
+    """Voxel indices of a plane's layout (of ``shape``) as indices of the axial view (``forward``: layout -> that view,
+    a nibabel orientation transform)."""
+    axial = [None] * 3
+    for axis, (target, flip) in enumerate(forward.astype(int)):
+        axial[target] = shape[axis] - 1 - index[axis] if flip == -1 else index[axis]
+    return axial
 
 
 def drop_specks(labels: torch.Tensor, frame: BodyFrame, structures) -> list[str]:

@@ -136,15 +136,19 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", index, persistent=False)
 
     def forward(self, x: torch.Tensor, kv_token: torch.Tensor, kv_bias: torch.Tensor) -> torch.Tensor:
-        """x: [W, N, C] windows; kv_token: [W, heads, 1, key_dim]; kv_bias: [W] (one per window)."""
+        """x: [W, N, C] windows; kv_token: [W, heads, 1, key_dim]; kv_bias: [W] (one per window), or both for all
+        windows alike (kv_token [1, heads, 1, key_dim], kv_bias [1]: one controller for the batch, whose attention
+        bias is then not copied per window)."""
         w, n, c = x.shape
         qkv = self.qkv(self.norm(x)).view(w, n, self.num_heads, 3 * self.key_dim)
         q, k, v = qkv.permute(0, 2, 1, 3).split(self.key_dim, dim=3)  # each [W, heads, N, key_dim]
+        kv_token = kv_token.expand(w, -1, -1, -1)
         k = torch.cat([k, kv_token], dim=2)
         v = torch.cat([v, kv_token], dim=2)
         position_bias = self.relative_position_bias[:, self.relative_position_index]  # [heads, N, N]
-        bias = torch.cat([position_bias.expand(w, -1, -1, -1),
-                          kv_bias.view(w, 1, 1, 1).expand(-1, self.num_heads, n, 1)], dim=3)
+        m = len(kv_bias)
+        bias = torch.cat([position_bias.expand(m, -1, -1, -1),
+                          kv_bias.view(m, 1, 1, 1).expand(-1, self.num_heads, n, 1)], dim=3)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.key_dim ** -0.5)
         return self.proj(out.transpose(1, 2).reshape(w, n, c))
 
@@ -180,19 +184,25 @@ class TinyViTBlock(nn.Module):
                 sample_controller: torch.Tensor) -> torch.Tensor:
         """x: [B, size*size, C]; sample_controller[i] indexes ``controllers`` for sample i."""
         b, length, c = x.shape
-        windows_per_sample = math.ceil(size / self.window) ** 2
-        per_window = sample_controller.repeat_interleave(windows_per_sample)
-        kv_token = torch.stack([ctl.kv_token for ctl in controllers])[per_window]
-        kv_bias = torch.cat([ctl.kv_bias for ctl in controllers])[per_window]
+        if len(controllers) == 1:  # the same token and bias for every window
+            kv_token, kv_bias = controllers[0].kv_token[None], controllers[0].kv_bias
+        else:
+            per_window = sample_controller.repeat_interleave(math.ceil(size / self.window) ** 2)
+            kv_token = torch.stack([ctl.kv_token for ctl in controllers])[per_window]
+            kv_bias = torch.cat([ctl.kv_bias for ctl in controllers])[per_window]
         attn = self.attn(_partition(x, size, self.window), kv_token, kv_bias)
         x = x + _merge(attn, b, size, self.window)
         x = self.local_conv(x.transpose(1, 2).reshape(b, c, size, size)).view(b, c, length).transpose(1, 2)
         return x + self.mlp(x) + _experts(x, controllers, sample_controller)
 
 
-def _experts(x: torch.Tensor, controllers: list[BlockController], sample_controller: torch.Tensor) -> torch.Tensor:
-    """Each sample through its own controller's expert MLP."""
+def _experts(x: torch.Tensor, controllers: list[BlockController], sample_controller: torch.Tensor) -> torch.Tensor | float:
+    """Each sample through its own controller's expert MLP. Outside training, experts whose output layer is all zeros
+    (the foundation's, ``foundation._quiet_additions``: the refiner's are never trained) add exactly nothing and are
+    not run: they would cost as much as the block's own MLP."""
     used = sample_controller.unique()
+    if not torch.is_grad_enabled() and all(_silent(controllers[i].expert) for i in used.tolist()):
+        return 0.0
     if len(used) == 1:
         return controllers[int(used)].expert(x)
     out = torch.zeros_like(x)
@@ -200,6 +210,10 @@ def _experts(x: torch.Tensor, controllers: list[BlockController], sample_control
         rows = (sample_controller == i).nonzero().squeeze(1)
         out = out.index_copy(0, rows, controllers[i].expert(x[rows]))
     return out
+
+
+def _silent(mlp: Mlp) -> bool:
+    return not (mlp.fc2.weight.any() or mlp.fc2.bias.any())
 
 
 class ConvStage(nn.Module):

@@ -23,6 +23,7 @@ from .keyframes import interpolated, keyframes, refine_stride
 from .label_maps import clean_up, combine, part_indices
 from .model import DeLightSAM
 from .normalization import get_normalization
+from .precision import products_in
 from .registration_prior import Atlas, Prior, gate, register
 from .uncertainty import DoubtMeter
 
@@ -67,15 +68,18 @@ class FittedSliceNetwork(nn.Module):
 
 
 class SliceNetwork(FittedSliceNetwork):
-    """De-LightSAM on grey slices: replicated to three channels and normalised as the checkpoint expects."""
+    """De-LightSAM on grey slices: replicated to three channels and normalised as the checkpoint expects; its products
+    in ``precision`` (``precision.resolve``d)."""
 
-    def __init__(self, model: DeLightSAM, modality: str) -> None:
+    def __init__(self, model: DeLightSAM, modality: str, precision: str = "float32") -> None:
         super().__init__(model.config.img_size, next(model.parameters()).device, model.config.modality(modality).pixel_mm)
-        self.model, self.modality = model, modality
+        self.model, self.modality, self.precision = model, modality, precision
         self.normalise = get_normalization(model)
 
     def logits(self, grey: torch.Tensor, fitted: tuple[int, int], guide: torch.Tensor | None) -> torch.Tensor:
-        return self.model(model_input(grey, fitted, self.normalise), self.modality).low_res_logits
+        with products_in(self.precision, self.device):
+            logits = self.model(model_input(grey, fitted, self.normalise), self.modality).low_res_logits
+        return logits.float()
 
 
 @torch.inference_mode()

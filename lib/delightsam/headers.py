@@ -119,10 +119,31 @@ def _nifti_header(path: Path) -> Header:
     stored = None if path.name.lower().endswith(".gz") else os.path.getsize(path) - int(header["vox_offset"])
     with np.errstate(invalid="ignore"):
         affine = np.asarray(image.affine, dtype=np.float64)
-    # nibabel scales such voxels as it reads them, to float64 (the loaded header's scaling moves to the data proxy)
+    # such voxels are scaled as they are read (the loaded header's scaling moves to the data proxy): to float64, or to
+    # integers where the scaling is whole numbers (``scaled_integers``; bounded here by the stored type's range)
     slope, intercept = getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0)
-    scaled = slope != 1 or intercept != 0
-    return Header(path.name, shape, itemsize, affine, stored, 8 if scaled else None)
+    read = None
+    if slope != 1 or intercept != 0:
+        stored_type = header.get_data_dtype()
+        as_integers = scaled_integers(stored_type, slope, intercept) if stored_type.kind in "iu" else None
+        read = np.dtype(as_integers).itemsize if as_integers is not None else 8
+    return Header(path.name, shape, itemsize, affine, stored, read)
+
+
+def scaled_integers(stored: np.dtype, slope: float, intercept: float, low: int | None = None,
+                    high: int | None = None):
+    """The integer type that integers stored as ``stored`` and scaled by a whole-number ``slope`` and ``intercept``
+    are read as (``reading.IntegerNiftiReader``): the smallest of int16, int32 and int64 that holds the scaled values
+    of ``low`` to ``high`` (the stored type's whole range where they are not given); None where the scaling is not
+    whole numbers (such voxels are read as float64)."""
+    slope, intercept = float(slope), float(intercept)
+    if not (slope.is_integer() and intercept.is_integer()):
+        return None
+    info = np.iinfo(stored)
+    low, high = (info.min if low is None else low), (info.max if high is None else high)
+    ends = [int(v) * int(slope) + int(intercept) for v in (low, high)]
+    return next(t for t in (np.int16, np.int32, np.int64)
+                if np.iinfo(t).min <= min(ends) and max(ends) <= np.iinfo(t).max)
 
 
 def _raw_pixdim(path: Path, kind) -> np.ndarray:

@@ -37,6 +37,17 @@ def structure_mask(labels, structure: Structure):
     return np.isin(labels, structure.target_labels)
 
 
+def labelled_voxels(labels: torch.Tensor, slices: int = 16):
+    """The labelled voxels of a label map [rows, columns, slices], ``slices`` slices at a time: per slab, their
+    (rows, columns, slices) indices in the whole map and their values. A rule that looks up where each labelled
+    voxel lies then costs what the structures take rather than the volume (a label map is mostly background), in
+    the memory of one slab; ``labels[index] = 0`` with a subset of the indices removes voxels."""
+    for z0 in range(0, labels.shape[2], slices):
+        rows, columns, zs = torch.nonzero(labels[..., z0: z0 + slices]).unbind(1)
+        index = (rows, columns, zs + z0)
+        yield index, labels[index]
+
+
 def part_indices(structures: list[Structure]) -> dict[int, list[int]]:
     index = {s.label: i for i, s in enumerate(structures)}
     return {i: [index[p] for p in s.parts] for i, s in enumerate(structures) if s.parts}

@@ -19,6 +19,7 @@ from .first_stage import SliceNetwork, VolumeResult, segment_with
 from .foundation import foundation_model
 from .keyframes import refine_stride
 from .model import DeLightSAM
+from .precision import resolve
 from .refinement import refine
 
 PROMPTS = ("3d", "slice")
@@ -38,6 +39,7 @@ class Pipeline:
     prompts: str = "slice"  # the second stage's boxes: per slice or one per structure ("3d")
     refine_every_mm: float = 10.0  # the refiner decodes one slice about every this many mm
     first_every_mm: float = 3.0  # in two stages, the first stage sees one slice about every this many mm
+    precision: str = "auto"  # the networks' products: "auto" (bfloat16 where the CPU has it natively), "float32"...
 
     def refines(self, modality: str) -> bool:
         return modality in self.refined or "*" in self.refined
@@ -74,7 +76,12 @@ class Pipeline:
         two = self.refines(modality)
         return segment_volume(model, image, modality, refiner=self.refiner(model) if two else None,
                               prompts=self.prompts, refine_every_mm=self.refine_every_mm,
-                              every_mm=self.first_every_mm if two else None, **options)
+                              every_mm=self.first_every_mm if two else None,
+                              precision=self.precision_on(next(model.parameters()).device), **options)
+
+    def precision_on(self, device) -> str:
+        """The products' number format on ``device``, "float32" or "bfloat16" (``precision.resolve``)."""
+        return resolve(self.precision, device)
 
     def memory_mb(self, modality: str, voxels: int, itemsize: int) -> float:
         """The peak memory that one inference of a volume of ``voxels`` stored ``itemsize`` bytes a voxel adds to a
@@ -105,7 +112,8 @@ _BUILDING = threading.Lock()
 def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch_size: int = 8,
                    threshold: float = 0.5, cleanup: bool = False, progress: bool = False, affine=None,
                    refiner: DeLightSAM | None = None, prompts: str = "3d", doubt: bool = False,
-                   refine_every_mm: float | None = None, every_mm: float | None = None) -> VolumeResult:
+                   refine_every_mm: float | None = None, every_mm: float | None = None,
+                   precision: str = "float32") -> VolumeResult:
     """Label map of a 3-D volume on its own grid. ``volume``: a MetaTensor (its affine gives the orientation),
     or an [X, Y, Z] array or tensor with ``affine`` or ``spacing`` (else taken as stored RAS, 1 mm).
 
@@ -116,12 +124,18 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
     (with ``refine_every_mm``, one slice in about that many millimetres, the others interpolated:
     ``refinement.refine``). ``every_mm``: the same for the first stage (its probabilities interpolated between
     decoded slices), so that its cost follows the anatomy's extent rather than the number of slices.
-    ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``)."""
+    ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``). ``precision``:
+    the networks' products, "float32" or "bfloat16" (``precision``; a note says when it is bfloat16)."""
     spec = model.config.modality(modality)
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
     second = None if refiner is None else (
         lambda grey, coarse, oriented: refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
-                                              refine_stride(refine_every_mm, oriented.spacing[2]), oriented))
-    return segment_with(SliceNetwork(model, modality), volume, spec, spacing, batch_size, threshold, cleanup, progress,
-                        affine=affine, refine=second, doubt=doubt, every_mm=every_mm, atlas=model.atlases.get(modality))
+                                              refine_stride(refine_every_mm, oriented.spacing[2]), oriented, precision))
+    result = segment_with(SliceNetwork(model, modality, precision), volume, spec, spacing, batch_size, threshold, cleanup,
+                          progress, affine=affine, refine=second, doubt=doubt, every_mm=every_mm,
+                          atlas=model.atlases.get(modality))
+    if precision != "float32":
+        result.notes.append(f"the networks' matrix products in {precision} (the app's --conf precision float32 "
+                            "for float32)")
+    return result

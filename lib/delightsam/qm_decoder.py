@@ -105,5 +105,5 @@ class QMDecoder(nn.Module):
         for head in dict.fromkeys(heads):  # one pass per hypernetwork head
             rows = torch.tensor([k for k, h in enumerate(heads) if h is head], device=src.device)
             masks = self._decode(src[samples[rows]], pe, sets[rows], head, slice(1, 2))
-            out[samples[rows], channels[rows]] = masks[:, 0]
+            out[samples[rows], channels[rows]] = masks[:, 0].to(out.dtype)
         return out

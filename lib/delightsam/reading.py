@@ -14,17 +14,38 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import ITKReader
+from monai.data import ITKReader, NibabelReader
 from monai.transforms import LoadImage
 
 from .geometry import spacing_of
-from .headers import Limits, check_series, check_volume, is_nifti
+from .headers import Limits, check_series, check_volume, is_nifti, scaled_integers
 
 
-def image_reader(path) -> str:
-    """nibabel for NIfTI (ITK's NIfTI reader turns NaN into 0, hiding corrupt volumes), ITK for the rest
-    (NRRD, DICOM series folders)."""
-    return "NibabelReader" if is_nifti(path) else "ITKReader"
+def image_reader(path):
+    """nibabel for NIfTI (ITK's NIfTI reader turns NaN into 0, hiding corrupt volumes; ``IntegerNiftiReader``), ITK
+    for the rest (NRRD, DICOM series folders)."""
+    return IntegerNiftiReader() if is_nifti(path) else "ITKReader"
+
+
+class IntegerNiftiReader(NibabelReader):
+    """MONAI's NibabelReader, except that a NIfTI of integers whose scaling is whole numbers (a CT stored as int16
+    with an intercept of -1024, say) is read as integers of the same values: nibabel gives any scaled volume as
+    float64, eight bytes a voxel, and a 512x512x133 CT took 2 s to read that way instead of 0.6 s."""
+
+    def _get_array_data(self, img, filename):
+        proxy = img.dataobj
+        slope, inter = float(getattr(proxy, "slope", np.nan)), float(getattr(proxy, "inter", np.nan))
+        stored = np.dtype(getattr(proxy, "dtype", np.float64))
+        if self.to_gpu or stored.kind not in "iu" or not (slope.is_integer() and inter.is_integer()):
+            return super()._get_array_data(img, filename)
+        raw = proxy.get_unscaled()
+        if slope == 1 and inter == 0:
+            return raw
+        dtype = scaled_integers(stored, slope, inter, *((int(raw.min()), int(raw.max())) if raw.size else (0, 0)))
+        scaled = raw.astype(dtype)
+        scaled *= dtype(slope)
+        scaled += dtype(inter)
+        return scaled
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .keyframes import interpolated, keyframes
 from .label_maps import Region, combine, part_indices, structure_regions
 from .model import DeLightSAM, resized
 from .normalization import get_normalization
+from .precision import products_in
 from .sp_generator import boxes_from_profiles
 
 
@@ -80,7 +81,8 @@ CONTEXT_SIZE, CONTEXT_KEYFRAMES = 160, 6
 
 
 def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.Tensor, prompts: str,
-           batch_size: int, threshold: float, stride: int, oriented: Oriented) -> tuple[torch.Tensor, str]:
+           batch_size: int, threshold: float, stride: int, oriented: Oriented,
+           precision: str = "float32") -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
     The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
@@ -89,7 +91,7 @@ def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.
     run (``keyframes``), and a slice between two takes their probabilities interpolated linearly: organs change
     little over a few millimetres, and the cost falls k-fold. A structure whose box the modality's box atlas
     contradicts, given the ``oriented`` volume's geometry, is prompted where the atlas puts it (``context_prompts``)
-    and decoded on whole slices (``_context_pass``)."""
+    and decoded on whole slices (``_context_pass``). ``precision``: of the refiner's products (``precision``)."""
     rows, columns, depth = grey.shape
     regions = structure_regions(coarse, spec.structures)
     boxes = slice_boxes(regions, prompts, depth)
@@ -113,10 +115,10 @@ def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.
         labels[r0: r1 + 1, c0: c1 + 1, z] = combine(probabilities, label_ids, threshold, parts)
 
     offset = torch.tensor([c0, r0, c0, r0], dtype=torch.float32)
-    keys = _decode(resized(refiner, size), spec.name, part, boxes - offset, todo, stride, batch_size, draw)
+    keys = _decode(resized(refiner, size), spec.name, part, boxes - offset, todo, stride, batch_size, draw, precision)
     if boxed:
         context += _context_pass(resized(refiner, CONTEXT_SIZE), spec, grey, labels, atlas_boxes, boxed, stride,
-                                 batch_size, threshold)
+                                 batch_size, threshold, precision)
     kind = "3-D boxes" if prompts == "3d" else "boxes per slice"
     decoded = f"{len(keys)} decoded, the others interpolated; " if len(keys) < len(todo) else ""
     return labels, f"refined {len(todo)} of {depth} slices with {kind} ({decoded}a {part.shape[0]}x{part.shape[1]} part of each, at input {size}){context}"
@@ -134,7 +136,7 @@ def _boxed_slices(boxes: torch.Tensor) -> list[int]:
 
 
 def _decode(model: DeLightSAM, modality: str, grey: GreyVolume, boxes: torch.Tensor, todo: list[int], stride: int,
-            batch_size: int, draw) -> list[int]:
+            batch_size: int, draw, precision: str = "float32") -> list[int]:
     """Decodes the keyframes of ``todo`` (``keyframes``) of ``grey`` [rows, columns, slices], each fitted to the
     model's input, with ``boxes`` [slices, S, 4] in grey's pixels, and calls ``draw(z, probabilities [S, rows,
     columns])`` for every slice of ``todo``: a keyframe's own, or its two keyframes' interpolated. Returns the
@@ -149,8 +151,9 @@ def _decode(model: DeLightSAM, modality: str, grey: GreyVolume, boxes: torch.Ten
             zs = keys[start: start + batch_size]
             fitted_grey, fitted = fit_to_square(grey.slices(zs).permute(2, 0, 1)[:, None], size)
             inputs = model_input(fitted_grey, fitted, normalise).to(device)
-            logits = model(inputs, modality, (boxes[zs] * scale).to(device)).low_res_logits
-            logits = torch.nan_to_num(logits, neginf=-100.0)  # structures without a box: empty, not NaN after resizing
+            with products_in(precision, device):
+                logits = model(inputs, modality, (boxes[zs] * scale).to(device)).low_res_logits
+            logits = torch.nan_to_num(logits.float(), neginf=-100.0)  # structures without a box: empty, not NaN after resizing
             yield from zip(zs, probabilities_on_slice(logits, size, fitted, grey.shape[:2]))
 
     for z, probabilities in interpolated(decoded(), set(todo)):  # between keyframes of a run only: runs end in one
@@ -159,7 +162,7 @@ def _decode(model: DeLightSAM, modality: str, grey: GreyVolume, boxes: torch.Ten
 
 
 def _context_pass(model: DeLightSAM, spec: Modality, grey: GreyVolume, labels: torch.Tensor, boxes: torch.Tensor,
-                  boxed: list[int], stride: int, batch_size: int, threshold: float) -> str:
+                  boxed: list[int], stride: int, batch_size: int, threshold: float, precision: str) -> str:
     """Decodes the structures ``boxed`` by the atlas (``boxes`` [slices, S, 4] has only theirs) on whole slices (see
     CONTEXT_SIZE) and draws them in ``labels`` where no other structure is; returns a note."""
     todo = _boxed_slices(boxes)
@@ -171,5 +174,5 @@ def _context_pass(model: DeLightSAM, spec: Modality, grey: GreyVolume, labels: t
         free = (best > threshold) & (labels[..., z] == 0)
         labels[..., z][free] = ids[index[free]]
 
-    keys = _decode(model, spec.name, grey, boxes, todo, stride, batch_size, draw)
+    keys = _decode(model, spec.name, grey, boxes, todo, stride, batch_size, draw, precision)
     return f"; those decoded on {len(keys)} whole slices at input {model.config.img_size}"

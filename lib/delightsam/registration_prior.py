@@ -34,6 +34,7 @@ from scipy import ndimage
 
 from .body_frame import ABDOMINAL, BodyFrame, _view
 from .geometry import _apply
+from .label_maps import labelled_voxels
 
 ATLAS_MM = 4.0  # the atlas's and the registration's grid
 DOME_RISE_MM = 15.0  # the domes' top above the frame's lung-base level (body_frame)
@@ -43,7 +44,6 @@ BELOW_DOME_MM = 250.0  # the part of the scan the registration matches: the uppe
 MIN_BELOW_MM = 40.0
 GATE_MM = 20.0
 MIN_SHARE = 0.3
-CHUNK_SLICES = 16  # the gate's pass over a volume goes this many slices at a time (its memory stays small)
 ABOVE_TOP_MM = 400.0  # the atlas's field of view is taken to go on upward this far, with none of its organs
 SOFT_TISSUE = (-200.0, 300.0)  # the grey levels the registration compares (HU)
 ATLAS_PREFIX = "atlas."  # a checkpoint's atlas tensors: atlas.<modality>.image (int16 HU), atlas.<modality>.labels
@@ -213,7 +213,7 @@ def gate(labels: torch.Tensor, prior: Prior, structures, fill: bool) -> list[str
     ``GATE_MM`` from where the ``prior`` puts it; with ``fill``, a structure left with less than ``MIN_SHARE`` of the
     prior's volume gets the prior's mask where no other structure is. Returns notes."""
     gated = [s for s in structures if s.name in ABDOMINAL]
-    # one pass over the volume: each coarse voxel holds a bit per label value that may lie there
+    # each coarse voxel holds a bit per label value that may lie there
     bit = torch.zeros(256, dtype=torch.int64)
     allowed = np.zeros(prior.labels.shape, dtype=np.int64)
     for s in gated:
@@ -222,13 +222,13 @@ def gate(labels: torch.Tensor, prior: Prior, structures, fill: bool) -> list[str
             if value < 63:  # (a model of more labels than that leaves the others ungated)
                 bit[value] = 1 << value
                 allowed |= grown.astype(np.int64) << value
+    allowed, maps = torch.from_numpy(allowed), [torch.from_numpy(m) for m in prior.maps]
     removed = torch.zeros(256, dtype=torch.int64)
-    for z in range(0, labels.shape[2], CHUNK_SLICES):
-        part = labels[..., z: z + CHUNK_SLICES]
-        wanted = bit[part.long()]
-        wrong = (wanted != 0) & ((prior.full(allowed, slice(z, z + CHUNK_SLICES)) & wanted) == 0)
-        removed += torch.bincount(part[wrong].long(), minlength=256)
-        part[wrong] = 0
+    for index, values in labelled_voxels(labels):
+        wanted = bit[values.long()]
+        wrong = (wanted != 0) & ((allowed[tuple(m[i] for m, i in zip(maps, index))] & wanted) == 0)
+        removed += torch.bincount(values[wrong].long(), minlength=256)
+        labels[tuple(i[wrong] for i in index)] = 0
     notes = []
     named = [f"{s.name} {int(removed[list(s.target_labels)].sum())}" for s in gated if removed[list(s.target_labels)].any()]
     if named:

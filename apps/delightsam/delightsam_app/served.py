@@ -167,6 +167,7 @@ class ServedModel:
         pipeline = self.pipeline
         return {"model_version": version, "training": training, "user_scores": user_scores,
                 "pipeline": pipeline.describe(modality, adapted), "refiner_adapted": adapted and pipeline.refines(modality),
+                "precision": pipeline.precision_on(self.settings.device),
                 "model_card": "/model_card" if self.model_card() else None}
 
 

@@ -9,6 +9,7 @@ from monailabel.utils.others.generic import strtobool
 
 from delightsam.headers import MB, Limits
 from delightsam.pipeline import Pipeline
+from delightsam.precision import resolve
 
 REPO = Path(__file__).resolve().parents[3]
 DEFAULT_MODEL = REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors"  # the starter bundle
@@ -34,7 +35,8 @@ class AppSettings:
     # within 0.013 and 0.001 of 256 at a fraction of the time). --conf refine_every_mm: the refiner decodes one slice
     # about every this many mm, those between interpolated (0: every slice). --conf first_every_mm: in two stages the
     # first stage likewise (it only places the boxes, so its cost follows the anatomy's extent, not the number of
-    # slices: the model card measures the held-out CT and 100 against 600 slices)
+    # slices: the model card measures the held-out CT and 100 against 600 slices). --conf precision: the networks'
+    # matrix products, "auto" (bfloat16 on a CPU that computes it natively, else float32), "float32" or "bfloat16"
     pipeline: Pipeline
     model_dir: Path  # published models, their versions, training runs, the split, the embedding cache
     # the trust boundary (see guard.py): a request names datastore images, never server paths, unless allowed
@@ -87,12 +89,14 @@ class AppSettings:
 
 
 def _pipeline(conf: dict[str, str]) -> Pipeline:
-    """--conf refine (default: CT), refine_size, prompts, refine_every_mm, first_every_mm; the rest as ``Pipeline``'s
-    defaults (what the model card measured)."""
+    """--conf refine (default: CT), refine_size, prompts, refine_every_mm, first_every_mm, precision; the rest as
+    ``Pipeline``'s defaults (what the model card measured)."""
     default = Pipeline()
+    precision = str(conf.get("precision", default.precision)).lower()
+    resolve(precision)  # a misspelt precision stops the server at start, naming the choices
     return Pipeline(sorted(_refined_modalities(conf.get("refine", "ct"))), _refine_size(conf.get("refine_size", default.size)),
                     conf.get("prompts", default.prompts), max(float(conf.get("refine_every_mm", default.refine_every_mm)), 0.0),
-                    max(float(conf.get("first_every_mm", default.first_every_mm)), 0.0))
+                    max(float(conf.get("first_every_mm", default.first_every_mm)), 0.0), precision)
 
 
 def _positive(conf: dict[str, str], key: str, default: float) -> float:

@@ -159,6 +159,7 @@ class DeLightSAMInfer(BasicInferTask):
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
                           "refined": refined, "prompts": pipeline.prompts if refined else None,
                           "pipeline": pipeline.describe(self.modality, carries_adaptation(model, self.modality)),
+                          "precision": pipeline.precision_on(next(model.parameters()).device),
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes,
                           # absence is an answer: a structure not in the scan is named, not drawn somewhere
