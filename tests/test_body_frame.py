@@ -135,3 +135,23 @@ def test_a_speck_is_not_an_organ(samples):
     sliver = torch.zeros((*oriented.data.shape[:2], 1), dtype=torch.uint8)
     sliver[10:14, 10:14] = 3  # 0.43 mL
     assert drop_specks(sliver, thin, STRUCTURES) == [] and int((sliver == 3).sum()) == 16
+
+
+@pytest.mark.parametrize("plane", ["axial", "coronal", "sagittal"])
+def test_each_labelled_voxel_is_looked_up_where_the_axial_view_has_it(plane):
+    """The frame's rules are looked up, for each labelled voxel of a plane's layout, in the axial view
+    (``_axial_index``): flips and permutation as ``geometry._apply`` makes that view, slab by slab."""
+    from delightsam.body_frame import _axial_index, _view
+    from delightsam.geometry import _apply
+    from delightsam.label_maps import labelled_voxels
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (7, 9, 11), generator=generator, dtype=torch.uint8)
+    labels[torch.rand(labels.shape, generator=generator) < 0.6] = 0
+    forward = _view(plane)[0]
+    axial, seen = _apply(labels, forward), 0
+    for index, values in labelled_voxels(labels, slices=4):
+        rows, columns, slices = _axial_index(index, labels.shape, forward)
+        assert torch.equal(axial[rows, columns, slices], values) and values.all()
+        seen += len(values)
+    assert seen == int((labels > 0).sum()) > 0

@@ -13,6 +13,7 @@ import torch
 from delightsam import load_model
 from delightsam.dc_encoder import _silent
 from delightsam.foundation import _quiet_additions
+from delightsam.headers import check_volume
 from delightsam.pipeline import Pipeline
 from delightsam.reading import read_label, read_volume
 from test_body_frame import _reordered
@@ -39,6 +40,10 @@ def test_auto_is_bfloat16_only_where_the_cpu_computes_it(monkeypatch):
     assert precision.resolve("float32") == "float32" and precision.resolve("bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="precision must be one of auto, float32, bfloat16, got 'fp16'"):
         precision.resolve("fp16")
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    for name, dtype in (("bfloat16", torch.bfloat16), ("auto", torch.bfloat16), ("float32", torch.float32)):
+        with precision.products_in(name):
+            assert torch.mm(a, b).dtype == dtype, name  # the products really run so
 
 
 def test_the_app_takes_a_precision_by_name_and_refuses_a_misspelt_one(tmp_path):
@@ -65,6 +70,7 @@ def test_bfloat16_gives_float32s_organs_on_a_real_ct_in_two_storage_orders(sampl
         assert any("matrix products in bfloat16" in note for note in result.notes), result.notes
         halves.append(result.labels if volume is image else _back(result.labels, image))
     np.testing.assert_array_equal(halves[0], halves[1])
+    assert (halves[0] != single.labels).any()  # bfloat16 ran: not float32's labels to the voxel
     for ts, ours in CT_IDS.items():
         truth, mine, exact = reference == ts, halves[0] == ours, single.labels == ours
         assert _dice(mine, exact) > 0.97, ours  # the same organ as float32 draws
@@ -127,3 +133,16 @@ def test_an_integer_nifti_with_an_intercept_is_read_as_integers_of_the_same_valu
     half = read_volume(tmp_path / "half.nii.gz", dtype=None)
     assert half.dtype.is_floating_point
     np.testing.assert_array_equal(half.numpy(), np.asanyarray(nib.load(tmp_path / "half.nii.gz").dataobj))
+    # a slope beyond the values' type: scaled in a type that holds it; int64 data with an intercept: its header bounds
+    # nothing below int64 (estimated as floats, no error), its values are read in the type that holds them
+    steep = nib.Nifti1Image((stored > 0).astype(np.int16), image.affine)
+    steep.header.set_slope_inter(40000, -20000)
+    nib.save(steep, tmp_path / "steep.nii.gz")
+    big = nib.Nifti1Image(stored.astype(np.int64), image.affine, dtype=np.int64)
+    big.header.set_slope_inter(1, -1024)
+    nib.save(big, tmp_path / "big.nii.gz")
+    for name, dtype, estimate in (("steep", torch.int32, 4), ("big", torch.int16, 8)):
+        path = tmp_path / f"{name}.nii.gz"
+        read = read_volume(path, dtype=None)
+        assert read.dtype == dtype and check_volume(path).bytes_per_voxel_read == estimate, name
+        np.testing.assert_array_equal(read.numpy(), np.asanyarray(nib.load(path).dataobj))

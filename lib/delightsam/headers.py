@@ -126,7 +126,7 @@ def _nifti_header(path: Path) -> Header:
     if slope != 1 or intercept != 0:
         stored_type = header.get_data_dtype()
         as_integers = scaled_integers(stored_type, slope, intercept) if stored_type.kind in "iu" else None
-        read = np.dtype(as_integers).itemsize if as_integers is not None else 8
+        read = np.dtype(as_integers).itemsize if as_integers is not None else 8  # None: floats
     return Header(path.name, shape, itemsize, affine, stored, read)
 
 
@@ -134,16 +134,17 @@ def scaled_integers(stored: np.dtype, slope: float, intercept: float, low: int |
                     high: int | None = None):
     """The integer type that integers stored as ``stored`` and scaled by a whole-number ``slope`` and ``intercept``
     are read as (``reading.IntegerNiftiReader``): the smallest of int16, int32 and int64 that holds the scaled values
-    of ``low`` to ``high`` (the stored type's whole range where they are not given); None where the scaling is not
-    whole numbers (such voxels are read as float64)."""
+    of ``low`` to ``high`` (the stored type's whole range where they are not given), and the slope and intercept
+    themselves (the scaling runs in that type); None where the scaling is not whole numbers or no such type holds
+    them (such voxels are read as float64)."""
     slope, intercept = float(slope), float(intercept)
     if not (slope.is_integer() and intercept.is_integer()):
         return None
     info = np.iinfo(stored)
     low, high = (info.min if low is None else low), (info.max if high is None else high)
-    ends = [int(v) * int(slope) + int(intercept) for v in (low, high)]
-    return next(t for t in (np.int16, np.int32, np.int64)
-                if np.iinfo(t).min <= min(ends) and max(ends) <= np.iinfo(t).max)
+    values = [int(v) * int(slope) + int(intercept) for v in (low, high)] + [int(slope), int(intercept)]
+    return next((t for t in (np.int16, np.int32, np.int64)
+                 if np.iinfo(t).min <= min(values) and max(values) <= np.iinfo(t).max), None)
 
 
 def _raw_pixdim(path: Path, kind) -> np.ndarray:

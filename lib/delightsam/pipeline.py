@@ -127,6 +127,7 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
     ``doubt``: also measure how unsure the (first-stage) model is, per structure (``uncertainty``). ``precision``:
     the networks' products, "float32" or "bfloat16" (``precision``; a note says when it is bfloat16)."""
     spec = model.config.modality(modality)
+    precision = resolve(precision, next(model.parameters()).device)
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
     second = None if refiner is None else (

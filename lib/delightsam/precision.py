@@ -37,7 +37,7 @@ def resolve(precision: str, device: torch.device | str = "cpu") -> str:
 
 
 def products_in(precision: str, device: torch.device | str = "cpu"):
-    """A context in which the networks' products run in ``precision`` (resolved: "float32" or "bfloat16")."""
-    if precision == "float32":
+    """A context in which the networks' products run in ``precision`` (as ``resolve`` takes it on ``device``)."""
+    if resolve(precision, device) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)

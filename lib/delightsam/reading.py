@@ -42,6 +42,8 @@ class IntegerNiftiReader(NibabelReader):
         if slope == 1 and inter == 0:
             return raw
         dtype = scaled_integers(stored, slope, inter, *((int(raw.min()), int(raw.max())) if raw.size else (0, 0)))
+        if dtype is None:  # beyond int64: as nibabel gives it
+            return super()._get_array_data(img, filename)
         scaled = raw.astype(dtype)
         scaled *= dtype(slope)
         scaled += dtype(inter)
