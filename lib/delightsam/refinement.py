@@ -82,7 +82,7 @@ CONTEXT_SIZE, CONTEXT_KEYFRAMES = 160, 6
 
 def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.Tensor, prompts: str,
            batch_size: int, threshold: float, stride: int, oriented: Oriented,
-           precision: str = "float32") -> tuple[torch.Tensor, str]:
+           precision: str = "float32", box_atlas: bool = True) -> tuple[torch.Tensor, str]:
     """The label map [rows, columns, slices] that the refiner draws on the slices that have a box (0 elsewhere).
 
     The refiner sees only the part of the slices that the boxes (and a margin of 10% of their extent) cover, at
@@ -91,11 +91,16 @@ def refine(refiner: DeLightSAM, spec: Modality, grey: GreyVolume, coarse: torch.
     run (``keyframes``), and a slice between two takes their probabilities interpolated linearly: organs change
     little over a few millimetres, and the cost falls k-fold. A structure whose box the modality's box atlas
     contradicts, given the ``oriented`` volume's geometry, is prompted where the atlas puts it (``context_prompts``)
-    and decoded on whole slices (``_context_pass``). ``precision``: of the refiner's products (``precision``)."""
+    and decoded on whole slices (``_context_pass``), unless ``box_atlas`` is False (a registered atlas placed the
+    structures already: ``registration_prior``). ``precision``: of the refiner's products (``precision``)."""
     rows, columns, depth = grey.shape
     regions = structure_regions(coarse, spec.structures)
     boxes = slice_boxes(regions, prompts, depth)
-    context, boxed = context_prompts(boxes, regions, spec, oriented)
+    if box_atlas:
+        context, boxed = context_prompts(boxes, regions, spec, oriented)
+    else:  # its boxes map one patient's along the slices too, and moved a spleen found where it is (the model card)
+        context, boxed = ("; the box atlas not consulted: the registered atlas placed the structures"
+                          if spec.box_atlas else ""), []
     labels = torch.zeros_like(coarse)
     boxes, atlas_boxes = _split(boxes, boxed)  # those the atlas boxed are decoded on whole slices (_context_pass)
     todo = _boxed_slices(boxes)  # the atlas boxes a structure only relative to one found, which keeps its boxes
