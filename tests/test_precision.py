@@ -79,8 +79,9 @@ def test_bfloat16_gives_float32s_organs_on_a_real_ct_in_two_storage_orders(sampl
 
 @pytest.mark.slow
 def test_bfloat16_gives_float32s_brain_tissue_on_the_mr_template(samples, shipped):
-    image = read_volume(samples / "studies" / "mni152_t1.nii.gz")
-    reference = np.asarray(read_label(samples / "samples" / "labels" / "mni152_t1.nii.gz", image)).astype(np.uint8)
+    whole = read_volume(samples / "studies" / "mni152_t1.nii.gz")
+    reference = np.asarray(read_label(samples / "samples" / "labels" / "mni152_t1.nii.gz", whole)).astype(np.uint8)
+    image, reference = whole[..., 60:124], reference[..., 60:124]  # 64 axial slices through the ventricles: CI's time
     answers = {p: Pipeline(precision=p).segment(shipped, image, "mr", batch_size=4).labels for p in ("float32", "bfloat16")}
     for s in shipped.config.modality("mr").structures:
         if s.name == "brain":
