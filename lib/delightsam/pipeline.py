@@ -76,8 +76,7 @@ class Pipeline:
         two = self.refines(modality)
         return segment_volume(model, image, modality, refiner=self.refiner(model) if two else None,
                               prompts=self.prompts, refine_every_mm=self.refine_every_mm,
-                              every_mm=self.first_every_mm if two else None,
-                              precision=self.precision_on(next(model.parameters()).device), **options)
+                              every_mm=self.first_every_mm if two else None, precision=self.precision, **options)
 
     def precision_on(self, device) -> str:
         """The products' number format on ``device``, "float32" or "bfloat16" (``precision.resolve``)."""

@@ -11,6 +11,7 @@ OpenVINO and ONNX Runtime do by default on such CPUs. The model card measures bo
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
 
 import torch
@@ -18,6 +19,7 @@ import torch
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+@functools.cache  # asked on every batch (``products_in``); a CPU's instructions do not change
 def native_bfloat16() -> bool:
     """Whether this machine's CPU multiplies bfloat16 matrices natively (x86 AMX or AVX-512 BF16)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
