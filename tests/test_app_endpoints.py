@@ -16,6 +16,7 @@ from delightsam.precision import resolve
 from helpers import APP_DIR, dciodvfy_errors, make_test_checkpoint, studies_folder
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}  # what the test checkpoint's MR model says it was measured on
 
 
 def _client(studies, conf, tmp):
@@ -40,7 +41,7 @@ def env(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("app")
     studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "ts_mr_small.nii.gz"])
     models = tmp / "models"
-    checkpoint = make_test_checkpoint(models / "delightsam.safetensors", seed=0, version="v1")
+    checkpoint = make_test_checkpoint(models / "delightsam.safetensors", seed=0, version="v1", mr_measured=MEASURED)
     make_test_checkpoint(models / "delightsam-v2.safetensors", seed=1, version="v2")
     # a single-user workstation that names DICOM series folders by server path (off by default: test_hostile)
     client = _client(studies, {"checkpoint": str(checkpoint), "allow_server_paths": "true"}, tmp)
@@ -111,6 +112,44 @@ def test_the_model_is_the_modality_and_a_dicom_tag_must_agree(env):
     reply = _infer(env["client"], NRRD_UINT8, model="delightsam_mr", image=str(series))
     assert reply.status_code == 422
     assert "is CT by its DICOM Modality tag" in reply.json()["detail"] and "use delightsam_ct" in reply.json()["detail"]
+
+
+def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp_path):
+    """The MR model records what it was measured on (T1, 1-5 mm); /info says it. A FLAIR (named by the request or
+    by its DICOM series description) or a 7 mm series still gets its mask, and the result says it is outside that;
+    a NIfTI whose contrast nobody named says the contrast is unknown. A contrast for CT is refused."""
+    client = env["client"]
+    mr = client.get("/info/").json()["models"]["delightsam_mr"]
+    assert mr["measured"] == MEASURED and mr["config"]["contrast"][0] == "auto" and "FLAIR" in mr["config"]["contrast"]
+    assert "contrast" not in client.get("/info/").json()["models"]["delightsam_ct"]["config"]
+    t1 = _infer(client, {"contrast": "T1"}, model="delightsam_mr", image="ts_mr_small").json()  # 3 mm slices
+    assert t1["scope"] == {"contrast": "T1", "contrast_from": "request", "slice_mm": 3.0, "within_measured": True}
+    assert not any("measured on" in n for n in t1["notes"])
+    flair = _infer(client, {"contrast": "FLAIR"}, model="delightsam_mr", image="ts_mr_small").json()
+    assert flair["scope"]["within_measured"] is False and flair["label_names"] == {"brain": 4}
+    assert any("outside what this model was measured on (MR T1, slices 1-5 mm): its contrast is FLAIR" in n
+               for n in flair["notes"])
+    unknown = _infer(client, model="delightsam_mr", image="ts_mr_small").json()  # a NIfTI: no series description
+    assert unknown["scope"]["contrast_from"] == "unknown" and unknown["scope"]["within_measured"] is None
+    assert any("contrast is not known" in n for n in unknown["notes"])
+    # a 7 mm DICOM series described as a T2 FLAIR (the DICOM sample's pixels, its header rewritten)
+    import pydicom
+
+    folder = tmp_path / "flair"
+    folder.mkdir()
+    for k, f in enumerate(sorted((env["samples"] / "samples" / "ts_ct_dicom").iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.Modality, ds.SeriesDescription, ds.SliceThickness = "MR", "AX T2 FLAIR", 7.0
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], 7.0 * k]
+        ds.save_as(folder / f"{k:03d}.dcm")
+    series_reply = _infer(client, {"contrast": "auto"}, model="delightsam_mr", image=str(folder)).json()
+    assert series_reply["scope"] == {"contrast": "FLAIR", "contrast_from": "DICOM series description", "slice_mm": 7.0,
+                                     "within_measured": False}
+    assert any("its contrast is FLAIR (from the DICOM series description) and its slices are 7 mm apart" in n
+               for n in series_reply["notes"])
+    refused = _infer(client, {"contrast": "T2"}, image="ts_ct_small")
+    assert refused.status_code == 422 and "records no contrasts" in refused.json()["detail"]
+    assert _infer(client, {"contrast": "T3"}, model="delightsam_mr", image="ts_mr_small").status_code == 422
 
 
 def test_nifti_output_and_cleanup(env):

@@ -135,25 +135,3 @@ def test_bad_volumes_are_refused_with_reasons(model):
     assert segment_volume(model, volume, "ct").non_finite_voxels == 1
 
 
-@pytest.mark.slow
-def test_the_mr_brain_is_found_in_a_real_head_with_skull(starter, samples, tmp_path):
-    """A real T1 with skull and scalp that no training saw (ROBEX's reference head, stored LAS): the shipped MR
-    model's whole brain (brain with grey and white matter) against its brain mask, as stored and reoriented to RAS,
-    with the same answer either way. 0.3.1, fitted to a skull-stripped template only, scored 0.659 here;
-    0.4.0 0.755; 0.4.1, trained on three heads with skull, 0.832; 0.4.2, trained longer, 0.852."""
-    from delightsam.label_maps import structure_mask
-
-    image_path, label_path = samples / "samples" / "robex_t1.nii.gz", samples / "samples" / "labels" / "robex_t1.nii.gz"
-    ras = tmp_path / "ras.nii.gz"
-    nib.save(nib.as_closest_canonical(nib.load(image_path)), ras)
-    brain = starter.config.modality("mr").structures[0]
-    masks = {}
-    for path in (image_path, ras):
-        image = read_volume(path)
-        reference = np.asarray(read_label(label_path, image)) > 0
-        masks[path] = structure_mask(segment_volume(starter, image, "mr").labels, brain)
-        dice = 2 * (masks[path] & reference).sum() / (masks[path].sum() + reference.sum())
-        assert dice > 0.84, (path.name, dice)
-    assert np.array_equal(nib.as_closest_canonical(nib.Nifti1Image(masks[image_path].astype(np.uint8),
-                                                                   nib.load(image_path).affine)).get_fdata() > 0,
-                          masks[ras])

@@ -14,9 +14,11 @@ def augmentation(modality: str = "ct"):
     field of view (zoom 0.65-1.35, shifts of 10%), rotations of up to 10 degrees, contrast, brightness and noise;
     what varies between scanners and patients, where one or two labelled volumes say nothing. MR adds what varies
     between MR scanners and protocols and not in CT: a smooth bias field (coil sensitivity) and blur (thicker or
-    coarser acquisitions than the 1 mm training heads)."""
+    coarser acquisitions than the 1 mm training heads) and a random smooth mapping of the grey levels (another
+    scanner's or sequence's contrast between tissues: the model is to learn the head's shapes, not one scanner's
+    intensities)."""
     from monai.transforms import (Compose, RandAdjustContrastd, RandAffined, RandBiasFieldd, RandGaussianNoised,
-                                  RandGaussianSmoothd, RandScaleIntensityd, RandShiftIntensityd)
+                                  RandGaussianSmoothd, RandHistogramShiftd, RandScaleIntensityd, RandShiftIntensityd)
 
     common = [
         RandAffined(keys=("image", "masks"), prob=0.9, rotate_range=(0.17,), scale_range=(0.35, 0.35),
@@ -27,7 +29,8 @@ def augmentation(modality: str = "ct"):
         RandGaussianNoised(keys="image", prob=0.3, std=6.0),
     ]
     mr = [RandBiasFieldd(keys="image", prob=0.5, coeff_range=(0.0, 0.3)),
-          RandGaussianSmoothd(keys="image", prob=0.3, sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5))]
+          RandGaussianSmoothd(keys="image", prob=0.3, sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5)),
+          RandHistogramShiftd(keys="image", num_control_points=(4, 8), prob=0.4)]
     return Compose(common + (mr if modality == "mr" else []))
 
 
@@ -41,5 +44,27 @@ def augment_slice(grey: torch.Tensor, masks: torch.Tensor, seed: int, modality: 
     transform.transforms[0].rand_affine.rand_affine_grid.translate_range = ((-0.1 * size, 0.1 * size),) * 2
     out = transform({"image": grey, "masks": masks})
     image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().clamp(0, 255)
-    return image, (torch.as_tensor(out["masks"]).as_subclass(torch.Tensor) > 0.5).float()
+    masks = (torch.as_tensor(out["masks"]).as_subclass(torch.Tensor) > 0.5).float()
+    if modality == "mr":
+        image = lesion(image, masks[0], torch.Generator().manual_seed(seed))
+    return image, masks
+
+
+def lesion(image: torch.Tensor, brain: torch.Tensor, generator: torch.Generator, chance: float = 0.3) -> torch.Tensor:
+    """With probability ``chance``, a lesion inside the brain (``brain`` [S, S], the whole brain's mask): an ellipse
+    of 3-25 pixels' radius, centred on a brain pixel, at a random grey level with a soft edge; the labels do not
+    change, since a tumour, an infarct or an enhancing ring is still inside the brain that is to be masked."""
+    inside = brain.nonzero()
+    if torch.rand(1, generator=generator) >= chance or len(inside) == 0:
+        return image
+    centre = inside[int(torch.randint(len(inside), (1,), generator=generator))].float()
+    radii = 3 + 22 * torch.rand(2, generator=generator)
+    angle = float(torch.rand(1, generator=generator)) * torch.pi
+    rows, columns = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in brain.shape), indexing="ij")
+    dr, dc = rows - centre[0], columns - centre[1]
+    cos, sin = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
+    distance = ((dr * cos + dc * sin) / radii[0]) ** 2 + ((dc * cos - dr * sin) / radii[1]) ** 2
+    weight = torch.clamp((1.2 - distance) / 0.4, 0, 1) * brain  # soft edge, never outside the brain
+    level = 255 * torch.rand(1, generator=generator)
+    return image * (1 - weight) + level * weight
 

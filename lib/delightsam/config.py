@@ -78,6 +78,9 @@ class Modality:
     # Where its structures lie relative to each other (``box_atlas``: the second stage's context prompts): per
     # training volume, {"plane": acquisition plane, "boxes": {structure name: [6 numbers: low, high corner, mm]}}.
     box_atlas: list[dict] = field(default_factory=list)
+    # What the model was measured on (``scope``): {"contrasts": MR contrasts, "slice_mm": [thinnest, thickest]};
+    # {} where nobody recorded it. A request outside it still gets a mask, with a note saying so.
+    measured: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +189,7 @@ class DeLightSAMConfig:
             if m.pixel_mm is not None and not m.pixel_mm > 0:
                 raise ValueError(f"modality {m.name!r}: pixel_mm must be a positive number of millimetres, got {m.pixel_mm}")
             _check_box_atlas(m)
+            _check_measured(m)
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -209,6 +213,19 @@ class DeLightSAMConfig:
         return DeLightSAMConfig.from_dict({**self.to_dict(), **changes})
 
 
+def _check_measured(m: Modality) -> None:
+    """``measured`` as ``scope`` reads it: known contrasts, and two slice thicknesses, thinnest first."""
+    from .scope import CONTRASTS
+
+    contrasts, thickness = m.measured.get("contrasts", []), m.measured.get("slice_mm")
+    unknown = set(m.measured) - {"contrasts", "slice_mm"}
+    if unknown or not all(c in CONTRASTS for c in contrasts) or (thickness is not None and not (
+            len(thickness) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in thickness)
+            and 0 < thickness[0] <= thickness[1])):
+        raise ValueError(f"modality {m.name!r}: measured must be {{'contrasts': some of {list(CONTRASTS)}, "
+                         f"'slice_mm': [thinnest, thickest]}}, got {m.measured}")
+
+
 def _check_box_atlas(m: Modality) -> None:
     names = {s.name for s in m.structures}
     for entry in m.box_atlas:
@@ -228,7 +245,8 @@ def _modality_from_dict(data: dict) -> Modality:
     structures = [s if isinstance(s, Structure) else Structure(**s) for s in data["structures"]]
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
                     structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
-                    pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []))
+                    pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []),
+                    measured=data.get("measured") or {})
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

@@ -20,7 +20,7 @@ from .config import Modality
 from .geometry import (GreyVolume, VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
                        probabilities_on_slice)
 from .keyframes import interpolated, keyframes, refine_stride
-from .label_maps import clean_up, combine, part_indices
+from .label_maps import clean_up, close_wholes, combine, part_indices
 from .model import DeLightSAM
 from .normalization import get_normalization
 from .precision import products_in
@@ -122,6 +122,8 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
 
     for z, probabilities in interpolated(decoded(), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
+    if parts:  # a whole with parts (the brain) is one closed object (label_maps.close_wholes)
+        notes.extend(close_wholes(labels, spec.structures, float(np.prod(oriented.spacing)) / 1000))
     if frame is not None:
         notes.extend(keep_structures(labels, frame, oriented.plane, spec.structures))
     if prior is not None:  # a structure found too little of is boxed where the prior puts it (second stage only)

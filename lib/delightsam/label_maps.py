@@ -80,6 +80,47 @@ def clean_up(labels: torch.Tensor, structures: list[Structure]) -> torch.Tensor:
     return out
 
 
+def close_wholes(labels: torch.Tensor, structures: list[Structure], voxel_ml: float) -> list[str]:
+    """In place, on a label map [rows, columns, slices]: each whole structure (one with parts: the brain with grey
+    and white matter) is one closed object. Its largest connected component is kept, with the parts in it; its
+    holes, in 3-D and on each slice, become the whole (a lesion or ventricle the network left out); what is outside
+    it is removed (a speck of scalp). Structures without parts are untouched. Returns notes of what changed
+    (``voxel_ml``: millilitres a voxel)."""
+    notes = []
+    volume = labels.numpy()  # shares the tensor's memory: written in place
+    for s in structures:
+        mask = structure_mask(volume, s) if s.parts else None
+        region = largest_region(mask) if mask is not None else None
+        if region is None:
+            continue
+        # within the kept part's extent, one voxel wider in-plane so that each slice's edge is background
+        box = tuple(slice(max(e.start - 1, 0), e.stop + 1) if i < 2 else e for i, e in enumerate(region.extent))
+        kept = np.zeros(mask[box].shape, dtype=bool)
+        kept[tuple(slice(e.start - b.start, e.stop - b.start) for e, b in zip(region.extent, box))] = region.mask
+        # not another structure's voxels; a speck of the whole floating in a hole is part of the hole
+        holes = slice_holes_filled(kept) & ~kept & ((volume[box] == 0) | mask[box])
+        outside = int(np.count_nonzero(mask)) - region.sum()
+        mask[box] &= ~kept
+        volume[mask] = 0  # the whole's labels outside its kept part
+        volume[box][holes] = s.label
+        holes &= ~mask[box]  # (the notes count what was not the whole before)
+        if outside or holes.any():
+            notes.append(f"{s.name} closed as one object: {outside * voxel_ml:.1f} mL outside its largest part "
+                         f"removed, {np.count_nonzero(holes) * voxel_ml:.1f} mL of holes filled")
+    return notes
+
+
+def slice_holes_filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` [rows, columns, slices] with the holes of each slice filled: the background that does not reach the
+    slice's edge (4-connected within the slice). A hole enclosed in 3-D is enclosed on each of its slices, so this
+    fills those too; one labelling of the whole volume, not a fill per slice."""
+    within_slice = np.zeros((3, 3, 3), dtype=bool)
+    within_slice[:, :, 1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    parts, _ = ndimage.label(~mask, within_slice)
+    edge = np.unique(np.concatenate([parts[[0, -1]].ravel(), parts[:, [0, -1]].ravel()]))
+    return mask | ((parts > 0) & ~np.isin(parts, edge))
+
+
 @dataclass(frozen=True)
 class Region:
     """A structure's largest connected component, kept within its own bounding box: a mask of the whole scan per

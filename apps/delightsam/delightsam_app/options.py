@@ -19,6 +19,7 @@ from fastapi import HTTPException
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from delightsam.scope import CONTRASTS
 from delightsam.teachers import TEACHERS
 from delightsam.training import TRAINABLE
 
@@ -128,6 +129,9 @@ class InferOptions(Options):
     model_filename: str | None = Field(None, max_length=255, description="another version of the served model")
     device: str | None = Field(None, max_length=16, description="cpu, cuda or cuda:N (the server's --conf device)")
     modality: str | None = Field(None, max_length=32, description="the image's modality, if the client says it")
+    contrast: Literal[("auto", *CONTRASTS)] | None = Field(  # type: ignore[misc]
+        None, description="an MR's contrast, if the client says it (auto: its DICOM series description's): a result "
+                          "of one the model was not measured on says so")
     label_info: Segments | None = Field(None, description="with output=dicom_seg on a PACS: monailabel's description "
                                                           "of each segment, paired with the label's values in order")
     LISTS: ClassVar[frozenset[str]] = frozenset({"label_info"})

@@ -168,6 +168,8 @@ class ServedModel:
         return {"model_version": version, "training": training, "user_scores": user_scores,
                 "pipeline": pipeline.describe(modality, adapted), "refiner_adapted": adapted and pipeline.refines(modality),
                 "precision": pipeline.precision_on(self.settings.device),
+                # what it was measured on (MR contrasts, slice thicknesses); requests outside it are flagged
+                "measured": spec.get("measured") or {},
                 "model_card": "/model_card" if self.model_card() else None}
 
 

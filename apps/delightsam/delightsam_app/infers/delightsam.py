@@ -22,15 +22,16 @@ from monai.transforms import LoadImaged
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
-from delightsam.geometry import VolumeError, as_volume
+from delightsam.geometry import VolumeError, as_volume, spacing_of
 from delightsam.pipeline import PROMPTS
 from delightsam.headers import HeaderError, check_geometry
 from delightsam.reading import READ_ERRORS, image_reader
 from delightsam.refiner_training import carries_adaptation
+from delightsam.scope import CONTRASTS, Scope, dicom_contrast, scope
 
 from .. import anatomy, guard
 from ..dicom_seg import source_images, write_dicom_seg
-from ..modality import dicom_modality, task_name
+from ..modality import dicom_header, dicom_modality, task_name
 from ..options import InferOptions
 from ..served import ServedModel
 
@@ -66,6 +67,10 @@ class DeLightSAMInfer(BasicInferTask):
                               "prompts": [pipeline.prompts, *(p for p in PROMPTS if p != pipeline.prompts)],
                               "cleanup": settings.cleanup, "batch_size": settings.batch_size,
                               "model_filename": self.served.choices()})
+        if (spec or {}).get("measured", {}).get("contrasts"):  # Slicer's and OHIF's option lists: auto first
+            self.config()["contrast"] = ["auto", *CONTRASTS]
+        else:
+            self.config().pop("contrast", None)
 
     def request(self, options: InferOptions, image: RequestImage) -> dict:
         """What the task runs: the typed options with the server's defaults for those the request left out, and the
@@ -137,6 +142,7 @@ class DeLightSAMInfer(BasicInferTask):
                                      f"{list(image.shape)}")
         self._check_modality(data)
         self._check_seg_output(data)
+        within = self._scope(model, image, data)
         pipeline = self.served.pipeline.for_request(self.modality, data["refine"], data["prompts"])
         loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
@@ -164,9 +170,28 @@ class DeLightSAMInfer(BasicInferTask):
                           "model_version": model.config.version, "notes": result.notes,
                           # absence is an answer: a structure not in the scan is named, not drawn somewhere
                           "found": [n for n in names if n not in result.not_found], "not_found": result.not_found}
+        if within is not None:
+            data["result"]["scope"] = within.as_dict()
+            if within.note:
+                result.notes.append(within.note)
         if result.doubt:
             data["result"]["uncertainty"] = round(result.doubt["score"], 4)
         return data
+
+    def _scope(self, model, image: MetaTensor, data: dict) -> Scope | None:
+        """The volume against what the model was measured on (``delightsam.scope``), where the checkpoint records
+        it: the request's contrast, else the DICOM series description's, and the slices' spacing."""
+        measured = model.config.modality(self.modality).measured
+        contrast, source = (None if data.get("contrast") == "auto" else data.get("contrast")), "request"
+        if contrast is not None and not measured.get("contrasts"):
+            raise HTTPException(422, f"contrast {contrast!r}: the {self.modality.upper()} model records no contrasts "
+                                     "(the option is an MR's)")
+        if not measured:
+            return None
+        if contrast is None and measured.get("contrasts"):
+            header = dicom_header(data["series"].files[0] if data.get("series") else data.get("image_path"))
+            contrast, source = (dicom_contrast(header) if header is not None else None), "DICOM series description"
+        return scope(measured, self.modality, spacing_of(np.asarray(image.affine)), contrast, source)
 
     def _check_modality(self, data: dict) -> None:
         """The image must be of this model's modality: a DICOM Modality tag, or a `modality` request parameter

@@ -1,0 +1,60 @@
+"""Thick slices made from a thin volume, as a clinical series arrives: a 5 mm axial T1 from a 1 mm head.
+
+Each thick slice is the mean of the thin volume over its slab (a box slice profile: what a slice of that thickness
+integrates), sampled at the slab's centre; a label map's slice is the label covering most of the slab. The
+model card's "5 mm axial" conditions of a held-out head, and the thick-slice training volumes of
+``scripts/train_mr_heads.py``, are made by this. The result is stored in RAS order (``as_closest_canonical``);
+any other storage order is a separate reorientation."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+from scipy.ndimage import uniform_filter1d
+
+WORLD_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis a plane's slices are stacked along
+
+
+def thick_slices(image: nib.Nifti1Image, plane: str, thickness: float, label: bool = False) -> nib.Nifti1Image:
+    """``image`` (a 3-D NIfTI) as slices of ``plane`` ``thickness`` mm thick, in RAS order; ``label``: a label map
+    (each slice takes the id that covers most of its slab), else grey levels (the slab's mean)."""
+    if plane not in WORLD_AXES:
+        raise ValueError(f"plane must be one of {sorted(WORLD_AXES)}, got {plane!r}")
+    canonical = nib.as_closest_canonical(image)
+    axis = WORLD_AXES[plane]
+    step = float(canonical.header.get_zooms()[axis])
+    if thickness <= step:
+        raise ValueError(f"{thickness} mm slices are not thicker than the volume's {step:g} mm")
+    data = np.asanyarray(canonical.dataobj)
+    ratio = thickness / step
+    count = int(data.shape[axis] // ratio)
+    centres = (np.arange(count) + 0.5) * ratio - 0.5  # thin-voxel coordinates of the slabs' centres
+    if label:
+        ids = np.unique(data)
+        # the id whose share of the slab is largest (the box-filtered indicator, taken at the slab's centre)
+        shares = np.stack([_sample(uniform_filter1d((data == i).astype(np.float32), _width(ratio), axis=axis,
+                                                    mode="nearest"), centres, axis) for i in ids])
+        out = ids[shares.argmax(0)].astype(data.dtype)
+    else:
+        means = uniform_filter1d(data.astype(np.float32), _width(ratio), axis=axis, mode="nearest")
+        out = _sample(means, centres, axis)
+    affine = canonical.affine.copy()
+    affine[:3, 3] += affine[:3, axis] * centres[0]
+    affine[:3, axis] *= ratio
+    result = nib.Nifti1Image(out, affine)
+    result.set_qform(affine, code=1)
+    result.set_sform(affine, code=1)
+    return result
+
+
+def _width(ratio: float) -> int:
+    """The box filter's width in thin voxels: the slab's thickness, at least one voxel."""
+    return max(int(round(ratio)), 1)
+
+
+def _sample(data: np.ndarray, centres: np.ndarray, axis: int) -> np.ndarray:
+    """``data`` linearly interpolated at fractional ``centres`` along ``axis``."""
+    low = np.clip(np.floor(centres).astype(int), 0, data.shape[axis] - 1)
+    high = np.clip(low + 1, 0, data.shape[axis] - 1)
+    weight = (centres - low).reshape([-1 if a == axis else 1 for a in range(data.ndim)])
+    return np.take(data, low, axis=axis) * (1 - weight) + np.take(data, high, axis=axis) * weight

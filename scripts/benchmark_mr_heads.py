@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""MR heads through a real server: the whole brain's Dice on the held-out heads with skull (ROBEX's reference T1 and
+ITK's example T1; nothing was trained or chosen on them) as stored and in another storage order, and as 5 mm axial
+slices made from them (``delightsam.thick_slices``: a box slab profile; a second condition of the same head, not
+another head) in two storage orders; and the seconds of each, warm, with a 1 mm head with skull (Colin 27, a training
+head) for the cost of a 1 mm series. With ``--before`` another checkout (a git worktree of the last commit) runs the
+same requests first, in the same run. Run it on an otherwise idle machine.
+
+    python scripts/benchmark_mr_heads.py [--before /path/to/old/checkout]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from benchmark_anatomy import rows_of
+
+ROOT = Path(__file__).resolve().parents[1]
+HELD_OUT = ("robex_t1", "itk_t1")
+
+
+def _reordered(image: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    return image.as_reoriented(ornt)
+
+
+def studies(data: Path, out: Path, labels: Path) -> list[str]:
+    """The held-out heads in four conditions each, and Colin 27, as a studies folder; their labels beside it."""
+    from delightsam.thick_slices import thick_slices
+
+    out.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    names = []
+    for head in HELD_OUT:
+        image, label = (nib.load(data / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
+        thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
+        for condition, (img, lab) in {"stored": (image, label),
+                                      "pir": (_reordered(image, ("P", "I", "R")), _reordered(label, ("P", "I", "R"))),
+                                      "5mm_ras": thick,
+                                      "5mm_slp": tuple(_reordered(v, ("S", "L", "P")) for v in thick)}.items():
+            name = f"{head}_{condition}"
+            nib.save(img, out / f"{name}.nii.gz")
+            nib.save(lab, labels / f"{name}.nii.gz")
+            names.append(name)
+    colin = data / "samples" / "colin27_t1.nii.gz"
+    if colin.exists():  # scripts/fetch_samples.py --heads
+        nib.save(nib.load(colin), out / "colin27_t1_1mm.nii.gz")
+        names.append("colin27_t1_1mm")
+    return names
+
+
+def scorer(labels: Path):
+    def score(name: str, label_path: Path, result: dict) -> dict:
+        reference = labels / f"{name}.nii.gz"
+        row = {"notes": result.get("notes"), "scope": result.get("scope")}
+        if reference.exists():
+            truth, predicted = (np.asarray(nib.load(p).dataobj) > 0 for p in (reference, label_path))
+            overlap = 2 * float((truth & predicted).sum())
+            row["brain_dice_held_out"] = round(overlap / float(truth.sum() + predicted.sum()), 4)
+        return row
+    return score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument("--before", type=Path, help="another checkout (its apps/ and lib/), run first")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "mr_heads.json")
+    args = parser.parse_args()
+    began = time.time()
+    trees = ([args.before.resolve()] if args.before else []) + [ROOT]
+    with tempfile.TemporaryDirectory(prefix="mr-heads-") as tmp:
+        tmp = Path(tmp)
+        names = studies(args.data, tmp / "studies", tmp / "labels")
+        rows = []
+        for tree in trees:
+            rows += rows_of(tree, names, tmp / "studies", args.data, tmp, model="delightsam_mr",
+                            score=scorer(tmp / "labels"))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"rows": rows, "wall_seconds": round(time.time() - began)}, indent=1))
+    print("| volume | " + " | ".join(f"{t.name}: s | Dice" for t in trees) + " |")
+    print("|---|" + "---|---|" * len(trees))
+    for name in names:
+        cells = []
+        for tree in trees:
+            row = next(r for r in rows if r["volume"] == name and r["tree"] == str(tree))
+            cells += [str(row["seconds"]), str(row.get("brain_dice_held_out", "-"))]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
