@@ -117,7 +117,8 @@ def test_the_model_is_the_modality_and_a_dicom_tag_must_agree(env):
 def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp_path):
     """The MR model records what it was measured on (T1, 1-5 mm); /info says it. A FLAIR (named by the request or
     by its DICOM series description) or a 7 mm series still gets its mask, and the result says it is outside that;
-    a NIfTI whose contrast nobody named says the contrast is unknown. A contrast for CT is refused."""
+    a NIfTI whose contrast nobody named says the contrast is unknown. A contrast for CT is refused before any voxel is
+    read; an MR checkpoint that records nothing still takes one (``scope`` says so, nothing is flagged)."""
     client = env["client"]
     mr = client.get("/info/").json()["models"]["delightsam_mr"]
     assert mr["measured"] == MEASURED and mr["config"]["contrast"][0] == "auto" and "FLAIR" in mr["config"]["contrast"]
@@ -148,8 +149,12 @@ def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp
     assert any("its contrast is FLAIR (from the DICOM series description) and its slices are 7 mm apart" in n
                for n in series_reply["notes"])
     refused = _infer(client, {"contrast": "T2"}, image="ts_ct_small")
-    assert refused.status_code == 422 and "records no contrasts" in refused.json()["detail"]
+    assert refused.status_code == 422 and "contrast 'T2' is an MR's" in refused.json()["detail"]
     assert _infer(client, {"contrast": "T3"}, model="delightsam_mr", image="ts_mr_small").status_code == 422
+    v2 = _infer(client, {"contrast": "T2", "model_filename": "delightsam-v2.safetensors"}, model="delightsam_mr",
+                image="ts_mr_small").json()  # a checkpoint that records nothing measured
+    assert v2["scope"]["contrast"] == "T2" and v2["scope"]["within_measured"] is None
+    assert not any("measured on" in n for n in v2["notes"])
 
 
 def test_nifti_output_and_cleanup(env):

@@ -34,9 +34,10 @@ def augmentation(modality: str = "ct"):
     return Compose(common + (mr if modality == "mr" else []))
 
 
-def augment_slice(grey: torch.Tensor, masks: torch.Tensor, seed: int, modality: str = "ct") -> tuple[torch.Tensor, torch.Tensor]:
+def augment_slice(grey: torch.Tensor, masks: torch.Tensor, seed: int, modality: str = "ct",
+                  whole: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One fitted grey slice [1, S, S] of ``modality`` and its masks [S_str, S, S], augmented reproducibly from
-    ``seed``."""
+    ``seed``; ``whole``: the index of the structure a lesion may be painted in (an MR's whole brain), or None."""
     transform = augmentation(modality)
     transform.set_random_state(seed=seed)
     size = grey.shape[-1]
@@ -45,8 +46,8 @@ def augment_slice(grey: torch.Tensor, masks: torch.Tensor, seed: int, modality: 
     out = transform({"image": grey, "masks": masks})
     image = torch.as_tensor(out["image"]).as_subclass(torch.Tensor).float().clamp(0, 255)
     masks = (torch.as_tensor(out["masks"]).as_subclass(torch.Tensor) > 0.5).float()
-    if modality == "mr":
-        image = lesion(image, masks[0], torch.Generator().manual_seed(seed))
+    if modality == "mr" and whole is not None:
+        image = lesion(image, masks[whole], torch.Generator().manual_seed(seed))
     return image, masks
 
 

@@ -13,16 +13,13 @@ from dataclasses import dataclass
 
 # the MR contrasts a request may name; "T1c": a T1 after a gadolinium contrast agent
 CONTRASTS = ("T1", "T1c", "T2", "FLAIR", "PD", "DWI", "SWI", "other")
-# words of a series' description or protocol that name its contrast, the most specific first (a "T1 FLAIR" is a T1,
-# a "T2 FLAIR" a FLAIR; "MPRAGE", "SPGR", "BRAVO", "TFE" are T1 sequences)
-_WORDS = (("T1c", r"(t1.*(gd|gad|contrast|post|\+c|ce\b))|((gd|gad|post).*t1)|mprage.*(gd|post)"),
-          ("T1", r"t1\W*flair"),
-          ("FLAIR", r"t2.*flair|flair(?!.*t1)|\bdark.?fluid"),
-          ("T1", r"t1|mprage|mp-rage|spgr|bravo|\btfe\b|\bvibe\b"),
-          ("T2", r"t2(?!\*)|\btse\b|\bhaste\b|\bspace\b"),
-          ("SWI", r"swi|t2\*|\bswan\b"),
-          ("DWI", r"dwi|diffusion|\badc\b|\btrace\b"),
-          ("PD", r"\bpd\b|proton"))
+# the words of a series' description that name its contrast, whole words only ("t2_tse_tra" is t2, tse, tra)
+_T1 = {"t1", "t1w", "mprage", "mp2rage", "spgr", "bravo", "tfe", "vibe", "fspgr", "t1c", "t1ce", "t1gd"}
+_POST = {"post", "gd", "gad", "gado", "contrast", "c", "ce", "t1c", "t1ce", "t1gd", "enhanced"}
+_NOT_POST = {"pre", "non", "without", "wo", "native"}
+_WORDS = (("FLAIR", {"flair", "tirm", "dark"}), ("SWI", {"swi", "swan", "t2star"}),
+          ("DWI", {"dwi", "diffusion", "diff", "adc", "trace", "dti"}), ("PD", {"pd", "pdw", "proton"}),
+          ("T2", {"t2", "t2w", "tse", "fse", "haste", "space"}))
 
 
 @dataclass(frozen=True)
@@ -41,15 +38,25 @@ class Scope:
 
 
 def contrast_of(description: str) -> str | None:
-    """The MR contrast a DICOM series' description (SeriesDescription, ProtocolName, SequenceName) names, if any."""
-    text = description.lower()
-    return next((name for name, pattern in _WORDS if re.search(pattern, text)), None)
+    """The MR contrast a series' description names, if any: a T1 word makes it T1 ("T1 FLAIR", "T1 SPACE" are T1
+    sequences), with a word of contrast agent and none of its absence T1c ("T1 POST GAD", not "T1 PRE GAD" nor
+    "W/WO CONTRAST"); else FLAIR, SWI, DWI, PD and T2 by their words ("PD TSE" is PD)."""
+    text = re.sub(r"\+\s*c\b", " c ", description.lower()).replace("t2*", " t2star ")
+    text = re.sub(r"post\W*fossa", " fossa ", text)  # the posterior fossa, not post-contrast
+    words = set(re.split(r"[\W_]+", text)) - {""}
+    if words & _T1:
+        return "T1c" if words & _POST and not words & _NOT_POST else "T1"
+    return next((name for name, named in _WORDS if words & named), None)
 
 
 def dicom_contrast(header) -> str | None:
-    """The contrast a DICOM dataset's descriptions name (``contrast_of``), or None."""
-    words = " ".join(str(header.get(k, "") or "") for k in ("SeriesDescription", "ProtocolName", "SequenceName"))
-    return contrast_of(words) if words.strip() else None
+    """The contrast a DICOM dataset names: its SeriesDescription's, else its ProtocolName's, else its SequenceName's
+    (each read alone: a protocol "BRAIN W/WO CONTRAST" says nothing of one series)."""
+    for key in ("SeriesDescription", "ProtocolName", "SequenceName"):
+        found = contrast_of(str(header.get(key, "") or ""))
+        if found:
+            return found
+    return None
 
 
 def scope(measured: dict | None, modality: str, spacing, contrast: str | None = None, source: str = "request") -> Scope:

@@ -1,7 +1,8 @@
 """Thick slices made from a thin volume, as a clinical series arrives: a 5 mm axial T1 from a 1 mm head.
 
-Each thick slice is the mean of the thin volume over its slab (a box slice profile: what a slice of that thickness
-integrates), sampled at the slab's centre; a label map's slice is the label covering most of the slab. The
+Each thick slice is the exact mean of the thin volume over its slab (a box slice profile: what a slice of that
+thickness integrates; a slab may cut thin voxels, which count by the part inside it), placed at the slab's centre; a
+label map's slice is the label covering most of the slab. The
 model card's "5 mm axial" conditions of a held-out head, and the thick-slice training volumes of
 ``scripts/train_mr_heads.py``, are made by this. The result is stored in RAS order (``as_closest_canonical``);
 any other storage order is a separate reorientation."""
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import uniform_filter1d
 
 WORLD_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis a plane's slices are stacked along
 
@@ -28,16 +28,15 @@ def thick_slices(image: nib.Nifti1Image, plane: str, thickness: float, label: bo
     data = np.asanyarray(canonical.dataobj)
     ratio = thickness / step
     count = int(data.shape[axis] // ratio)
-    centres = (np.arange(count) + 0.5) * ratio - 0.5  # thin-voxel coordinates of the slabs' centres
+    edges = np.arange(count + 1) * ratio  # the slabs' edges, in thin voxels from the volume's first edge
+    centres = edges[:-1] + ratio / 2 - 0.5  # the slabs' centres, in thin-voxel coordinates
     if label:
         ids = np.unique(data)
-        # the id whose share of the slab is largest (the box-filtered indicator, taken at the slab's centre)
-        shares = np.stack([_sample(uniform_filter1d((data == i).astype(np.float32), _width(ratio), axis=axis,
-                                                    mode="nearest"), centres, axis) for i in ids])
+        # the id that covers most of the slab
+        shares = np.stack([_slab_means((data == i).astype(np.float32), edges, axis) for i in ids])
         out = ids[shares.argmax(0)].astype(data.dtype)
     else:
-        means = uniform_filter1d(data.astype(np.float32), _width(ratio), axis=axis, mode="nearest")
-        out = _sample(means, centres, axis)
+        out = _slab_means(data, edges, axis).astype(np.float32)
     affine = canonical.affine.copy()
     affine[:3, 3] += affine[:3, axis] * centres[0]
     affine[:3, axis] *= ratio
@@ -47,14 +46,19 @@ def thick_slices(image: nib.Nifti1Image, plane: str, thickness: float, label: bo
     return result
 
 
-def _width(ratio: float) -> int:
-    """The box filter's width in thin voxels: the slab's thickness, at least one voxel."""
-    return max(int(round(ratio)), 1)
+def _slab_means(data: np.ndarray, edges: np.ndarray, axis: int) -> np.ndarray:
+    """The exact mean of ``data`` along ``axis`` between consecutive fractional ``edges`` (thin voxel i spans [i, i+1]):
+    differences of the running sum, interpolated linearly at the edges (it is linear within a voxel)."""
+    shape = list(data.shape)
+    shape[axis] = 1
+    running = np.concatenate([np.zeros(shape), np.cumsum(data, axis=axis, dtype=np.float64)], axis=axis)
+    at_edges = _sample(running, edges, axis)
+    return np.diff(at_edges, axis=axis) / (edges[1] - edges[0])
 
 
-def _sample(data: np.ndarray, centres: np.ndarray, axis: int) -> np.ndarray:
-    """``data`` linearly interpolated at fractional ``centres`` along ``axis``."""
-    low = np.clip(np.floor(centres).astype(int), 0, data.shape[axis] - 1)
+def _sample(data: np.ndarray, positions: np.ndarray, axis: int) -> np.ndarray:
+    """``data`` linearly interpolated at fractional ``positions`` along ``axis``."""
+    low = np.clip(np.floor(positions).astype(int), 0, data.shape[axis] - 1)
     high = np.clip(low + 1, 0, data.shape[axis] - 1)
-    weight = (centres - low).reshape([-1 if a == axis else 1 for a in range(data.ndim)])
+    weight = (positions - low).reshape([-1 if a == axis else 1 for a in range(data.ndim)])
     return np.take(data, low, axis=axis) * (1 - weight) + np.take(data, high, axis=axis) * weight

@@ -85,6 +85,7 @@ class SliceData:
     def __init__(self, items: list[TrainItem], model: DeLightSAM, spill_dir: str | Path | None = None) -> None:
         self.size = model.config.img_size
         self.grey, self.fitted, self.masks, self.modality, self.foreground, self.known = [], [], [], [], [], []
+        self.whole = []  # per volume: the index of its modality's whole structure (the brain), where it has one
         self.atlas: dict[str, list[dict]] = {}  # per modality, its volumes' box atlas entries (box_atlas)
         self.refused: dict[str, str] = {}  # volumes that could not be read, and why
         self.normalise = get_normalization(model)
@@ -102,6 +103,8 @@ class SliceData:
             self.fitted.append(fitted)
             self.masks.append(masks)
             self.modality.append(item.modality)
+            structures = model.config.modality(item.modality).structures
+            self.whole.append(next((i for i, st in enumerate(structures) if st.parts), None))
             self.atlas.setdefault(item.modality, []).append(entry)
             self.known.append(known)
             self.foreground.append(masks.flatten(1).any(1))
@@ -148,7 +151,7 @@ class SliceData:
         for i, (v, s) in enumerate(picks):
             grey, mask = self.grey[v][s].float(), self.masks[v][s].float()
             if augmented and augmented[i] >= 0:
-                grey, mask = augment_slice(grey, mask, augmented[i], self.modality[v])
+                grey, mask = augment_slice(grey, mask, augmented[i], self.modality[v], self.whole[v])
                 nh, nw = self.fitted[v]
                 mask[:, nh:], mask[:, :, nw:] = 0, 0  # what moved into the padding is not shown to the model
             greys.append(grey)

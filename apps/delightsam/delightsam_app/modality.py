@@ -30,12 +30,12 @@ def dicom_modality(path) -> str | None:
     """The Modality tag of a DICOM file, or of the first file of a series folder, or of the series folder
     beside a NIfTI made from it (how a DICOMweb datastore caches series); None for other files."""
     header = dicom_header(path)
-    return str(header.get("Modality", "") or "") or None if header is not None else None
+    return str(header.Modality) or None if header is not None else None
 
 
 def dicom_header(path) -> pydicom.Dataset | None:
-    """The header (no pixels) of a DICOM file, of the first readable file of a series folder, or of the series
-    folder beside a NIfTI made from it; None for other files."""
+    """The header (no pixels) of a DICOM file, of the first readable image file (one with a Modality) of a series
+    folder, or of the series folder beside a NIfTI made from it; None for other files."""
     if not path:
         return None
     path = Path(str(path))
@@ -45,9 +45,11 @@ def dicom_header(path) -> pydicom.Dataset | None:
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files[:5]:
         try:
-            return pydicom.dcmread(f, stop_before_pixels=True)
+            header = pydicom.dcmread(f, stop_before_pixels=True)
         except Exception:  # not DICOM (a NIfTI, an NRRD, a stray file in the folder)
             continue
+        if "Modality" in header:  # not a DICOMDIR or another file without one
+            return header
     return None
 
 

@@ -76,6 +76,9 @@ class DeLightSAMInfer(BasicInferTask):
         """What the task runs: the typed options with the server's defaults for those the request left out, and the
         image as the app resolved it: its path (and DICOM series), and the datastore id whose label and uncertainty
         join the loop's record (None: an upload or a session)."""
+        if options.contrast not in (None, "auto") and self.modality != "mr":  # before the volume is read
+            raise HTTPException(422, f"contrast {options.contrast!r} is an MR's; {task_name(self.modality)} segments "
+                                     f"{self.modality.upper()}")
         settings = self.served.settings
         defaults = {"cleanup": settings.cleanup, "batch_size": settings.batch_size, "device": settings.device}
         # every option is in it (None where the request left it out and the server has no default), so that the
@@ -183,10 +186,7 @@ class DeLightSAMInfer(BasicInferTask):
         it: the request's contrast, else the DICOM series description's, and the slices' spacing."""
         measured = model.config.modality(self.modality).measured
         contrast, source = (None if data.get("contrast") == "auto" else data.get("contrast")), "request"
-        if contrast is not None and not measured.get("contrasts"):
-            raise HTTPException(422, f"contrast {contrast!r}: the {self.modality.upper()} model records no contrasts "
-                                     "(the option is an MR's)")
-        if not measured:
+        if not measured and contrast is None:
             return None
         if contrast is None and measured.get("contrasts"):
             header = dicom_header(data["series"].files[0] if data.get("series") else data.get("image_path"))
