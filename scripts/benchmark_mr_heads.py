@@ -26,15 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ("robex_t1", "itk_t1")
 
 
-def _reordered(image: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
-                                           nib.orientations.axcodes2ornt(codes))
-    return image.as_reoriented(ornt)
-
-
 def studies(data: Path, out: Path, labels: Path) -> list[str]:
     """The held-out heads in four conditions each, and Colin 27, as a studies folder; their labels beside it."""
-    from delightsam.thick_slices import thick_slices
+    from delightsam.thick_slices import reordered, thick_slices
 
     out.mkdir(parents=True)
     labels.mkdir(parents=True)
@@ -43,9 +37,9 @@ def studies(data: Path, out: Path, labels: Path) -> list[str]:
         image, label = (nib.load(data / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
         thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
         for condition, (img, lab) in {"stored": (image, label),
-                                      "pir": (_reordered(image, ("P", "I", "R")), _reordered(label, ("P", "I", "R"))),
+                                      "pir": (reordered(image, ("P", "I", "R")), reordered(label, ("P", "I", "R"))),
                                       "5mm_ras": thick,
-                                      "5mm_slp": tuple(_reordered(v, ("S", "L", "P")) for v in thick)}.items():
+                                      "5mm_slp": tuple(reordered(v, ("S", "L", "P")) for v in thick)}.items():
             name = f"{head}_{condition}"
             nib.save(img, out / f"{name}.nii.gz")
             nib.save(lab, labels / f"{name}.nii.gz")

@@ -12,7 +12,7 @@ from helpers import REPO
 from delightsam.config import Structure, released_config
 from delightsam.label_maps import close_wholes, structure_mask
 from delightsam.scope import contrast_of, dicom_contrast, scope
-from delightsam.thick_slices import thick_slices
+from delightsam.thick_slices import reordered, thick_slices
 
 BRAIN = [Structure("brain", 1, 0, [2, 3]), Structure("grey_matter", 2, 1), Structure("white_matter", 3, 2)]
 MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
@@ -150,12 +150,6 @@ def starter():
     return load_model(REPO / "models" / "delightsam_ct_mr" / "models" / "model.safetensors")
 
 
-def _reordered(image: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
-    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
-                                           nib.orientations.axcodes2ornt(codes))
-    return image.as_reoriented(ornt)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("head", ["robex_t1", "itk_t1"])
 def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(starter, samples, tmp_path, head):
@@ -168,8 +162,8 @@ def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(s
 
     image, label = (nib.load(samples / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
     thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
-    conditions = {"stored": [(image, label), (_reordered(image, ("P", "I", "R")), _reordered(label, ("P", "I", "R")))],
-                  "5 mm": [thick, tuple(_reordered(v, ("S", "L", "P")) for v in thick)]}
+    conditions = {"stored": [(image, label), (reordered(image, ("P", "I", "R")), reordered(label, ("P", "I", "R")))],
+                  "5 mm": [thick, tuple(reordered(v, ("S", "L", "P")) for v in thick)]}
     brain = starter.config.modality("mr").structures[0]
     for condition, orders in conditions.items():
         masks = []

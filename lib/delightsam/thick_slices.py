@@ -46,6 +46,14 @@ def thick_slices(image: nib.Nifti1Image, plane: str, thickness: float, label: bo
     return result
 
 
+def reordered(image: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1Image:
+    """The same voxels stored in another axis order (``codes``, nibabel's axis codes such as ("S", "L", "P")): what a
+    test of storage orders, or a benchmark's second condition, needs."""
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    return image.as_reoriented(ornt)
+
+
 def _slab_means(data: np.ndarray, edges: np.ndarray, axis: int) -> np.ndarray:
     """The exact mean of ``data`` along ``axis`` between consecutive fractional ``edges`` (thin voxel i spans [i, i+1]):
     differences of the running sum, interpolated linearly at the edges (it is linear within a voxel)."""
