@@ -28,18 +28,14 @@ HELD_OUT = ("robex_t1", "itk_t1")
 
 def studies(data: Path, out: Path, labels: Path) -> list[str]:
     """The held-out heads in four conditions each, and Colin 27, as a studies folder; their labels beside it."""
-    from delightsam.thick_slices import reordered, thick_slices
+    from delightsam.thick_slices import held_out_conditions
 
     out.mkdir(parents=True)
     labels.mkdir(parents=True)
     names = []
     for head in HELD_OUT:
         image, label = (nib.load(data / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
-        thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
-        for condition, (img, lab) in {"stored": (image, label),
-                                      "pir": (reordered(image, ("P", "I", "R")), reordered(label, ("P", "I", "R"))),
-                                      "5mm_ras": thick,
-                                      "5mm_slp": tuple(reordered(v, ("S", "L", "P")) for v in thick)}.items():
+        for condition, (img, lab) in held_out_conditions(image, label).items():
             name = f"{head}_{condition}"
             nib.save(img, out / f"{name}.nii.gz")
             nib.save(lab, labels / f"{name}.nii.gz")

