@@ -2,9 +2,8 @@
 
 Each thick slice is the exact mean of the thin volume over its slab (a box slice profile: what a slice of that
 thickness integrates; a slab may cut thin voxels, which count by the part inside it), placed at the slab's centre; a
-label map's slice is the label covering most of the slab. The
-model card's "5 mm axial" conditions of a held-out head, and the thick-slice training volumes of
-``scripts/train_mr_heads.py``, are made by this. The result is stored in RAS order (``as_closest_canonical``);
+label map's slice is the label covering most of the slab. The model card's "5 mm axial" conditions of a held-out head
+(``held_out_conditions``) and the thick-slice training volumes of ``scripts/train_mr_heads.py`` are made by this. The result is stored in RAS order (``as_closest_canonical``);
 any other storage order is a separate reorientation."""
 
 from __future__ import annotations

@@ -29,7 +29,11 @@ def task_modality(name: str) -> str:
 def dicom_modality(path) -> str | None:
     """The Modality tag of a DICOM file, or of the first file of a series folder, or of the series folder
     beside a NIfTI made from it (how a DICOMweb datastore caches series); None for other files."""
-    header = dicom_header(path)
+    return header_modality(dicom_header(path))
+
+
+def header_modality(header: pydicom.Dataset | None) -> str | None:
+    """The Modality tag of a header read by ``dicom_header``; None for no header or an empty tag."""
     return str(header.Modality) or None if header is not None else None
 
 

@@ -31,7 +31,7 @@ from delightsam.scope import CONTRASTS, Scope, dicom_contrast, scope
 
 from .. import anatomy, guard
 from ..dicom_seg import source_images, write_dicom_seg
-from ..modality import dicom_header, dicom_modality, task_name
+from ..modality import dicom_header, header_modality, task_name
 from ..options import InferOptions
 from ..served import ServedModel
 
@@ -143,9 +143,10 @@ class DeLightSAMInfer(BasicInferTask):
         if has_channels and not (image.dim() == 4 and 1 in (image.shape[0], image.shape[-1])):
             raise HTTPException(422, f"expected a single-channel 3-D volume, got a {image.dim()}-D image of shape "
                                      f"{list(image.shape)}")
-        self._check_modality(data)
+        header = dicom_header(data.get("image_path"))  # read once: the modality check and the scope both use it
+        self._check_modality(data, header)
         self._check_seg_output(data)
-        within = self._scope(model, image, data)
+        within = self._scope(model, image, data, header)
         pipeline = self.served.pipeline.for_request(self.modality, data["refine"], data["prompts"])
         loop_image = data.get("loop_image")  # a datastore image: its label and uncertainty join the loop's record
         try:
@@ -181,19 +182,19 @@ class DeLightSAMInfer(BasicInferTask):
             data["result"]["uncertainty"] = round(result.doubt["score"], 4)
         return data
 
-    def _scope(self, model, image: MetaTensor, data: dict) -> Scope | None:
+    def _scope(self, model, image: MetaTensor, data: dict, header) -> Scope | None:
         """The volume against what the model was measured on (``delightsam.scope``), where the checkpoint records
-        it: the request's contrast, else the DICOM series description's, and the slices' spacing."""
+        it: the request's contrast, else the DICOM series description's (``header``, or None), and the slices'
+        spacing."""
         measured = model.config.modality(self.modality).measured
         contrast, source = (None if data.get("contrast") == "auto" else data.get("contrast")), "request"
         if not measured and contrast is None:
             return None
         if contrast is None and measured.get("contrasts"):
-            header = dicom_header(data["series"].files[0] if data.get("series") else data.get("image_path"))
             contrast, source = (dicom_contrast(header) if header is not None else None), "DICOM series description"
         return scope(measured, self.modality, spacing_of(np.asarray(image.affine)), contrast, source)
 
-    def _check_modality(self, data: dict) -> None:
+    def _check_modality(self, data: dict, header) -> None:
         """The image must be of this model's modality: a DICOM Modality tag, or a `modality` request parameter
         (which older clients of this app send), that names another one is an error that says which model to use.
         (A modality that the datastore recorded from an earlier inference is not checked: running another
@@ -202,7 +203,7 @@ class DeLightSAMInfer(BasicInferTask):
         if asked and asked not in ("auto", self.modality):
             raise HTTPException(422, f"{task_name(self.modality)} segments {self.modality.upper()} images; for "
                                      f"{asked.upper()} use {task_name(asked)} (this server has one model per modality)")
-        tag = dicom_modality(data.get("image_path"))
+        tag = header_modality(header)
         if tag and tag.lower() != self.modality:
             other = task_name(tag.lower())
             raise HTTPException(422, f"{Path(str(data.get('image_path'))).name!r} is {tag} by its DICOM Modality tag; "
