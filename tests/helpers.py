@@ -60,15 +60,18 @@ def random_images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def make_test_checkpoint(path: Path, seed: int = 0, version: str = "test", mr_measured: dict | None = None) -> Path:
+def make_test_checkpoint(path: Path, seed: int = 0, version: str = "test", mr_measured: dict | None = None,
+                         mr_planes: list[str] | None = None) -> Path:
     """A small random CT+MR checkpoint (input 256) in the project format. Its labels are meaningless; it exercises
     every path the app has (answers that depend on the model are tested with the shipped one). ``mr_measured``: what
-    its MR model says it was measured on (``delightsam.scope``)."""
+    its MR model says it was measured on (``delightsam.scope``); ``mr_planes``: the planes a thin MR volume is seen in
+    (``delightsam.multiplanar``)."""
     torch.manual_seed(seed)
     model = DeLightSAM(delightsam.DeLightSAMConfig(img_size=256, version=version))
     model.add_modality("ct", [("liver", 1), ("spleen", 2), ("kidney", 3)], intensity={"window": [-160, 240]})
     model.add_modality("mr", [("brain", 4)], intensity={"percentiles": [0.5, 99.5]})
     model.config.modality("mr").measured = dict(mr_measured or {})
+    model.config.modality("mr").planes = list(mr_planes or [])
     return delightsam.save_model(model.eval(), path)
 
 

@@ -17,6 +17,7 @@ from helpers import APP_DIR, dciodvfy_errors, make_test_checkpoint, studies_fold
 
 NRRD_UINT8 = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}  # what the test checkpoint's MR model says it was measured on
+PLANES = ["axial", "coronal", "sagittal"]  # the planes it sees a thin MR volume in
 
 
 def _client(studies, conf, tmp):
@@ -41,7 +42,8 @@ def env(tmp_path_factory, samples):
     tmp = tmp_path_factory.mktemp("app")
     studies = studies_folder(tmp, samples, ["ts_ct_small.nii.gz", "ts_mr_small.nii.gz"])
     models = tmp / "models"
-    checkpoint = make_test_checkpoint(models / "delightsam.safetensors", seed=0, version="v1", mr_measured=MEASURED)
+    checkpoint = make_test_checkpoint(models / "delightsam.safetensors", seed=0, version="v1", mr_measured=MEASURED,
+                                      mr_planes=PLANES)
     make_test_checkpoint(models / "delightsam-v2.safetensors", seed=1, version="v2")
     # a single-user workstation that names DICOM series folders by server path (off by default: test_hostile)
     client = _client(studies, {"checkpoint": str(checkpoint), "allow_server_paths": "true"}, tmp)
@@ -118,14 +120,17 @@ def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp
     """The MR model records what it was measured on (T1, 1-5 mm); /info says it. A FLAIR (named by the request or
     by its DICOM series description) or a 7 mm series still gets its mask, and the result says it is outside that;
     a NIfTI whose contrast nobody named says the contrast is unknown. A contrast for CT is refused before any voxel is
-    read; an MR checkpoint that records nothing still takes one (``scope`` says so, nothing is flagged)."""
+    read; an MR checkpoint that records nothing still takes one (``scope`` says so, nothing is flagged). The 3 mm
+    isotropic MR is seen in the three planes the checkpoint names, the 7 mm series in its own plane alone."""
     client = env["client"]
     mr = client.get("/info/").json()["models"]["delightsam_mr"]
     assert mr["measured"] == MEASURED and mr["config"]["contrast"][0] == "auto" and "FLAIR" in mr["config"]["contrast"]
+    assert mr["planes"] == PLANES and "seen in axial, coronal, sagittal slices" in mr["pipeline"]
     assert "contrast" not in client.get("/info/").json()["models"]["delightsam_ct"]["config"]
     t1 = _infer(client, {"contrast": "T1"}, model="delightsam_mr", image="ts_mr_small").json()  # 3 mm slices
     assert t1["scope"] == {"contrast": "T1", "contrast_from": "request", "slice_mm": 3.0, "within_measured": True}
     assert not any("measured on" in n for n in t1["notes"])
+    assert t1["planes"] == PLANES and any("seen in axial, coronal, sagittal slices" in n for n in t1["notes"])
     flair = _infer(client, {"contrast": "FLAIR"}, model="delightsam_mr", image="ts_mr_small").json()
     assert flair["scope"]["within_measured"] is False and flair["label_names"] == {"brain": 4}
     assert any("outside what this model was measured on (MR T1, slices 1-5 mm): its contrast is FLAIR" in n
@@ -146,6 +151,7 @@ def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp
     series_reply = _infer(client, {"contrast": "auto"}, model="delightsam_mr", image=str(folder)).json()
     assert series_reply["scope"] == {"contrast": "FLAIR", "contrast_from": "DICOM series description", "slice_mm": 7.0,
                                      "within_measured": False}
+    assert series_reply["planes"] == [] and series_reply["plane"] == "axial"
     assert any("its contrast is FLAIR (from the DICOM series description) and its slices are 7 mm apart" in n
                for n in series_reply["notes"])
     refused = _infer(client, {"contrast": "T2"}, image="ts_ct_small")

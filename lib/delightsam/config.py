@@ -81,6 +81,9 @@ class Modality:
     # What the model was measured on (``scope``): {"contrasts": MR contrasts, "slice_mm": [thinnest, thickest]};
     # {} where nobody recorded it. A request outside it still gets a mask, with a note saying so.
     measured: dict = field(default_factory=dict)
+    # The planes a volume cut thin along every axis (a 3-D MR) is seen in, their probabilities averaged
+    # (``multiplanar``); [] for its acquisition plane only. A thick-sliced series is always seen in its own plane.
+    planes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,6 +193,9 @@ class DeLightSAMConfig:
                 raise ValueError(f"modality {m.name!r}: pixel_mm must be a positive number of millimetres, got {m.pixel_mm}")
             _check_box_atlas(m)
             _check_measured(m)
+            if not set(m.planes) <= {"axial", "coronal", "sagittal"} or len(set(m.planes)) != len(m.planes):
+                raise ValueError(f"modality {m.name!r}: planes must be distinct planes among axial, coronal and "
+                                 f"sagittal, got {m.planes}")
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -246,7 +252,7 @@ def _modality_from_dict(data: dict) -> Modality:
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
                     structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
                     pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []),
-                    measured=data.get("measured") or {})
+                    measured=data.get("measured") or {}, planes=list(data.get("planes") or []))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

@@ -17,11 +17,12 @@ from torch import nn
 
 from .body_frame import BodyFrame, absent, body_frame, drop_specks, keep_structures
 from .config import Modality
-from .geometry import (GreyVolume, VolumeError, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient,
-                       probabilities_on_slice)
-from .keyframes import interpolated, keyframes, refine_stride
+from .geometry import (GreyVolume, VolumeError, affine_of, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of,
+                       model_input, orient, probabilities_on_slice)
+from .keyframes import batches, interpolated, keyframes, refine_stride
 from .label_maps import clean_up, close_wholes, combine, part_indices
 from .model import DeLightSAM
+from .multiplanar import fused_probabilities, planes_for
 from .normalization import get_normalization
 from .precision import products_in
 from .registration_prior import Atlas, Prior, gate, register
@@ -39,6 +40,7 @@ class VolumeResult:
     plane: str = "axial"  # the acquisition plane the slices were cut in
     doubt: dict | None = None  # uncertainty.DoubtMeter.summary() of the first stage, when asked for
     not_found: list[str] = field(default_factory=list)  # the modality's structures with no voxel in ``labels``
+    planes: list[str] = field(default_factory=list)  # the planes it was seen in (``multiplanar``); [] for ``plane`` only
 
 
 class FittedSliceNetwork(nn.Module):
@@ -92,13 +94,21 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     ``refine(grey (a ``GreyVolume``), coarse labels, the oriented volume, placed) -> (labels, notes)`` is a second
     stage (``placed``: a registered atlas placed the structures); ``every_mm``: the
     network sees one slice in about that many millimetres (and the last), those between take interpolated
-    probabilities (see ``segment_volume``); ``atlas``: a labelled CT to register onto the scan as a prior of where
+    probabilities (see ``segment_volume``; a volume seen in several planes, ``multiplanar``, decodes about as many
+    slices in all as its acquisition plane has instead); ``atlas``: a labelled CT to register onto the scan as a prior of where
     its organs are (``registration_prior``)."""
     if spacing is not None and len(spacing) != 3:
         raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
-    oriented = orient(volume, affine, spacing)
+    affine = np.asarray(affine, dtype=np.float64) if affine is not None else affine_of(volume, spacing)
+    oriented = orient(volume, affine)
     levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
     notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []
+    planes = planes_for(spec, affine)  # a 3-D MR is seen in three planes (multiplanar)
+    fused = None
+    if planes:
+        fused = fused_probabilities(network, volume, affine, planes, levels, oriented, batch_size, guide, progress)
+        notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (a volume cut thin along "
+                     "every axis)")
     guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
@@ -110,7 +120,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     keys = keyframes(todo, refine_stride(every_mm, oriented.spacing[2]))
 
     def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
-        for batch in _batches(len(keys), batch_size, progress):
+        for batch in batches(len(keys), batch_size, progress):
             zs = keys[batch]
             stack = levels(oriented.data[..., zs])[None]
             if guide is not None:
@@ -120,7 +130,14 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                 meter.add(probabilities)
             yield from zip(zs, probabilities)
 
-    for z, probabilities in interpolated(decoded(), set(todo)):
+    def averaged():  # (slice, the planes' mean probabilities [S, rows, columns])
+        for z in todo:
+            probabilities = fused[..., z].float()
+            if meter is not None:
+                meter.add(probabilities[None])
+            yield z, probabilities
+
+    for z, probabilities in averaged() if planes else interpolated(decoded(), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     if parts:  # a whole with parts (the brain) is one closed object (label_maps.close_wholes)
         notes.extend(close_wholes(labels, spec.structures, float(np.prod(oriented.spacing)) / 1000))
@@ -141,7 +158,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
         notes.extend(drop_specks(labels, frame, spec.structures))
     return VolumeResult(oriented.to_input(labels.numpy()), spec.name, oriented.slice_axis,
                         {s.name: s.label for s in spec.structures}, levels.bad, notes, oriented.plane,
-                        meter.summary() if meter is not None else None, absent(labels, spec.structures))
+                        meter.summary() if meter is not None else None, absent(labels, spec.structures), planes)
 
 
 def _frame(spec: Modality, oriented) -> BodyFrame | None:
@@ -160,14 +177,4 @@ def _prior(atlas: Atlas | None, spec: Modality, oriented, frame: BodyFrame | Non
     notes.append(note)
     return prior
 
-
-def _batches(depth: int, batch_size: int, progress: bool = False):
-    """Slice index ranges of at most ``batch_size`` slices."""
-    starts = range(0, depth, max(int(batch_size), 1))
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="slices", unit="batch")
-    for z0 in starts:
-        yield slice(z0, min(z0 + batch_size, depth))
 

@@ -27,6 +27,7 @@ from nibabel import orientations
 # The layout of each plane as nibabel axis codes (the direction each array axis runs toward).
 LAYOUTS = {"axial": ("P", "L", "S"), "coronal": ("I", "L", "A"), "sagittal": ("I", "P", "R")}
 PLANE_OF_WORLD_AXIS = {2: "axial", 1: "coronal", 0: "sagittal"}  # RAS world axis the slices run along
+WORLD_AXIS_OF_PLANE = {plane: axis for axis, plane in PLANE_OF_WORLD_AXIS.items()}
 # Used when a checkpoint's modality does not say (soft-tissue CT window; MedSAM-style MR percentiles).
 DEFAULT_INTENSITY = {"ct": {"window": [-160.0, 240.0]}, "mr": {"percentiles": [0.5, 99.5]}}
 
@@ -44,15 +45,30 @@ def spacing_of(affine_or_volume) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
-def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
-    """(plane, stored axis) of the slices: the stored axis whose spacing is ``THICK_SLICE`` times the next widest or
-    more; a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR, or two axes equally
-    wide) is cut axially, as the models learned, along its stored axis that runs along the body."""
+def thick_axis(affine: np.ndarray) -> int | None:
+    """The stored axis whose spacing is ``THICK_SLICE`` times the next widest or more: the one a thick-sliced series
+    was cut along. None for a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR,
+    or two axes equally wide)."""
     spacing = np.asarray(spacing_of(affine))
-    world = orientations.io_orientation(affine)[:, 0].astype(int)  # stored axis -> RAS world axis
     second, widest = np.argsort(spacing, kind="stable")[1:]
-    axis = int(widest) if spacing[widest] >= THICK_SLICE * spacing[second] else int(np.flatnonzero(world == 2)[0])
-    return PLANE_OF_WORLD_AXIS[int(world[axis])], axis
+    return int(widest) if spacing[widest] >= THICK_SLICE * spacing[second] else None
+
+
+def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
+    """(plane, stored axis) of the slices: the thick axis (``thick_axis``); a volume without one is cut axially, as
+    the models learned, along its stored axis that runs along the body."""
+    axis = thick_axis(affine)
+    return plane_axis(affine, "axial") if axis is None else (PLANE_OF_WORLD_AXIS[int(_world(affine)[axis])], axis)
+
+
+def plane_axis(affine: np.ndarray, plane: str) -> tuple[str, int]:
+    """(``plane``, the stored axis that runs across it): how a volume is cut in a plane of one's choosing."""
+    return plane, int(np.flatnonzero(_world(affine) == WORLD_AXIS_OF_PLANE[plane])[0])
+
+
+def _world(affine: np.ndarray) -> np.ndarray:
+    """Stored axis -> the RAS world axis it runs along most."""
+    return orientations.io_orientation(affine)[:, 0].astype(int)
 
 
 # a stored axis is the one the slices were cut along where its spacing is at least this many times the next widest
@@ -81,25 +97,34 @@ class Oriented:
     backward: np.ndarray  # layout -> stored
 
     def to_layout(self, array) -> torch.Tensor:
-        """Another array on the input's grid (a label map) in this layout."""
-        return _apply(_tensor(array), self.forward)
+        """Another array on the input's grid (a label map, or [channels, X, Y, Z]) in this layout (a view)."""
+        return _apply_after_lead(_tensor(array), self.forward)
 
     def to_input(self, array):
         """An array in this layout ([rows, columns, slices], or with leading channels) back on the input's
         grid; numpy in, numpy out."""
-        x = _tensor(array)
-        lead = x.dim() - 3
-        ornt = np.concatenate([np.stack([np.arange(lead), np.ones(lead)], 1), self.backward + [lead, 0]]) \
-            if lead else self.backward
-        out = _apply(x, ornt).contiguous()
+        out = self.as_input(_tensor(array)).contiguous()
         return out.numpy() if isinstance(array, np.ndarray) else out
 
+    def as_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor in this layout seen on the input's grid: ``to_input`` as a view, without the copy."""
+        return _apply_after_lead(x, self.backward)
 
-def orient(volume, affine=None, spacing=None) -> Oriented:
-    """``volume`` ([X, Y, Z] tensor, array or MetaTensor; [1, X, Y, Z] too) in its acquisition plane's layout."""
+
+def _apply_after_lead(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
+    """``_apply`` to the last three axes of ``x``; leading (channel) axes stay as they are."""
+    lead = x.dim() - 3
+    if lead:
+        ornt = np.concatenate([np.stack([np.arange(lead), np.ones(lead)], 1), ornt + [lead, 0]])
+    return _apply(x, ornt)
+
+
+def orient(volume, affine=None, spacing=None, plane: str | None = None) -> Oriented:
+    """``volume`` ([X, Y, Z] tensor, array or MetaTensor; [1, X, Y, Z] too) in its acquisition plane's layout, or in
+    ``plane``'s."""
     x = as_volume(volume)
     affine = np.asarray(affine, dtype=np.float64) if affine is not None else affine_of(volume, spacing)
-    plane, axis = acquisition_plane(affine)
+    plane, axis = acquisition_plane(affine) if plane is None else plane_axis(affine, plane)
     stored = orientations.io_orientation(affine)
     layout = orientations.axcodes2ornt(LAYOUTS[plane])
     forward = orientations.ornt_transform(stored, layout)

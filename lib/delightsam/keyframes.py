@@ -39,3 +39,13 @@ def interpolated(decoded, wanted: set[int]):
         yield z, probabilities
         previous = (z, probabilities)
 
+
+def batches(depth: int, batch_size: int, progress: bool = False):
+    """Slice index ranges of at most ``batch_size`` slices."""
+    starts = range(0, depth, max(int(batch_size), 1))
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="slices", unit="batch")
+    for z0 in starts:
+        yield slice(z0, min(z0 + batch_size, depth))

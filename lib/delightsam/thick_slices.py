@@ -11,7 +11,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-WORLD_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis a plane's slices are stacked along
+from .geometry import WORLD_AXIS_OF_PLANE as WORLD_AXES  # the RAS axis a plane's slices are stacked along
 
 
 def thick_slices(image: nib.Nifti1Image, plane: str, thickness: float, label: bool = False) -> nib.Nifti1Image:

@@ -166,10 +166,12 @@ class ServedModel:
         adapted = is_adapted(refiner_names(self.served_checkpoint()), spec.get("query_group"))
         pipeline = self.pipeline
         return {"model_version": version, "training": training, "user_scores": user_scores,
-                "pipeline": pipeline.describe(modality, adapted), "refiner_adapted": adapted and pipeline.refines(modality),
+                "pipeline": pipeline.describe(modality, adapted, spec.get("planes") or ()), "refiner_adapted": adapted and pipeline.refines(modality),
                 "precision": pipeline.precision_on(self.settings.device),
                 # what it was measured on (MR contrasts, slice thicknesses); requests outside it are flagged
                 "measured": spec.get("measured") or {},
+                # the planes a volume cut thin along every axis is seen in (multiplanar); [] for its own plane only
+                "planes": spec.get("planes") or [],
                 "model_card": "/model_card" if self.model_card() else None}
 
 

@@ -94,7 +94,9 @@ class DeLightSAMInfer(BasicInferTask):
         if image.header is None:
             raise ValueError(f"the image {image.path!r} was not resolved with its header (request_image.resolve)")
         pipeline = self.served.pipeline.for_request(self.modality, refine)
-        return pipeline.memory_mb(self.modality, image.header.voxels, image.header.bytes_per_voxel_read)
+        spec = self.served.modalities().get(self.modality) or {}
+        fused = len(spec.get("structures", [])) if len(spec.get("planes") or []) > 1 else 0  # as if thin (multiplanar)
+        return pipeline.memory_mb(self.modality, image.header.voxels, image.header.bytes_per_voxel_read, fused)
 
     def _out_of_memory(self, name: str, data: dict) -> HTTPException:
         return guard.out_of_memory(repr(name), data.get("memory_mb"), self.served.settings.memory_budget_mb)
@@ -167,8 +169,9 @@ class DeLightSAMInfer(BasicInferTask):
         data["pred"] = MetaTensor(torch.from_numpy(result.labels), meta={**image.meta, "original_channel_dim": "no_channel"})
         names, refined = result.label_names, pipeline.refines(self.modality)
         data["result"] = {"modality": self.modality, "slice_axis": result.slice_axis, "plane": result.plane,
-                          "refined": refined, "prompts": pipeline.prompts if refined else None,
-                          "pipeline": pipeline.describe(self.modality, carries_adaptation(model, self.modality)),
+                          "planes": result.planes, "refined": refined, "prompts": pipeline.prompts if refined else None,
+                          "pipeline": pipeline.describe(self.modality, carries_adaptation(model, self.modality),
+                                                        model.config.modality(self.modality).planes),
                           "precision": pipeline.precision_on(next(model.parameters()).device),
                           "structures": names, "label_colors": anatomy.colours(names),
                           "model_version": model.config.version, "notes": result.notes,

@@ -1,0 +1,131 @@
+"""Multi-planar inference (``delightsam.multiplanar``): a volume cut thin along every axis is seen in three planes,
+each plane's probabilities put back on the same voxels; a thick-sliced series in its own plane only."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from delightsam.config import Modality, Structure, released_config
+from delightsam.first_stage import FittedSliceNetwork, segment_with
+from delightsam.multiplanar import planes_for
+
+PLANES = ["axial", "coronal", "sagittal"]
+
+
+class BrightIsFound(FittedSliceNetwork):
+    """A stand-in for a trained network where only geometry is tested: a pixel is the structure where it is bright
+    (the real networks run through the same fitting, batching and layouts)."""
+
+    def __init__(self):
+        super().__init__(64, torch.device("cpu"))
+        self.seen = []  # (slices, rows, columns) of each batch
+
+    def forward(self, slices, spacing=None):
+        self.seen.append((slices.shape[0], *slices.shape[2:]))
+        return super().forward(slices, spacing)
+
+    def logits(self, grey, fitted, guide):
+        return (grey - 128.0) / 8.0
+
+
+def _spec(planes) -> Modality:
+    return Modality("mr", "mr", "mr", [Structure("brain", 1, 0)], intensity={"percentiles": [0.5, 99.5]},
+                    planes=list(planes))
+
+
+def _object(shape=(30, 34, 38)) -> np.ndarray:
+    """An off-centre object without a mirror symmetry (a box with a bar on one side), in RAS order."""
+    mask = np.zeros(shape, dtype=bool)
+    mask[5:16, 8:25, 10:30] = True
+    mask[16:24, 8:13, 10:18] = True
+    return mask
+
+
+def _stored(mask: np.ndarray, order: str, spacing=(1.0, 1.0, 1.0)) -> nib.Nifti1Image:
+    """``mask`` (RAS) as a grey volume stored in another voxel order (``order``: axis codes, e.g. "PIR")."""
+    image = nib.Nifti1Image(np.where(mask, 900.0, -500.0).astype(np.float32), np.diag([*spacing, 1.0]))
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                nib.orientations.axcodes2ornt(tuple(order)))
+    return image.as_reoriented(transform)
+
+
+def _as_ras(labels: np.ndarray, image: nib.Nifti1Image) -> np.ndarray:
+    return nib.as_closest_canonical(nib.Nifti1Image(labels.astype(np.uint8), image.affine)).get_fdata() > 0
+
+
+def test_a_thin_volume_is_seen_in_the_modalitys_planes_and_a_thick_one_in_its_own():
+    thin, thick = np.diag([1.0, 1.0, 1.4, 1.0]), np.diag([1.0, 1.0, 1.5, 1.0])
+    assert planes_for(_spec(PLANES), thin) == PLANES
+    assert planes_for(_spec(PLANES), thick) == []  # 1.5 times the in-plane spacing: a thick series
+    assert planes_for(_spec([]), thin) == [] and planes_for(_spec(["axial"]), thin) == []
+
+
+@pytest.mark.parametrize("order", ["RAS", "PIR", "LSA"])
+def test_each_planes_probabilities_land_on_the_voxels_they_came_from(order):
+    """Each plane's slices are decoded in their own layout and put back; a plane put back flipped or transposed
+    would move the off-centre object. Every plane is used (slices of each plane's shape reach the network), about
+    as many slices decoded in all as the axial plane alone has, and the storage order changes nothing."""
+    mask = _object()
+    image = _stored(mask, order)
+    network = BrightIsFound()
+    result = segment_with(network, torch.as_tensor(image.get_fdata()), _spec(PLANES), affine=image.affine)
+    found = _as_ras(result.labels, image)
+    assert 2 * (found & mask).sum() / (found.sum() + mask.sum()) > 0.97
+    assert np.allclose(np.argwhere(found).mean(0), np.argwhere(mask).mean(0), atol=0.3)
+    assert any("seen in axial, coronal, sagittal slices" in n for n in result.notes)
+    rows_columns = {(34, 30), (38, 30), (38, 34)}  # RAS (30, 34, 38): axial P-L, coronal I-L, sagittal I-P
+    assert {seen[1:] for seen in network.seen} == rows_columns
+    assert sum(seen[0] for seen in network.seen) <= 38 + 3  # about the axial plane's slices (and each plane's last)
+
+
+def test_a_thick_series_is_segmented_in_its_acquisition_plane_alone():
+    mask = _object((30, 34, 13))
+    image = _stored(mask, "RAS", spacing=(1.0, 1.0, 3.0))
+    network = BrightIsFound()
+    result = segment_with(network, torch.as_tensor(image.get_fdata()), _spec(PLANES), affine=image.affine)
+    alone = segment_with(BrightIsFound(), torch.as_tensor(image.get_fdata()), _spec([]), affine=image.affine)
+    assert np.array_equal(result.labels, alone.labels) and result.labels.any()
+    assert {seen[1:] for seen in network.seen} == {(34, 30)} and not any("seen in" in n for n in result.notes)
+
+
+def test_a_checkpoints_planes_are_checked_and_kept():
+    config = released_config()
+    with_planes = [{**m.__dict__, "structures": [s.__dict__ for s in m.structures], "planes": PLANES}
+                   for m in config.modalities]
+    name = config.modalities[0].name
+    assert type(config).from_dict(config.replace(modalities=with_planes).to_dict()).modality(name).planes == PLANES
+    for bad in (["oblique"], ["axial", "axial"], "axial"):
+        with pytest.raises(ValueError, match="planes must be"):
+            config.replace(modalities=[{**m, "planes": bad} for m in with_planes])
+
+
+def test_training_cuts_a_thin_volume_in_every_plane_inference_sees_it_in(tmp_path):
+    """A 3-D MR is trained on in the three planes inference sees it in (each plane's slices, their masks on the same
+    voxels); a thick series and a modality seen in one plane in their acquisition plane only; one box atlas entry a
+    volume."""
+    import delightsam
+    from helpers import make_test_checkpoint
+    from delightsam.training_data import SliceData, TrainItem
+
+    model = delightsam.load_model(make_test_checkpoint(tmp_path / "m.safetensors", mr_planes=PLANES))
+    mask = _object()
+    items = []
+    for name, spacing, modality in (("thin", (1.0, 1.0, 1.0), "mr"), ("thick", (1.0, 1.0, 3.0), "mr"),
+                                    ("ct", (1.0, 1.0, 1.0), "ct")):
+        image = _stored(mask, "PIR", spacing)
+        nib.save(image, tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image((image.get_fdata() > 0).astype(np.uint8), image.affine),
+                 tmp_path / f"{name}_label.nii.gz")
+        items.append(TrainItem(name, str(tmp_path / f"{name}.nii.gz"), str(tmp_path / f"{name}_label.nii.gz"),
+                               modality, {1: 4 if modality == "mr" else 1}))
+    data = SliceData(items, model)
+    assert data.modality == ["mr"] * 4 + ["ct"]  # the thin MR three times, the thick one and the CT once each
+    depths = [g.shape[0] for g in data.grey]
+    assert depths == [38, 34, 30, 38, 38]  # axial (S), coronal (A) and sagittal (R) slices of the RAS (30, 34, 38)
+    for grey, masks in zip(data.grey, data.masks):  # each plane's masks lie on its own bright voxels
+        bright = grey[:, 0].float() > 128
+        assert masks[:, 0].any() and (masks[:, 0] == bright).float().mean() > 0.99
+    assert [len(v) for v in data.atlas.values()] == [2, 1]
