@@ -193,9 +193,10 @@ class DeLightSAMConfig:
                 raise ValueError(f"modality {m.name!r}: pixel_mm must be a positive number of millimetres, got {m.pixel_mm}")
             _check_box_atlas(m)
             _check_measured(m)
-            if not set(m.planes) <= {"axial", "coronal", "sagittal"} or len(set(m.planes)) != len(m.planes):
-                raise ValueError(f"modality {m.name!r}: planes must be distinct planes among axial, coronal and "
-                                 f"sagittal, got {m.planes}")
+            if not isinstance(m.planes, list) or len(m.planes) == 1 or len(set(m.planes)) != len(m.planes) \
+                    or not set(m.planes) <= {"axial", "coronal", "sagittal"}:
+                raise ValueError(f"modality {m.name!r}: planes must be [] or a list of two or three distinct planes "
+                                 f"among axial, coronal and sagittal, got {m.planes!r}")
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -252,7 +253,7 @@ def _modality_from_dict(data: dict) -> Modality:
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
                     structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
                     pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []),
-                    measured=data.get("measured") or {}, planes=list(data.get("planes") or []))
+                    measured=data.get("measured") or {}, planes=data.get("planes") or [])
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

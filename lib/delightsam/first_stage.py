@@ -95,7 +95,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     stage (``placed``: a registered atlas placed the structures); ``every_mm``: the
     network sees one slice in about that many millimetres (and the last), those between take interpolated
     probabilities (see ``segment_volume``; a volume seen in several planes, ``multiplanar``, decodes about as many
-    slices in all as its acquisition plane has instead); ``atlas``: a labelled CT to register onto the scan as a prior of where
+    slices in all its planes as its acquisition plane's keyframes); ``atlas``: a labelled CT to register onto the scan as a prior of where
     its organs are (``registration_prior``)."""
     if spacing is not None and len(spacing) != 3:
         raise VolumeError(f"expected 3 spacings for a 3-D volume, got {list(spacing)}")
@@ -104,12 +104,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
     notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []
     planes = planes_for(spec, affine)  # a 3-D MR is seen in three planes (multiplanar)
-    fused = None
-    if planes:
-        fused = fused_probabilities(network, volume, affine, planes, levels, oriented, batch_size, guide, progress)
-        notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (a volume cut thin along "
-                     "every axis)")
-    guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
+    layout_guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
     meter = DoubtMeter([s.name for s in spec.structures], threshold) if doubt else None
@@ -118,27 +113,28 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     prior = _prior(atlas, spec, oriented, frame, notes)
     todo = frame.slices(spec.structures, oriented.plane, depth) if frame is not None else list(range(depth))
     keys = keyframes(todo, refine_stride(every_mm, oriented.spacing[2]))
+    fused = None
+    if planes:  # as many slices decoded in all planes as the acquisition plane's keyframes
+        fused = fused_probabilities(network, volume, affine, planes, levels, oriented, batch_size, len(keys),
+                                    guide, meter, progress)
+        notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (a volume cut thin along "
+                     "every axis)")
 
     def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
         for batch in batches(len(keys), batch_size, progress):
             zs = keys[batch]
             stack = levels(oriented.data[..., zs])[None]
-            if guide is not None:
-                stack = torch.cat([stack, guide[..., zs].float()[None]])
+            if layout_guide is not None:
+                stack = torch.cat([stack, layout_guide[..., zs].float()[None]])
             probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
             if meter is not None:
                 meter.add(probabilities)
             yield from zip(zs, probabilities)
 
-    def averaged():  # (slice, the planes' mean probabilities [S, rows, columns])
-        for z in todo:
-            probabilities = fused[..., z].float()
-            if meter is not None:
-                meter.add(probabilities[None])
-            yield z, probabilities
-
-    for z, probabilities in averaged() if planes else interpolated(decoded(), set(todo)):
+    averaged = ((z, fused[..., z].float()) for z in todo) if planes else None  # the planes' mean [S, rows, columns]
+    for z, probabilities in averaged or interpolated(decoded(), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
+    averaged = fused = None  # two bytes a voxel and structure, not held through what follows
     if parts:  # a whole with parts (the brain) is one closed object (label_maps.close_wholes)
         notes.extend(close_wholes(labels, spec.structures, float(np.prod(oriented.spacing)) / 1000))
     if frame is not None:

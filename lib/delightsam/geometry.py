@@ -97,26 +97,29 @@ class Oriented:
     backward: np.ndarray  # layout -> stored
 
     def to_layout(self, array) -> torch.Tensor:
-        """Another array on the input's grid (a label map, or [channels, X, Y, Z]) in this layout (a view)."""
-        return _apply_after_lead(_tensor(array), self.forward)
+        """Another array on the input's grid (a label map, or [channels, X, Y, Z]) in this layout."""
+        return apply_orientation(_tensor(array), self.forward)
 
     def to_input(self, array):
         """An array in this layout ([rows, columns, slices], or with leading channels) back on the input's
         grid; numpy in, numpy out."""
-        out = self.as_input(_tensor(array)).contiguous()
+        out = apply_orientation(_tensor(array), self.backward).contiguous()
         return out.numpy() if isinstance(array, np.ndarray) else out
 
-    def as_input(self, x: torch.Tensor) -> torch.Tensor:
-        """A tensor in this layout seen on the input's grid: ``to_input`` as a view, without the copy."""
-        return _apply_after_lead(x, self.backward)
 
-
-def _apply_after_lead(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
-    """``_apply`` to the last three axes of ``x``; leading (channel) axes stay as they are."""
+def apply_orientation(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
+    """nibabel's orientation transform ``ornt`` applied to the last three axes of ``x`` (a flip copies); leading
+    (channel) axes stay as they are."""
     lead = x.dim() - 3
     if lead:
         ornt = np.concatenate([np.stack([np.arange(lead), np.ones(lead)], 1), ornt + [lead, 0]])
     return _apply(x, ornt)
+
+
+def layout_transform(source: str, target: str) -> np.ndarray:
+    """The orientation transform from ``source`` plane's layout of a volume to ``target``'s layout of it."""
+    return orientations.ornt_transform(orientations.axcodes2ornt(LAYOUTS[source]),
+                                       orientations.axcodes2ornt(LAYOUTS[target]))
 
 
 def orient(volume, affine=None, spacing=None, plane: str | None = None) -> Oriented:

@@ -30,9 +30,9 @@ PROMPTS = ("3d", "slice")
 # refined) 7.7. These carry a margin: an estimate must not be below what a volume can take. A CT's body frame
 # (``body_frame``) adds its body mask and a rule's mask, a byte a voxel each (not yet measured through /infer).
 MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 7.0, 15.0
-# a volume seen in several planes (``multiplanar``) holds, per structure, the planes' float16 sum and one plane's
-# probabilities: 4 bytes a voxel (not yet measured through /infer)
-MEMORY_FUSED = 4.0
+# a volume seen in several planes (``multiplanar``) holds, per structure, the planes' float16 sum (2 bytes a voxel),
+# and beside the acquisition plane's oriented copy of the volume another plane's (not yet measured through /infer)
+MEMORY_FUSED = 2.0
 
 
 @dataclass
@@ -90,20 +90,20 @@ class Pipeline:
         resting server: a fixed part (the refiner's copies, activations) and bytes per voxel (the volume as read,
         its oriented copy, the label maps, the second stage's connected components, the written result), measured
         through ``/infer`` by scripts/benchmark_memory.py, with a margin; ``fused_structures``: the structures of a
-        modality seen in several planes (``multiplanar``: the sum and one plane's probabilities, float16)."""
+        modality seen in several planes (``multiplanar``: the planes' sum, float16, and another plane's copy)."""
         per_voxel = itemsize * 2 + (MEMORY_TWO_STAGE if self.refines(modality) else MEMORY_ONE_STAGE) \
-            + MEMORY_FUSED * fused_structures
+            + (MEMORY_FUSED * fused_structures + itemsize if fused_structures else 0)
         return MEMORY_FIXED_MB + per_voxel * voxels / 2 ** 20
 
     def describe(self, modality: str, adapted: bool, planes=()) -> str:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
         ``planes``: the modality's (``multiplanar``)."""
+        seen = f"; a volume cut thin along every axis seen in {', '.join(planes)} slices, averaged" \
+            if len(planes) > 1 else ""
         if not self.refines(modality):
-            seen = f"; a volume cut thin along every axis seen in {', '.join(planes)} slices, averaged" \
-                if len(planes) > 1 else ""
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
-        return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm) -> boxes "
+        return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm{seen}) -> boxes "
                 f"({'per slice' if self.prompts == 'slice' else '3-D'}) -> LiteMedSAM "
                 f"{'with queries and heads adapted on users labels' if adapted else '(frozen)'} at input {self.size}, "
                 f"a slice about every {self.refine_every_mm:g} mm")

@@ -13,7 +13,7 @@ import torch
 
 from .augmentation import augment_slice
 from .box_atlas import atlas_entry
-from .geometry import affine_of, fit_to_square, fitted_size, grey_volume, model_input, orient
+from .geometry import affine_of, fit_to_square, fitted_size, grey_levels, intensity_of, model_input, orient
 from .label_maps import relabel, structure_mask
 from .model import DeLightSAM
 from .multiplanar import planes_for
@@ -49,15 +49,19 @@ def known_structures(item: TrainItem, spec) -> torch.Tensor:
 
 
 # ---- a labelled volume as inference reads it ---------------------------------------------------------
-def oriented_labels(item: TrainItem, spec) -> list[tuple]:
+def oriented_labels(item: TrainItem, spec, every_plane: bool = True):
     """A labelled volume read as inference reads it, in each plane inference sees it in (its acquisition plane
-    first; a 3-D volume of a modality seen in several planes in the others too: ``multiplanar``): per plane, (its
-    ``Oriented`` geometry, the label map in the plane's layout, [S] whether the label speaks for each structure)."""
+    first; a 3-D volume of a modality seen in several planes in the others too: ``multiplanar``; ``every_plane``
+    False: its acquisition plane only): per plane, one at a time, (its ``Oriented`` geometry, the label map in the
+    plane's layout, [S] whether the label speaks for each structure)."""
     image = read_volume(item.image)
     label, known = item_label(item, image), known_structures(item, spec)
     first = orient(image)
-    cuts = [first] + [orient(image, plane=p) for p in planes_for(spec, affine_of(image)) if p != first.plane]
-    return [(oriented, oriented.to_layout(label), known) for oriented in cuts]
+    yield first, first.to_layout(label), known
+    for plane in planes_for(spec, affine_of(image)) if every_plane else []:
+        if plane != first.plane:
+            oriented = orient(image, plane=plane)
+            yield oriented, oriented.to_layout(label), known
 
 
 def volume_atlas_entry(item_id: str, oriented, label: torch.Tensor, spec, known: torch.Tensor) -> dict:
@@ -74,7 +78,7 @@ def atlas_entries(items: list[TrainItem], model: DeLightSAM) -> dict[str, list[d
     for item in items:
         spec = model.config.modality(item.modality)
         try:
-            oriented, label, known = oriented_labels(item, spec)[0]
+            oriented, label, known = next(oriented_labels(item, spec, every_plane=False))
         except READ_ERRORS as e:
             raise ValueError(f"{item.id}: cannot be read: {read_error(e)}") from e
         entries.setdefault(item.modality, []).append(volume_atlas_entry(item.id, oriented, label, spec, known))
@@ -89,30 +93,23 @@ class SliceData:
     def __init__(self, items: list[TrainItem], model: DeLightSAM, spill_dir: str | Path | None = None) -> None:
         self.size = model.config.img_size
         self.grey, self.fitted, self.masks, self.modality, self.foreground, self.known = [], [], [], [], [], []
-        self.whole = []  # per volume: the index of its modality's whole structure (the brain), where it has one
+        # per volume and plane it is cut in (``oriented_labels``): its slices and their masks, ...
+        self.whole = []  # ... and the index of its modality's whole structure (the brain), where it has one
         self.atlas: dict[str, list[dict]] = {}  # per modality, its volumes' box atlas entries (box_atlas)
         self.refused: dict[str, str] = {}  # volumes that could not be read, and why
         self.normalise = get_normalization(model)
         for item in items:
+            spec = model.config.modality(item.modality)
             try:
-                cuts, entry = self._slices(item, model)
+                for k, (oriented, label, known) in enumerate(oriented_labels(item, spec)):
+                    if k == 0:  # the acquisition plane's: the box atlas, and the grey levels of every plane
+                        self.atlas.setdefault(item.modality, []).append(
+                            volume_atlas_entry(item.id, oriented, label, spec, known))
+                        levels = grey_levels(oriented.data, intensity_of(spec))
+                    self._add(item.modality, spec, *self._cut(oriented, label, spec, levels), known, spill_dir)
             except READ_ERRORS as e:  # an unreadable file, a label off the image's grid
                 self.refused[item.id] = f"cannot be read for training: {read_error(e)}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
-                continue
-            for grey, fitted, masks, known in cuts:  # a volume seen in several planes: each plane's slices
-                if spill_dir is not None:
-                    grey, masks = (_memory_mapped(Path(spill_dir) / f"{len(self.grey)}-{k}.npy", t)
-                                   for k, t in (("grey", grey), ("masks", masks)))
-                self.grey.append(grey)
-                self.fitted.append(fitted)
-                self.masks.append(masks)
-                self.modality.append(item.modality)
-                structures = model.config.modality(item.modality).structures
-                self.whole.append(next((i for i, st in enumerate(structures) if st.parts), None))
-                self.known.append(known)
-                self.foreground.append(masks.flatten(1).any(1))
-            self.atlas.setdefault(item.modality, []).append(entry)
         if not self.grey:
             raise ValueError("no training volume could be read: " + "; ".join(f"{k}: {v}" for k, v in self.refused.items()))
         self.index = [(v, s) for v, g in enumerate(self.grey) for s in range(g.shape[0])]
@@ -121,26 +118,30 @@ class SliceData:
         self.bg_index = [i for i, f in zip(self.index, fg.tolist()) if not f]
         self.max_structures = max(m.shape[1] for m in self.masks)
 
-    def _slices(self, item: TrainItem, model: DeLightSAM) -> tuple[list[tuple], dict]:
-        """A volume's slices as inference cuts them (``geometry``: its plane's layout, grey levels, NaN policy,
-        fitting; in each plane inference sees it in), per plane with the structure masks of its label on the same
-        slices and which structures its label speaks for: [(grey, fitted, masks, known)]; and its box atlas entry
-        (of its acquisition plane)."""
-        spec = model.config.modality(item.modality)
-        cuts = oriented_labels(item, spec)
-        return [self._cut(oriented, label, known, spec) for oriented, label, known in cuts], \
-            volume_atlas_entry(item.id, *cuts[0][:2], spec, cuts[0][2])
-
-    def _cut(self, oriented, label: torch.Tensor, known: torch.Tensor, spec) -> tuple:
-        """One plane's fitted grey slices [Z, 1, size, size] (float16), fitted size, masks [Z, S, size, size] and
-        ``known``."""
-        grey = grey_volume(oriented, spec)[0].movedim(2, 0)  # [Z, H, W]
+    def _cut(self, oriented, label: torch.Tensor, spec, levels) -> tuple:
+        """A volume's slices in one plane as inference cuts them (``geometry``: the plane's layout, the volume's grey
+        levels, NaN policy, fitting), with the structure masks of its label on the same slices: fitted grey slices
+        [Z, 1, size, size] (float16), the fitted size and masks [Z, S, size, size]."""
+        grey = levels(oriented.data).movedim(2, 0)  # [Z, H, W]
         label = label.movedim(2, 0)
         masks = torch.stack([structure_mask(label, s) for s in spec.structures], dim=1).float()  # [Z, S, H, W]
         fitted = fitted_size(tuple(grey.shape[-2:]), self.size, oriented.spacing[:2], spec.pixel_mm)
         grey, fitted = fit_to_square(grey[:, None], self.size, fitted=fitted)
         masks, _ = fit_to_square(masks, self.size, mode="nearest", fitted=fitted)
-        return grey.to(torch.float16), fitted, masks.bool(), known
+        return grey.to(torch.float16), fitted, masks.bool()
+
+    def _add(self, modality: str, spec, grey, fitted, masks, known, spill_dir) -> None:
+        """One plane's slices of a volume, spilled to ``spill_dir`` where there is one."""
+        if spill_dir is not None:
+            grey, masks = (_memory_mapped(Path(spill_dir) / f"{len(self.grey)}-{k}.npy", t)
+                           for k, t in (("grey", grey), ("masks", masks)))
+        self.grey.append(grey)
+        self.fitted.append(fitted)
+        self.masks.append(masks)
+        self.modality.append(modality)
+        self.whole.append(next((i for i, st in enumerate(spec.structures) if st.parts), None))
+        self.known.append(known)
+        self.foreground.append(masks.flatten(1).any(1))
 
     def sample(self, epoch: int, step: int, n: int, seed: int, fg_fraction: float) -> list[tuple[int, int]]:
         """The same n slices on every process for a given (seed, epoch, step)."""
