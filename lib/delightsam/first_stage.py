@@ -19,7 +19,7 @@ from .body_frame import BodyFrame, absent, body_frame, drop_specks, keep_structu
 from .config import Modality
 from .geometry import (GreyVolume, VolumeError, affine_of, as_volume, fit_to_square, fitted_size, grey_levels, intensity_of,
                        model_input, orient, probabilities_on_slice)
-from .keyframes import batches, interpolated, keyframes, refine_stride
+from .keyframes import decoded, interpolated, keyframes, refine_stride
 from .label_maps import clean_up, close_wholes, combine, part_indices
 from .model import DeLightSAM
 from .multiplanar import fused_probabilities, planes_for
@@ -119,20 +119,9 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                                     guide, meter, progress)
         notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (a volume cut thin along "
                      "every axis)")
-
-    def decoded():  # (keyframe, probabilities [S, rows, columns]), batch by batch: no whole-volume float copy
-        for batch in batches(len(keys), batch_size, progress):
-            zs = keys[batch]
-            stack = levels(oriented.data[..., zs])[None]
-            if layout_guide is not None:
-                stack = torch.cat([stack, layout_guide[..., zs].float()[None]])
-            probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
-            if meter is not None:
-                meter.add(probabilities)
-            yield from zip(zs, probabilities)
-
     averaged = ((z, fused[..., z].float()) for z in todo) if planes else None  # the planes' mean [S, rows, columns]
-    for z, probabilities in averaged or interpolated(decoded(), set(todo)):
+    for z, probabilities in averaged or interpolated(
+            decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     averaged = fused = None  # two bytes a voxel and structure, not held through what follows
     if parts:  # a whole with parts (the brain) is one closed object (label_maps.close_wholes)

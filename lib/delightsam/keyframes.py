@@ -1,6 +1,7 @@
 """Which slices a network decodes: one about every few millimetres along each run of slices (keyframes), and the
 slices between two keyframes take their probabilities interpolated linearly (organs change little over a few
-millimetres), so that the cost follows the anatomy's extent, not the number of slices."""
+millimetres), so that the cost follows the anatomy's extent, not the number of slices; the decoding of the keyframes
+in batches, whatever plane a volume is cut in (``decoded``)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def interpolated(decoded, wanted: set[int]):
         previous = (z, probabilities)
 
 
-def batches(depth: int, batch_size: int, progress: bool = False):
+def _batches(depth: int, batch_size: int, progress: bool = False):
     """Slice index ranges of at most ``batch_size`` slices."""
     starts = range(0, depth, max(int(batch_size), 1))
     if progress:
@@ -49,3 +50,20 @@ def batches(depth: int, batch_size: int, progress: bool = False):
         starts = tqdm(starts, desc="slices", unit="batch")
     for z0 in starts:
         yield slice(z0, min(z0 + batch_size, depth))
+
+
+def decoded(network, oriented, keys: list[int], levels, batch_size: int, guide=None, meter=None,
+            progress: bool = False):
+    """(keyframe, probabilities [S, rows, columns]) of ``oriented``'s slices ``keys`` (a ``geometry.Oriented``),
+    batch by batch: no whole-volume float copy. ``network``: a ``first_stage.FittedSliceNetwork``; ``levels``: the
+    volume's grey levels; ``guide``: a second channel in the same layout; ``meter`` (``uncertainty.DoubtMeter``) sees
+    what the network decoded."""
+    for batch in _batches(len(keys), batch_size, progress):
+        zs = keys[batch]
+        stack = levels(oriented.data[..., zs])[None]
+        if guide is not None:
+            stack = torch.cat([stack, guide[..., zs].float()[None]])
+        probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
+        if meter is not None:
+            meter.add(probabilities)
+        yield from zip(zs, probabilities)

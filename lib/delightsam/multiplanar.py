@@ -18,7 +18,7 @@ import torch
 from .config import Modality
 from .geometry import (GreyLevels, Oriented, apply_orientation, as_volume, layout_transform, orient, plane_axis,
                        thick_axis)
-from .keyframes import batches, interpolated, keyframes
+from .keyframes import decoded, interpolated, keyframes
 
 
 def planes_for(spec: Modality, affine: np.ndarray) -> list[str]:
@@ -27,34 +27,10 @@ def planes_for(spec: Modality, affine: np.ndarray) -> list[str]:
     return list(spec.planes) if len(spec.planes) > 1 and thick_axis(affine) is None else []
 
 
-def plane_probabilities(network, oriented: Oriented, levels: GreyLevels, batch_size: int, stride: int, guide=None,
-                        meter=None, progress: bool = False):
-    """(slice, probabilities [S, rows, columns]) of every slice of ``oriented`` (a volume cut in one plane), in order:
-    ``network``, a ``first_stage.FittedSliceNetwork``, decodes one slice in ``stride``, the others are interpolated;
-    ``guide`` (a second channel) on the input's grid; ``meter`` (``uncertainty.DoubtMeter``) sees what the network
-    decoded."""
-    guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
-    depth = oriented.data.shape[2]
-    keys = keyframes(list(range(depth)), stride)
-
-    def decoded():
-        for batch in batches(len(keys), batch_size, progress):
-            zs = keys[batch]
-            stack = levels(oriented.data[..., zs])[None]
-            if guide is not None:
-                stack = torch.cat([stack, guide[..., zs].float()[None]])
-            probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])
-            if meter is not None:
-                meter.add(probabilities)
-            yield from zip(zs, probabilities)
-
-    return interpolated(decoded(), set(range(depth)))
-
-
 def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], levels: GreyLevels,
                         into: Oriented, batch_size: int, slices: int, guide=None, meter=None,
                         progress: bool = False) -> torch.Tensor:
-    """The mean of ``planes``' probabilities (``plane_probabilities``), [S, rows, columns, slices] in ``into``'s
+    """The mean of ``planes``' probabilities (``keyframes.decoded``), [S, rows, columns, slices] in ``into``'s
     layout, float16 (two bytes a voxel and structure): each plane's slices are added where they lie as they come, so
     no plane's whole volume of probabilities is held. ``slices``: about how many slices to decode in all (each plane
     one in the same stride, at most ``MAX_STRIDE``)."""
@@ -65,8 +41,10 @@ def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], 
         oriented = orient(volume, affine, plane=plane)
         ornt = layout_transform(plane, into.plane)  # a slice of this plane is a slab of one across ``into``'s axis
         axis, flipped, depth = int(ornt[2, 0]), ornt[2, 1] == -1, oriented.data.shape[2]
-        for z, probabilities in plane_probabilities(network, oriented, levels, batch_size, stride, guide, meter,
-                                                    progress):
+        layout_guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
+        keys = keyframes(list(range(depth)), stride)  # the others interpolated; ``meter`` sees what was decoded
+        slices_of_plane = decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress)
+        for z, probabilities in interpolated(slices_of_plane, set(range(depth))):
             if total is None:
                 total = torch.zeros((probabilities.shape[0], *into.data.shape), dtype=torch.float16)
             slab = apply_orientation(probabilities[..., None], ornt)
