@@ -147,3 +147,20 @@ def test_training_cuts_a_thin_volume_in_every_plane_inference_sees_it_in(tmp_pat
         bright = grey[:, 0].float() > 128
         assert masks[:, 0].any() and (masks[:, 0] == bright).float().mean() > 0.99
     assert [len(v) for v in data.atlas.values()] == [2, 1]
+
+
+def test_training_leaves_out_the_acquisition_plane_where_inference_does(tmp_path):
+    """A modality seen in coronal and sagittal slices only is trained on in those two: the axial slices of a thin
+    volume stored axially would be trained on and never seen. The box atlas still reads the acquisition plane."""
+    import delightsam
+    from helpers import make_test_checkpoint
+    from delightsam.training_data import SliceData, TrainItem
+
+    model = delightsam.load_model(make_test_checkpoint(tmp_path / "m.safetensors", mr_planes=["coronal", "sagittal"]))
+    image = _stored(_object(), "RAS")
+    nib.save(image, tmp_path / "thin.nii.gz")
+    nib.save(nib.Nifti1Image((image.get_fdata() > 0).astype(np.uint8), image.affine), tmp_path / "label.nii.gz")
+    data = SliceData([TrainItem("thin", str(tmp_path / "thin.nii.gz"), str(tmp_path / "label.nii.gz"), "mr",
+                                {1: 4})], model)
+    assert [g.shape[0] for g in data.grey] == [34, 30]  # coronal (A) and sagittal (R) slices; no axial (S: 38)
+    assert [len(v) for v in data.atlas.values()] == [1]

@@ -50,18 +50,20 @@ def known_structures(item: TrainItem, spec) -> torch.Tensor:
 
 # ---- a labelled volume as inference reads it ---------------------------------------------------------
 def oriented_labels(item: TrainItem, spec, every_plane: bool = True):
-    """A labelled volume read as inference reads it, in each plane inference sees it in (its acquisition plane
-    first; a 3-D volume of a modality seen in several planes in the others too: ``multiplanar``; ``every_plane``
-    False: its acquisition plane only): per plane, one at a time, (its ``Oriented`` geometry, the label map in the
-    plane's layout, [S] whether the label speaks for each structure)."""
+    """A labelled volume read as inference reads it, per plane, one at a time: (its ``Oriented`` geometry, the label
+    map in the plane's layout, [S] whether the label speaks for each structure, whether inference sees the volume in
+    this plane). The acquisition plane comes first, always (the box atlas and the grey levels are read in it); a 3-D
+    volume of a modality seen in several planes (``multiplanar``) is then cut in the others it is seen in, and its
+    acquisition plane is seen only where it is one of them. ``every_plane`` False: the acquisition plane only."""
     image = read_volume(item.image)
     label, known = item_label(item, image), known_structures(item, spec)
     first = orient(image)
-    yield first, first.to_layout(label), known
-    for plane in planes_for(spec, affine_of(image)) if every_plane else []:
+    planes = planes_for(spec, affine_of(image)) if every_plane else []
+    yield first, first.to_layout(label), known, not planes or first.plane in planes
+    for plane in planes:
         if plane != first.plane:
             oriented = orient(image, plane=plane)
-            yield oriented, oriented.to_layout(label), known
+            yield oriented, oriented.to_layout(label), known, True
 
 
 def volume_atlas_entry(item_id: str, oriented, label: torch.Tensor, spec, known: torch.Tensor) -> dict:
@@ -78,7 +80,7 @@ def atlas_entries(items: list[TrainItem], model: DeLightSAM) -> dict[str, list[d
     for item in items:
         spec = model.config.modality(item.modality)
         try:
-            oriented, label, known = next(oriented_labels(item, spec, every_plane=False))
+            oriented, label, known, _ = next(oriented_labels(item, spec, every_plane=False))
         except READ_ERRORS as e:
             raise ValueError(f"{item.id}: cannot be read: {read_error(e)}") from e
         entries.setdefault(item.modality, []).append(volume_atlas_entry(item.id, oriented, label, spec, known))
@@ -101,12 +103,13 @@ class SliceData:
         for item in items:
             spec = model.config.modality(item.modality)
             try:
-                for k, (oriented, label, known) in enumerate(oriented_labels(item, spec)):
+                for k, (oriented, label, known, seen) in enumerate(oriented_labels(item, spec)):
                     if k == 0:  # the acquisition plane's: the box atlas, and the grey levels of every plane
                         self.atlas.setdefault(item.modality, []).append(
                             volume_atlas_entry(item.id, oriented, label, spec, known))
                         levels = grey_levels(oriented.data, intensity_of(spec))
-                    self._add(item.modality, spec, *self._cut(oriented, label, spec, levels), known, spill_dir)
+                    if seen:
+                        self._add(item.modality, spec, *self._cut(oriented, label, spec, levels), known, spill_dir)
             except READ_ERRORS as e:  # an unreadable file, a label off the image's grid
                 self.refused[item.id] = f"cannot be read for training: {read_error(e)}"
                 logger.warning(f"not training on {item.id}: {self.refused[item.id]}")
