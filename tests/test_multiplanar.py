@@ -1,4 +1,4 @@
-"""Multi-planar inference (``delightsam.multiplanar``): a volume cut thin along every axis is seen in three planes,
+"""Multi-planar inference (``delightsam.multiplanar``): a volume that is not thick-sliced is seen in three planes,
 each plane's probabilities put back on the same voxels; a thick-sliced series in its own plane only."""
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ def _as_ras(labels: np.ndarray, image: nib.Nifti1Image) -> np.ndarray:
 
 
 def test_a_thin_volume_is_seen_in_the_modalitys_planes_and_a_thick_one_in_its_own():
-    thin, thick = np.diag([1.0, 1.0, 1.4, 1.0]), np.diag([1.0, 1.0, 1.5, 1.0])
-    assert planes_for(_spec(PLANES), thin) == PLANES
-    assert planes_for(_spec(PLANES), thick) == []  # 1.5 times the in-plane spacing: a thick series
+    thin, thick = np.diag([2.0, 2.0, 3.0, 1.0]), np.diag([2.0, 2.0, 5.0, 1.0])
+    assert planes_for(_spec(PLANES), thin) == PLANES  # 3 mm slices of 2 mm pixels: seen in every plane
+    assert planes_for(_spec(PLANES), np.diag([1.0, 1.0, 2.4, 1.0])) == PLANES
+    assert planes_for(_spec(PLANES), thick) == []  # 2.5 times the in-plane spacing: its own plane alone
     assert planes_for(_spec([]), thin) == [] and planes_for(_spec(["axial"]), thin) == []
 
 

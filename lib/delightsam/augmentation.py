@@ -28,7 +28,11 @@ def augmentation(modality: str = "ct"):
         RandShiftIntensityd(keys="image", offsets=10.0, prob=0.5),
         RandGaussianNoised(keys="image", prob=0.3, std=6.0),
     ]
-    mr = [RandBiasFieldd(keys="image", prob=0.5, coeff_range=(0.0, 0.3)),
+    # the field's coefficients are drawn on both sides of zero (MONAI's range (0, c) only brightens, constant term
+    # included), and a slice as a whole is darkened down to half: far from a head coil's centre (the cerebellum, the
+    # vertex) a slice's brain is that much darker than the volume's grey levels say
+    mr = [RandBiasFieldd(keys="image", prob=0.5, coeff_range=(-0.4, 0.4)),
+          RandScaleIntensityd(keys="image", factors=(-0.5, 0.2), prob=0.4),
           RandGaussianSmoothd(keys="image", prob=0.3, sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5)),
           RandHistogramShiftd(keys="image", num_control_points=(4, 8), prob=0.4)]
     return Compose(common + (mr if modality == "mr" else []))

@@ -81,8 +81,9 @@ class Modality:
     # What the model was measured on (``scope``): {"contrasts": MR contrasts, "slice_mm": [thinnest, thickest]};
     # {} where nobody recorded it. A request outside it still gets a mask, with a note saying so.
     measured: dict = field(default_factory=dict)
-    # The planes a volume cut thin along every axis (a 3-D MR) is seen in, their probabilities averaged
-    # (``multiplanar``); [] for its acquisition plane only. A thick-sliced series is always seen in its own plane.
+    # The planes a volume with no axis 2.5 times the next (a 3-D MR, a 2x2x3 mm series) is seen in, their
+    # probabilities averaged (``multiplanar``); [] for its acquisition plane only. A thick-sliced series (5 mm
+    # slices of 1.5 mm pixels) is always seen in its own plane.
     planes: list[str] = field(default_factory=list)
 
 

@@ -117,8 +117,8 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     if planes:  # as many slices decoded in all planes as the acquisition plane's keyframes
         fused = fused_probabilities(network, volume, affine, planes, levels, oriented, batch_size, len(keys),
                                     guide, meter, progress)
-        notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (a volume cut thin along "
-                     "every axis)")
+        notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (no axis of the volume "
+                     "2.5 times the next or more)")
     averaged = ((z, fused[..., z].float()) for z in todo) if planes else None  # the planes' mean [S, rows, columns]
     for z, probabilities in averaged or interpolated(
             decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress), set(todo)):

@@ -45,13 +45,13 @@ def spacing_of(affine_or_volume) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
-def thick_axis(affine: np.ndarray) -> int | None:
-    """The stored axis whose spacing is ``THICK_SLICE`` times the next widest or more: the one a thick-sliced series
-    was cut along. None for a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR,
-    or two axes equally wide)."""
+def thick_axis(affine: np.ndarray, ratio: float | None = None) -> int | None:
+    """The stored axis whose spacing is ``ratio`` (``THICK_SLICE``) times the next widest or more: the one a
+    thick-sliced series was cut along. None for a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x
+    0.5 mm, a 3-D MR, or two axes equally wide)."""
     spacing = np.asarray(spacing_of(affine))
     second, widest = np.argsort(spacing, kind="stable")[1:]
-    return int(widest) if spacing[widest] >= THICK_SLICE * spacing[second] else None
+    return int(widest) if spacing[widest] >= (ratio or THICK_SLICE) * spacing[second] else None
 
 
 def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:

@@ -1,11 +1,13 @@
-"""Multi-planar inference: a volume cut thin along every axis (a 3-D MR head) seen in several planes.
+"""Multi-planar inference: a volume that is not thick-sliced (a 3-D MR head) seen in several planes.
 
 An axial slice near the top or the bottom of the brain shows a small cross-section of it, and where the brain ends
 is hard to tell from it; a coronal or a sagittal slice shows the brain's whole height. Each plane's per-structure
 probabilities are brought to one layout and averaged, and the average is what the first stage thresholds. Each plane
 decodes one slice in a few (keyframes, those between interpolated: one in four for a 1 mm head), so that three planes
-decode about as many slices as the acquisition plane alone did (or as its keyframes, ``every_mm``). A thick-sliced series is seen in its own plane only: across 5 mm slices the other planes'
-pixels are 5 mm tall, and they measured worse than the acquisition plane alone (the model card's MR section).
+decode about as many slices as the acquisition plane alone did (or as its keyframes, ``every_mm``). A series of
+slices 2.5 times as thick as its pixels are wide or more is seen in its own plane only: the other planes' pixels
+are that tall, and they measured worse than the acquisition plane alone (the model card's MR section); a 2x2x3 mm
+head (3 mm coronal slices) is seen in all three.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from .geometry import (GreyLevels, Oriented, apply_orientation, as_volume, layou
 from .keyframes import decoded, interpolated, keyframes
 
 
+# a volume is seen in several planes unless one axis is this many times the next widest or more (a 5 mm series of
+# 1.5-2 mm pixels): up to twice (2x3x2, 3x3x5 and 1x1x2 mm) the planes together measured better than the acquisition
+# plane alone on the training heads resampled so, at 2.5 times (2x2x5 mm) as often worse (the model card)
+SEVERAL_PLANES_BELOW = 2.5
+
+
 def planes_for(spec: Modality, affine: np.ndarray) -> list[str]:
-    """The planes a volume on ``affine`` is seen in: the modality's ``planes`` where the volume is cut thin along
-    every axis (``geometry.thick_axis``), else none (its acquisition plane only)."""
-    return list(spec.planes) if len(spec.planes) > 1 and thick_axis(affine) is None else []
+    """The planes a volume on ``affine`` is seen in: the modality's ``planes`` where no axis is
+    ``SEVERAL_PLANES_BELOW`` times the next widest or more (``geometry.thick_axis``), else none (its acquisition
+    plane only)."""
+    return list(spec.planes) if len(spec.planes) > 1 and thick_axis(affine, SEVERAL_PLANES_BELOW) is None else []
 
 
 def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], levels: GreyLevels,

@@ -99,7 +99,7 @@ class Pipeline:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
         ``planes``: the modality's (``multiplanar``)."""
-        seen = f"; a volume cut thin along every axis seen in {', '.join(planes)} slices, averaged" \
+        seen = f"; a volume that is not thick-sliced seen in {', '.join(planes)} slices, averaged" \
             if len(planes) > 1 else ""
         if not self.refines(modality):
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
