@@ -13,7 +13,7 @@
 - ``two``: two users sending a 512x512xN CT (``--two-slices``, default 1000) at once, the server with two inference
   workers: each one's status, seconds and Dice against the reference, and the server's peak memory;
 - ``mr``: a 1 mm head with skull (Colin 27) and the same head resampled to 0.7 mm, sent to the MR task, which sees a
-  volume that is not thick-sliced in three planes (``multiplanar``): the same figures as ``size``, against the
+  volume with no axis 2.5 times the next in three planes (``multiplanar``): the same figures as ``size``, against the
   estimate with the planes' term.
 
 The peak is VmHWM, reset before each request (``/proc/PID/clear_refs``). Prints tables, writes JSON.

@@ -54,7 +54,7 @@ HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
 # what the MR model is measured on, recorded in the checkpoint (``delightsam.scope``: /info says it, a request outside
 # it is flagged): T1 heads, slices 1 mm (training) to 5 mm (the held-out heads' thick condition)
 MEASURED = {"contrasts": ["T1"], "slice_mm": [1.0, 5.0]}
-# the planes a head cut thin along every axis is seen in, their probabilities averaged (``delightsam.multiplanar``),
+# the planes a head with no axis 2.5 times the next is seen in, their probabilities averaged (``delightsam.multiplanar``),
 # recorded in the checkpoint beside MEASURED
 PLANES = ["axial", "coronal", "sagittal"]
 THICK = (("axial", 5.0), ("coronal", 4.0), ("sagittal", 6.0), ("axial", 3.0), ("coronal", 7.0))
@@ -234,11 +234,11 @@ def record_settings(shipped) -> int:
 
 def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
-    rows = [("ROBEX reference T1, with skull (held out), as stored (LAS)", "robex_held_out"),
+    rows = [("ROBEX reference T1, with skull (development), as stored (LAS)", "robex_held_out"),
             ("the same, stored P-I-R", "robex_held_out_pir"),
             ("the same as 5 mm axial slices (thick_slices), RAS", "robex_held_out_5mm"),
             ("the same as 5 mm axial slices, stored S-L-P", "robex_held_out_5mm_slp"),
-            ("ITK's example T1, with skull (held out; 2x2x3 mm, coronal slices)", "itk_held_out"),
+            ("ITK's example T1, with skull (development; 2x2x3 mm, coronal slices)", "itk_held_out"),
             ("the same, stored P-I-R", "itk_held_out_pir"),
             ("the same as 5 mm axial slices (thick_slices), RAS", "itk_held_out_5mm"),
             ("the same as 5 mm axial slices, stored S-L-P", "itk_held_out_5mm_slp"),

@@ -215,3 +215,16 @@ def test_a_painted_lesion_stays_inside_the_brain_and_stays_brain():
         without, masks_without = augment_slice(grey, masks, seed, "mr", whole=None)
         assert torch.equal(masks_whole, masks_without)
 
+
+
+def test_mr_augmentation_darkens_a_slice_as_a_coil_falls_off_and_ct_augmentation_does_not():
+    """A head coil's fall-off: an MR slice far from its centre (the cerebellum, the vertex) is a third to a half
+    darker than the volume's grey levels say, and MR training shows such slices; CT's Hounsfield units do not fall
+    off, and its augmentation keeps a slice's middle within a fifth of its level."""
+    from delightsam.augmentation import augment_slice
+
+    grey, masks = torch.full((1, 64, 64), 128.0), torch.zeros((1, 64, 64))
+    middle = {modality: [float(augment_slice(grey, masks, seed, modality)[0][0, 24:40, 24:40].mean())
+                         for seed in range(100)] for modality in ("ct", "mr")}
+    assert sum(level < 90 for level in middle["mr"]) >= 5  # darkened by a third or more
+    assert min(middle["ct"]) > 100

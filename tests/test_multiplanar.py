@@ -1,5 +1,5 @@
-"""Multi-planar inference (``delightsam.multiplanar``): a volume that is not thick-sliced is seen in three planes,
-each plane's probabilities put back on the same voxels; a thick-sliced series in its own plane only."""
+"""Multi-planar inference (``delightsam.multiplanar``): a volume with no axis 2.5 times the next is seen in three
+planes, each plane's probabilities put back on the same voxels; a thick-sliced series in its own plane only."""
 
 from __future__ import annotations
 
@@ -82,22 +82,40 @@ def test_each_planes_probabilities_land_on_the_voxels_they_came_from(order):
     assert 38 - 3 <= sum(seen[0] for seen in network.seen) <= 38 + 3  # about the axial plane's slices
 
 
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 3.0, 2.0)])
 @pytest.mark.parametrize("order", ["RAS", "PIR", "LSA"])
 @pytest.mark.parametrize("plane", PLANES)
-def test_each_plane_alone_puts_its_slices_back_where_they_came_from(order, plane):
+def test_each_plane_alone_puts_its_slices_back_where_they_came_from(order, plane, spacing):
     """One plane's probabilities alone, every slice decoded (a plane put back flipped or transposed is outvoted by
-    the two others in the average, so each is checked by itself): the object, voxel for voxel."""
+    the two others in the average, so each is checked by itself): the object, voxel for voxel, into the axial layout
+    of a 1 mm volume and into the coronal layout of 3 mm coronal slices of 2 mm pixels (thick by ``THICK_SLICE``,
+    seen in three planes)."""
     from delightsam.geometry import grey_levels, orient
     from delightsam.multiplanar import fused_probabilities
 
     mask = _object()
-    image = _stored(mask, order)
+    image = _stored(mask, order, spacing)
     volume = torch.as_tensor(image.get_fdata())
     into = orient(volume, image.affine)
     levels = grey_levels(into.data, {"percentiles": [0.5, 99.5]})
     fused = fused_probabilities(BrightIsFound(), volume, image.affine, [plane], levels, into, 8, slices=10 ** 6)
     found = _as_ras(into.to_input((fused[0] > 0.5).numpy()), image)
     assert np.array_equal(found, mask), (plane, order)
+
+
+@pytest.mark.parametrize("order", ["RAS", "PIR", "LSA"])
+def test_coronal_slices_of_3_mm_and_2_mm_pixels_are_seen_in_three_planes(order):
+    """ITK's example head's geometry (2x2x3 mm, coronal slices): its acquisition plane is coronal, it is seen in
+    all three planes, and the object comes back where it is in every storage order."""
+    mask = _object()
+    image = _stored(mask, order, spacing=(2.0, 3.0, 2.0))
+    network = BrightIsFound()
+    result = segment_with(network, torch.as_tensor(image.get_fdata()), _spec(PLANES), affine=image.affine)
+    assert result.plane == "coronal" and result.planes == PLANES
+    assert {seen[1:] for seen in network.seen} == {(34, 30), (38, 30), (38, 34)}  # every plane reached the network
+    found = _as_ras(result.labels, image)
+    assert 2 * (found & mask).sum() / (found.sum() + mask.sum()) > 0.97
+    assert np.allclose(np.argwhere(found).mean(0), np.argwhere(mask).mean(0), atol=0.3)
 
 
 def test_a_thick_series_is_segmented_in_its_acquisition_plane_alone():

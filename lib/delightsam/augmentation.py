@@ -13,7 +13,8 @@ def augmentation(modality: str = "ct"):
     """MONAI dictionary transforms for a fitted slice (image [1, S, S] in 0..255, masks [S_str, S, S]): scale and
     field of view (zoom 0.65-1.35, shifts of 10%), rotations of up to 10 degrees, contrast, brightness and noise;
     what varies between scanners and patients, where one or two labelled volumes say nothing. MR adds what varies
-    between MR scanners and protocols and not in CT: a smooth bias field (coil sensitivity) and blur (thicker or
+    between MR scanners and protocols and not in CT: a smooth bias field (coil sensitivity), slices darkened or
+    brightened as a whole (a coil's fall-off along the head) and blur (thicker or
     coarser acquisitions than the 1 mm training heads) and a random smooth mapping of the grey levels (another
     scanner's or sequence's contrast between tissues: the model is to learn the head's shapes, not one scanner's
     intensities)."""
@@ -28,9 +29,10 @@ def augmentation(modality: str = "ct"):
         RandShiftIntensityd(keys="image", offsets=10.0, prob=0.5),
         RandGaussianNoised(keys="image", prob=0.3, std=6.0),
     ]
-    # the field's coefficients are drawn on both sides of zero (MONAI's range (0, c) only brightens, constant term
-    # included), and a slice as a whole is darkened down to half: far from a head coil's centre (the cerebellum, the
-    # vertex) a slice's brain is that much darker than the volume's grey levels say
+    # the field's coefficients are drawn on both sides of zero (with MONAI's range (0, c) the log-field's mean, its
+    # constant coefficient, is never below zero: it brightens on average), and a slice as a whole is darkened down to
+    # half: far from a head coil's centre (the cerebellum, the vertex) a slice's brain is that much darker than the
+    # volume's grey levels say
     mr = [RandBiasFieldd(keys="image", prob=0.5, coeff_range=(-0.4, 0.4)),
           RandScaleIntensityd(keys="image", factors=(-0.5, 0.2), prob=0.4),
           RandGaussianSmoothd(keys="image", prob=0.3, sigma_x=(0.25, 1.5), sigma_y=(0.25, 1.5)),

@@ -22,7 +22,7 @@ from .geometry import (GreyVolume, VolumeError, affine_of, as_volume, fit_to_squ
 from .keyframes import decoded, interpolated, keyframes, refine_stride
 from .label_maps import clean_up, close_wholes, combine, part_indices
 from .model import DeLightSAM
-from .multiplanar import fused_probabilities, planes_for
+from .multiplanar import SEVERAL_PLANES_BELOW, fused_probabilities, planes_for
 from .normalization import get_normalization
 from .precision import products_in
 from .registration_prior import Atlas, Prior, gate, register
@@ -103,7 +103,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
     oriented = orient(volume, affine)
     levels = grey_levels(oriented.data, intensity_of(spec))  # the volume's mapping; applied batch by batch
     notes = [f"{levels.bad} NaN/infinite voxels were set to the volume's minimum"] if levels.bad else []
-    planes = planes_for(spec, affine)  # a 3-D MR is seen in three planes (multiplanar)
+    planes = planes_for(spec, affine)  # an MR with no axis 2.5 times the next is seen in three planes (multiplanar)
     layout_guide = oriented.to_layout(as_volume(guide)) if guide is not None else None
     label_ids, parts = [s.label for s in spec.structures], part_indices(spec.structures)
     labels = torch.zeros(oriented.data.shape, dtype=torch.uint8)
@@ -118,7 +118,7 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
         fused = fused_probabilities(network, volume, affine, planes, levels, oriented, batch_size, len(keys),
                                     guide, meter, progress)
         notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (no axis of the volume "
-                     "2.5 times the next or more)")
+                     f"{SEVERAL_PLANES_BELOW:g} times the next or more)")
     averaged = ((z, fused[..., z].float()) for z in todo) if planes else None  # the planes' mean [S, rows, columns]
     for z, probabilities in averaged or interpolated(
             decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress), set(todo)):

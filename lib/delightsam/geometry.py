@@ -51,7 +51,7 @@ def thick_axis(affine: np.ndarray, ratio: float | None = None) -> int | None:
     0.5 mm, a 3-D MR, or two axes equally wide)."""
     spacing = np.asarray(spacing_of(affine))
     second, widest = np.argsort(spacing, kind="stable")[1:]
-    return int(widest) if spacing[widest] >= (ratio or THICK_SLICE) * spacing[second] else None
+    return int(widest) if spacing[widest] >= (THICK_SLICE if ratio is None else ratio) * spacing[second] else None
 
 
 def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:

@@ -19,6 +19,7 @@ from .first_stage import SliceNetwork, VolumeResult, segment_with
 from .foundation import foundation_model
 from .keyframes import refine_stride
 from .model import DeLightSAM
+from .multiplanar import SEVERAL_PLANES_BELOW
 from .precision import resolve
 from .refinement import refine
 
@@ -31,7 +32,8 @@ PROMPTS = ("3d", "slice")
 # (``body_frame``) adds its body mask and a rule's mask, a byte a voxel each (not yet measured through /infer).
 MEMORY_FIXED_MB, MEMORY_ONE_STAGE, MEMORY_TWO_STAGE = 512.0, 7.0, 15.0
 # a volume seen in several planes (``multiplanar``) holds, per structure, the planes' float16 sum (2 bytes a voxel),
-# and beside the acquisition plane's oriented copy of the volume another plane's (not yet measured through /infer)
+# and beside the acquisition plane's oriented copy of the volume another plane's (through /infer, scripts/
+# benchmark_memory.py --parts mr: 12-18 bytes a voxel above rest for a 1 and a 0.7 mm head, the estimate 2-3 times)
 MEMORY_FUSED = 2.0
 
 
@@ -99,8 +101,8 @@ class Pipeline:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
         ``planes``: the modality's (``multiplanar``)."""
-        seen = f"; a volume that is not thick-sliced seen in {', '.join(planes)} slices, averaged" \
-            if len(planes) > 1 else ""
+        seen = (f"; a volume with no axis {SEVERAL_PLANES_BELOW:g} times the next seen in {', '.join(planes)} slices, "
+                "averaged") if len(planes) > 1 else ""
         if not self.refines(modality):
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
         return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm{seen}) -> boxes "

@@ -170,7 +170,7 @@ class ServedModel:
                 "precision": pipeline.precision_on(self.settings.device),
                 # what it was measured on (MR contrasts, slice thicknesses); requests outside it are flagged
                 "measured": spec.get("measured") or {},
-                # the planes a volume that is not thick-sliced is seen in (multiplanar); [] for its own plane only
+                # the planes a volume with no axis 2.5 times the next is seen in (multiplanar); [] for its own plane only
                 "planes": spec.get("planes") or [],
                 "model_card": "/model_card" if self.model_card() else None}
 
