@@ -173,9 +173,7 @@ def estimate_mb(voxels: int, itemsize: int = 2, modality: str = "ct", fused_stru
     except ImportError:
         return None
     pipeline = Pipeline(["ct"])
-    if not hasattr(pipeline, "memory_mb"):
-        return None
-    return pipeline.memory_mb(modality, voxels, itemsize, *([fused_structures] if fused_structures else []))
+    return pipeline.memory_mb(modality, voxels, itemsize, fused_structures) if hasattr(pipeline, "memory_mb") else None
 
 
 def size_rows(url: str, pid: int, studies: Path, slices: list[int]) -> list[dict]:
@@ -208,8 +206,8 @@ def mr_heads(data: Path, studies: Path) -> list[tuple[str, int, int]]:
     fine = ndimage.zoom(np.asarray(head.dataobj, dtype=np.float32), 1 / 0.7, order=1)
     nib.save(nib.Nifti1Image(fine, head.affine @ np.diag([0.7, 0.7, 0.7, 1.0])), studies / "colin27_0.7mm.nii.gz")
     shutil.copy(data / "samples" / "colin27_t1.nii.gz", studies / "colin27_1mm.nii.gz")
-    return [(name, int(np.prod(nib.load(studies / f"{name}.nii.gz").shape)),
-             nib.load(studies / f"{name}.nii.gz").get_data_dtype().itemsize) for name in ("colin27_1mm", "colin27_0.7mm")]
+    headers = {name: nib.load(studies / f"{name}.nii.gz").header for name in ("colin27_1mm", "colin27_0.7mm")}
+    return [(name, int(np.prod(h.get_data_shape())), h.get_data_dtype().itemsize) for name, h in headers.items()]
 
 
 def mr_rows(url: str, pid: int, heads: list[tuple[str, int, int]]) -> list[dict]:
