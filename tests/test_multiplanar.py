@@ -183,3 +183,42 @@ def test_training_leaves_out_the_acquisition_plane_where_inference_does(tmp_path
                                 {1: 4})], model)
     assert [g.shape[0] for g in data.grey] == [34, 30]  # coronal (A) and sagittal (R) slices; no axial (S: 38)
     assert [len(v) for v in data.atlas.values()] == [1]
+
+
+class OneEyed(BrightIsFound):
+    """A network that finds a bright pixel surely in the left half of the slice it is shown and misses it (p 0.38)
+    in the right half: what the mirror image adds is the other half, seen on the left."""
+
+    def logits(self, grey, fitted, guide):
+        left = torch.arange(grey.shape[-1]) < fitted[1] / 2
+        return torch.where((grey > 128) & left, 20.0, torch.where(grey > 128, -0.5, -20.0))
+
+
+@pytest.mark.parametrize("order", ["RAS", "PIR", "LSA"])
+def test_a_thick_series_is_decoded_as_it_is_and_mirrored_left_right(order):
+    """A series too thick for several planes (1x1x3 mm) of a multi-planar modality: each slice is decoded as it is
+    and mirrored, the mirrored probabilities flipped back onto the voxels they came from (a flip back along the
+    wrong axis, or none, moves the off-centre object), and the two averaged; a modality of one plane (CT) is not."""
+    mask = _object((30, 34, 13))
+    image = _stored(mask, order, spacing=(1.0, 1.0, 3.0))
+    volume = torch.as_tensor(image.get_fdata())
+    network, alone = OneEyed(), OneEyed()
+    result = segment_with(network, volume, _spec(PLANES), affine=image.affine)
+    plain = segment_with(alone, volume, _spec([]), affine=image.affine)
+    found, half = _as_ras(result.labels, image), _as_ras(plain.labels, image)
+    assert 2 * (found & mask).sum() / (found.sum() + mask.sum()) > 0.97
+    assert np.allclose(np.argwhere(found).mean(0), np.argwhere(mask).mean(0), atol=0.3)
+    assert 0.2 < half.sum() / mask.sum() < 0.8  # one eye alone: a part of the object
+    assert sum(s[0] for s in network.seen) == 2 * sum(s[0] for s in alone.seen)
+    assert max(s[0] for s in network.seen) <= 8  # half the slices a batch, with their mirror images: no more memory
+    assert any("mirrored left-right" in n for n in result.notes)
+    assert not any("mirrored" in n for n in plain.notes)
+
+
+def test_only_a_thick_axial_or_coronal_series_of_a_multiplanar_modality_is_mirrored():
+    from delightsam.multiplanar import mirrors
+
+    assert mirrors(_spec(PLANES), [], "axial") and mirrors(_spec(PLANES), [], "coronal")
+    assert not mirrors(_spec(PLANES), [], "sagittal")  # a sagittal slice mirrored is the one across the midline
+    assert not mirrors(_spec(PLANES), PLANES, "axial")  # a thin volume's views are its planes
+    assert not mirrors(_spec([]), [], "axial")  # CT: one plane, decoded once

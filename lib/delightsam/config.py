@@ -83,7 +83,7 @@ class Modality:
     measured: dict = field(default_factory=dict)
     # The planes a volume with no axis 2.5 times the next (a 3-D MR, a 2x2x3 mm series) is seen in, their
     # probabilities averaged (``multiplanar``); [] for its acquisition plane only. A thick-sliced series (5 mm
-    # slices of 1.5 mm pixels) is always seen in its own plane.
+    # slices of 1.5 mm pixels) is always seen in its own plane, its axial or coronal slices mirrored too (``mirrors``).
     planes: list[str] = field(default_factory=list)
 
 

@@ -22,7 +22,7 @@ from .geometry import (GreyVolume, VolumeError, affine_of, as_volume, fit_to_squ
 from .keyframes import decoded, interpolated, keyframes, refine_stride
 from .label_maps import clean_up, close_wholes, combine, part_indices
 from .model import DeLightSAM
-from .multiplanar import SEVERAL_PLANES_BELOW, fused_probabilities, planes_for
+from .multiplanar import SEVERAL_PLANES_BELOW, fused_probabilities, mirrors, planes_for
 from .normalization import get_normalization
 from .precision import products_in
 from .registration_prior import Atlas, Prior, gate, register
@@ -119,9 +119,13 @@ def segment_with(network: FittedSliceNetwork, volume, spec: Modality, spacing=No
                                     guide, meter, progress)
         notes.append(f"seen in {', '.join(planes)} slices, their probabilities averaged (no axis of the volume "
                      f"{SEVERAL_PLANES_BELOW:g} times the next or more)")
+    mirrored = mirrors(spec, planes, oriented.plane)
+    if mirrored:
+        notes.append(f"its {oriented.plane} slices decoded as they are and mirrored left-right, the two averaged (a "
+                     f"series too thick for several planes)")
     averaged = ((z, fused[..., z].float()) for z in todo) if planes else None  # the planes' mean [S, rows, columns]
     for z, probabilities in averaged or interpolated(
-            decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress), set(todo)):
+            decoded(network, oriented, keys, levels, batch_size, layout_guide, meter, progress, mirrored), set(todo)):
         labels[..., z] = combine(probabilities, label_ids, threshold, parts)
     averaged = fused = None  # two bytes a voxel and structure, not held through what follows
     if parts:  # a whole with parts (the brain) is one closed object (label_maps.close_wholes)

@@ -53,17 +53,24 @@ def _batches(depth: int, batch_size: int, progress: bool = False):
 
 
 def decoded(network, oriented, keys: list[int], levels, batch_size: int, guide=None, meter=None,
-            progress: bool = False):
+            progress: bool = False, mirrored: bool = False):
     """(keyframe, probabilities [S, rows, columns]) of ``oriented``'s slices ``keys`` (a ``geometry.Oriented``),
     batch by batch: no whole-volume float copy. ``network``: a ``first_stage.FittedSliceNetwork``; ``levels``: the
     volume's grey levels; ``guide``: a second channel in the same layout; ``meter`` (``uncertainty.DoubtMeter``) sees
-    what the network decoded."""
-    for batch in _batches(len(keys), batch_size, progress):
+    what the network decoded; ``mirrored``: each slice is decoded as it is and mirrored along its columns (left-right
+    in the axial and coronal layouts), and the two probabilities averaged (twice the decoding; half the slices a batch,
+    so that a batch holds as many inputs, and as much memory, as without)."""
+    for batch in _batches(len(keys), max(batch_size // 2, 1) if mirrored else batch_size, progress):
         zs = keys[batch]
         stack = levels(oriented.data[..., zs])[None]
         if guide is not None:
             stack = torch.cat([stack, guide[..., zs].float()[None]])
-        probabilities = network(stack.permute(3, 0, 1, 2), oriented.spacing[:2])  # [b, S, rows, columns]
+        stack = stack.permute(3, 0, 1, 2)  # [b, channels, rows, columns]
+        if mirrored:
+            both = network(torch.cat([stack, stack.flip(3)]), oriented.spacing[:2])
+            probabilities = (both[: len(zs)] + both[len(zs):].flip(3)) / 2
+        else:
+            probabilities = network(stack, oriented.spacing[:2])  # [b, S, rows, columns]
         if meter is not None:
             meter.add(probabilities)
         yield from zip(zs, probabilities)

@@ -7,7 +7,8 @@ decodes one slice in a few (keyframes, those between interpolated: one in four f
 decode about as many slices as the acquisition plane alone did (or as its keyframes, ``every_mm``). A series of
 slices 2.5 times as thick as its pixels are wide or more is seen in its own plane only: the other planes' pixels
 are that tall, and they measured worse than the acquisition plane alone (the model card's MR section); a 2x2x3 mm
-head (3 mm coronal slices) is seen in all three.
+head (3 mm coronal slices) is seen in all three. Such a thick series' axial or coronal slices are decoded as they are
+and mirrored left-right, the two averaged (``mirrors``): a second view of each voxel where the other planes give none.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def planes_for(spec: Modality, affine: np.ndarray) -> list[str]:
     ``SEVERAL_PLANES_BELOW`` times the next widest or more (``geometry.thick_axis``), else none (its acquisition
     plane only)."""
     return list(spec.planes) if len(spec.planes) > 1 and thick_axis(affine, SEVERAL_PLANES_BELOW) is None else []
+
+
+def mirrors(spec: Modality, planes: list[str], plane: str) -> bool:
+    """Whether a volume's slices are decoded mirrored too (``keyframes.decoded``): a series of a modality seen in several
+    planes that is too thick for them (``planes`` empty) lacks their second view of each voxel; the mirror image of an
+    axial or coronal slice is one (a sagittal slice mirrored is the slice across the midline: no new view). A thin
+    volume is not mirrored: three planes are its views, and twice their decoding would double a head's time."""
+    return len(spec.planes) > 1 and not planes and plane != "sagittal"
 
 
 def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], levels: GreyLevels,

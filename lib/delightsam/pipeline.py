@@ -102,7 +102,8 @@ class Pipeline:
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
         ``planes``: the modality's (``multiplanar``)."""
         seen = (f"; a volume with no axis {SEVERAL_PLANES_BELOW:g} times the next seen in {', '.join(planes)} slices, "
-                "averaged") if len(planes) > 1 else ""
+                "averaged, a thicker series in its own slices and their left-right mirror images, averaged") \
+            if len(planes) > 1 else ""
         if not self.refines(modality):
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
         return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm{seen}) -> boxes "
