@@ -152,6 +152,7 @@ def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp
     assert series_reply["scope"] == {"contrast": "FLAIR", "contrast_from": "DICOM series description", "slice_mm": 7.0,
                                      "within_measured": False}
     assert series_reply["planes"] == [] and series_reply["plane"] == "axial"
+    assert any("its axial slices decoded as they are and mirrored left-right" in n for n in series_reply["notes"])
     assert any("its contrast is FLAIR (from the DICOM series description) and its slices are 7 mm apart" in n
                for n in series_reply["notes"])
     refused = _infer(client, {"contrast": "T2"}, image="ts_ct_small")

@@ -194,13 +194,16 @@ class OneEyed(BrightIsFound):
         return torch.where((grey > 128) & left, 20.0, torch.where(grey > 128, -0.5, -20.0))
 
 
+@pytest.mark.parametrize("shape, spacing, plane", [((30, 34, 13), (1.0, 1.0, 3.0), "axial"),
+                                                   ((30, 34, 38), (1.0, 3.0, 1.0), "coronal")])
 @pytest.mark.parametrize("order", ["RAS", "PIR", "LSA"])
-def test_a_thick_series_is_decoded_as_it_is_and_mirrored_left_right(order):
-    """A series too thick for several planes (1x1x3 mm) of a multi-planar modality: each slice is decoded as it is
-    and mirrored, the mirrored probabilities flipped back onto the voxels they came from (a flip back along the
-    wrong axis, or none, moves the off-centre object), and the two averaged; a modality of one plane (CT) is not."""
-    mask = _object((30, 34, 13))
-    image = _stored(mask, order, spacing=(1.0, 1.0, 3.0))
+def test_a_thick_series_is_decoded_as_it_is_and_mirrored_left_right(order, shape, spacing, plane):
+    """A series too thick for several planes (3 mm axial or coronal slices of 1 mm pixels) of a multi-planar
+    modality: each slice is decoded as it is and mirrored, the mirrored probabilities flipped back onto the voxels
+    they came from (a flip back along the wrong axis, or none, moves the off-centre object), and the two averaged; a
+    modality of one plane (CT) is not."""
+    mask = _object(shape)
+    image = _stored(mask, order, spacing=spacing)
     volume = torch.as_tensor(image.get_fdata())
     network, alone = OneEyed(), OneEyed()
     result = segment_with(network, volume, _spec(PLANES), affine=image.affine)
@@ -211,7 +214,8 @@ def test_a_thick_series_is_decoded_as_it_is_and_mirrored_left_right(order):
     assert 0.2 < half.sum() / mask.sum() < 0.8  # one eye alone: a part of the object
     assert sum(s[0] for s in network.seen) == 2 * sum(s[0] for s in alone.seen)
     assert max(s[0] for s in network.seen) <= 8  # half the slices a batch, with their mirror images: no more memory
-    assert any("mirrored left-right" in n for n in result.notes)
+    assert result.plane == plane and any(f"its {plane} slices decoded as they are and mirrored left-right" in n
+                                         for n in result.notes)
     assert not any("mirrored" in n for n in plain.notes)
 
 
@@ -222,3 +226,6 @@ def test_only_a_thick_axial_or_coronal_series_of_a_multiplanar_modality_is_mirro
     assert not mirrors(_spec(PLANES), [], "sagittal")  # a sagittal slice mirrored is the one across the midline
     assert not mirrors(_spec(PLANES), PLANES, "axial")  # a thin volume's views are its planes
     assert not mirrors(_spec([]), [], "axial")  # CT: one plane, decoded once
+    sided = Modality("mr", "mr", "mr", [Structure("kidney_left", 1, 0), Structure("kidney_right", 2, 1)],
+                     intensity={"percentiles": [0.5, 99.5]}, planes=PLANES)
+    assert not mirrors(sided, [], "axial")  # a mirrored left kidney is the right one

@@ -59,18 +59,16 @@ def decoded(network, oriented, keys: list[int], levels, batch_size: int, guide=N
     volume's grey levels; ``guide``: a second channel in the same layout; ``meter`` (``uncertainty.DoubtMeter``) sees
     what the network decoded; ``mirrored``: each slice is decoded as it is and mirrored along its columns (left-right
     in the axial and coronal layouts), and the two probabilities averaged (twice the decoding; half the slices a batch,
-    so that a batch holds as many inputs, and as much memory, as without)."""
+    so that a batch holds as many inputs, and as much memory, as without, two with ``batch_size`` 1); ``meter`` then
+    sees both views, as it sees each plane's of a volume seen in several (``multiplanar``)."""
     for batch in _batches(len(keys), max(batch_size // 2, 1) if mirrored else batch_size, progress):
         zs = keys[batch]
         stack = levels(oriented.data[..., zs])[None]
         if guide is not None:
             stack = torch.cat([stack, guide[..., zs].float()[None]])
         stack = stack.permute(3, 0, 1, 2)  # [b, channels, rows, columns]
-        if mirrored:
-            both = network(torch.cat([stack, stack.flip(3)]), oriented.spacing[:2])
-            probabilities = (both[: len(zs)] + both[len(zs):].flip(3)) / 2
-        else:
-            probabilities = network(stack, oriented.spacing[:2])  # [b, S, rows, columns]
+        views = network(torch.cat([stack, stack.flip(3)]) if mirrored else stack, oriented.spacing[:2])
         if meter is not None:
-            meter.add(probabilities)
+            meter.add(views)  # [b or 2b, S, rows, columns]
+        probabilities = (views[: len(zs)] + views[len(zs):].flip(3)) / 2 if mirrored else views
         yield from zip(zs, probabilities)

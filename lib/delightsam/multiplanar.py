@@ -43,8 +43,10 @@ def mirrors(spec: Modality, planes: list[str], plane: str) -> bool:
     """Whether a volume's slices are decoded mirrored too (``keyframes.decoded``): a series of a modality seen in several
     planes that is too thick for them (``planes`` empty) lacks their second view of each voxel; the mirror image of an
     axial or coronal slice is one (a sagittal slice mirrored is the slice across the midline: no new view). A thin
-    volume is not mirrored: three planes are its views, and twice their decoding would double a head's time."""
-    return len(spec.planes) > 1 and not planes and plane != "sagittal"
+    volume is not mirrored: three planes are its views, and twice their decoding would double a head's time. Nor is a
+    modality with structures of one side (kidney_left): its mirror image would call the right kidney the left."""
+    sided = any(side in s.name.lower().split("_") for s in spec.structures for side in ("left", "right"))
+    return len(spec.planes) > 1 and not planes and plane != "sagittal" and not sided
 
 
 def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], levels: GreyLevels,

@@ -102,7 +102,7 @@ class Pipeline:
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
         ``planes``: the modality's (``multiplanar``)."""
         seen = (f"; a volume with no axis {SEVERAL_PLANES_BELOW:g} times the next seen in {', '.join(planes)} slices, "
-                "averaged, a thicker series in its own slices and their left-right mirror images, averaged") \
+                "averaged, a thicker series' axial or coronal slices with their left-right mirror images, averaged") \
             if len(planes) > 1 else ""
         if not self.refines(modality):
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
