@@ -127,14 +127,20 @@ def thick_pair(image_path: Path, label_path: Path, plane: str, mm: float, out: P
     return paths
 
 
-def thick_training(model, data: Path, work: Path) -> dict[str, float]:
-    """The whole brain's Dice on each training head's thick-sliced series (``THICK``; trained on: a fit, and where a
-    setting for thick series is chosen leaving one head out)."""
+def thick_series(data: Path, work: Path):
+    """Each training head's thick-sliced series (``THICK``, ``thick_pair``): (name, image path, label path)."""
     samples = data / "samples"
-    return {f"{head}_{plane}{mm:g}mm": brain_dice(model, *thick_pair(samples / f"{head}.nii.gz",
-                                                                    samples / "labels" / f"{head}.nii.gz", plane, mm,
-                                                                    work / "thick"))
-            for head in HEADS for plane, mm in THICK}
+    for head in HEADS:
+        for plane, mm in THICK:
+            yield (f"{head}_{plane}{mm:g}mm", *thick_pair(samples / f"{head}.nii.gz",
+                                                          samples / "labels" / f"{head}.nii.gz", plane, mm,
+                                                          work / "thick"))
+
+
+def thick_training(model, data: Path, work: Path) -> dict[str, float]:
+    """The whole brain's Dice on each training head's thick-sliced series (trained on: a fit, and where a setting for
+    thick series is chosen leaving one head out)."""
+    return {name: brain_dice(model, image, label) for name, image, label in thick_series(data, work)}
 
 
 def evaluate(model, data: Path, work: Path) -> dict:
@@ -182,11 +188,8 @@ def main() -> int:
     # heads with skull: their brain masks as the whole brain, grey and white matter unknown
     items = [TrainItem(name, str(samples / f"{name}.nii.gz"), str(samples / "labels" / f"{name}.nii.gz"), "mr", {1: 1},
                        ["brain"]) for name in HEADS]
-    for name in HEADS:
-        for plane, mm in THICK:
-            image, label = thick_pair(samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz", plane, mm,
-                                      args.work / "thick")
-            items.append(TrainItem(f"{name}_{plane}{mm:g}mm", str(image), str(label), "mr", {1: 1}, ["brain"]))
+    items += [TrainItem(name, str(image), str(label), "mr", {1: 1}, ["brain"])
+              for name, image, label in thick_series(args.data, args.work)]
     items.append(TrainItem("mni152_t1", str(args.data / "studies" / "mni152_t1.nii.gz"),
                            str(samples / "labels" / "mni152_t1.nii.gz"), "mr"))
     model = load_model(args.start)

@@ -229,3 +229,6 @@ def test_only_a_thick_axial_or_coronal_series_of_a_multiplanar_modality_is_mirro
     sided = Modality("mr", "mr", "mr", [Structure("kidney_left", 1, 0), Structure("kidney_right", 2, 1)],
                      intensity={"percentiles": [0.5, 99.5]}, planes=PLANES)
     assert not mirrors(sided, [], "axial")  # a mirrored left kidney is the right one
+    spleen = Modality("mr", "mr", "mr", [Structure("spleen", 1, 0)], intensity={"percentiles": [0.5, 99.5]},
+                      planes=PLANES)
+    assert not mirrors(spleen, [], "axial")  # on the left, though its name does not say so (body_frame.SIDES)

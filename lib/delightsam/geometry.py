@@ -45,13 +45,18 @@ def spacing_of(affine_or_volume) -> tuple[float, float, float]:
     return tuple(float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
 
 
-def thick_axis(affine: np.ndarray, ratio: float | None = None) -> int | None:
-    """The stored axis whose spacing is ``ratio`` (``THICK_SLICE``) times the next widest or more: the one a
-    thick-sliced series was cut along. None for a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x
-    0.5 mm, a 3-D MR, or two axes equally wide)."""
+# a stored axis is the one the slices were cut along where its spacing is at least this many times the next widest
+# (a 3-5 mm CT, a 2-D MR series); below it, a volume was cut (or resampled) thin along every axis
+THICK_SLICE = 1.5
+
+
+def thick_axis(affine: np.ndarray, ratio: float = THICK_SLICE) -> int | None:
+    """The stored axis whose spacing is ``ratio`` times the next widest or more: the one a thick-sliced series was
+    cut along. None for a volume without one (near-isotropic: a thin-slice CT of 0.7 x 0.7 x 0.5 mm, a 3-D MR, or
+    two axes equally wide)."""
     spacing = np.asarray(spacing_of(affine))
     second, widest = np.argsort(spacing, kind="stable")[1:]
-    return int(widest) if spacing[widest] >= (THICK_SLICE if ratio is None else ratio) * spacing[second] else None
+    return int(widest) if spacing[widest] >= ratio * spacing[second] else None
 
 
 def acquisition_plane(affine: np.ndarray) -> tuple[str, int]:
@@ -69,11 +74,6 @@ def plane_axis(affine: np.ndarray, plane: str) -> tuple[str, int]:
 def _world(affine: np.ndarray) -> np.ndarray:
     """Stored axis -> the RAS world axis it runs along most."""
     return orientations.io_orientation(affine)[:, 0].astype(int)
-
-
-# a stored axis is the one the slices were cut along where its spacing is at least this many times the next widest
-# (a 3-5 mm CT, a 2-D MR series); below it, a volume was cut (or resampled) thin along every axis
-THICK_SLICE = 1.5
 
 
 def _apply(x: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:

@@ -18,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from .body_frame import SIDES
 from .config import Modality
 from .geometry import (GreyLevels, Oriented, apply_orientation, as_volume, layout_transform, orient, plane_axis,
                        thick_axis)
@@ -44,8 +45,9 @@ def mirrors(spec: Modality, planes: list[str], plane: str) -> bool:
     planes that is too thick for them (``planes`` empty) lacks their second view of each voxel; the mirror image of an
     axial or coronal slice is one (a sagittal slice mirrored is the slice across the midline: no new view). A thin
     volume is not mirrored: three planes are its views, and twice their decoding would double a head's time. Nor is a
-    modality with structures of one side (kidney_left): its mirror image would call the right kidney the left."""
-    sided = any(side in s.name.lower().split("_") for s in spec.structures for side in ("left", "right"))
+    modality with structures of one side (``body_frame.SIDES``: the spleen, kidney_left; or named so): its mirror
+    image would call the right kidney the left."""
+    sided = any(s.name in SIDES or {"left", "right"} & set(s.name.lower().split("_")) for s in spec.structures)
     return len(spec.planes) > 1 and not planes and plane != "sagittal" and not sided
 
 
