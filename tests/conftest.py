@@ -55,7 +55,9 @@ def reference_input(reference_dir) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def samples() -> Path:
     """The real sample volumes (fetched from PyPI source distributions once, then cached in data/)."""
-    needed = (DATA / "studies" / "ts_ct_small.nii.gz", DATA / "samples" / "ts_ct_dicom", DATA / "samples" / "labels" / "ts_ct.nii.gz")
+    needed = (DATA / "studies" / "ts_ct_small.nii.gz", DATA / "samples" / "ts_ct_dicom", DATA / "samples" / "labels" / "ts_ct.nii.gz",
+              *(DATA / "samples" / d / f"{head}.nii.gz" for head in ("robex_t1", "itk_t1", "trio_head")
+                for d in ("", "labels")))
     if not all(p.exists() for p in needed):
         subprocess.run([sys.executable, str(REPO / "scripts" / "fetch_samples.py")], check=True)
     return DATA
