@@ -234,4 +234,3 @@ def test_mr_augmentation_darkens_a_slice_as_a_coil_falls_off_and_ct_augmentation
                          for seed in range(100)] for modality in ("ct", "mr")}
     assert sum(level < 90 for level in middle["mr"]) >= 5  # darkened by a third or more
     assert min(middle["ct"]) > 100
-
