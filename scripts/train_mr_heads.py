@@ -174,7 +174,8 @@ def main() -> int:
     parser.add_argument("--evaluate-only", action="store_true")
     parser.add_argument("--before-report", type=Path, help="the shipped model's figures from this report.json")
     parser.add_argument("--record-settings", action="store_true",
-                        help="only record MEASURED and PLANES in the shipped checkpoint (its weights unchanged, checked)")
+                        help="only record MEASURED, PLANES and that the MR modality is symmetric in the shipped checkpoint "
+                             "(its weights unchanged, checked)")
     parser.add_argument("--no-save", action="store_true", help="report, but leave the bundle's model as it is")
     parser.add_argument("--seed", type=int, default=0, help="the training's sampling and augmentation")
     parser.add_argument("--teacher", default="lite_medsam", choices=("lite_medsam", "none"),
@@ -240,9 +241,11 @@ def main() -> int:
 
 
 def record(model) -> None:
-    """The MR modality's ``MEASURED`` and ``PLANES``, set on ``model``'s configuration."""
+    """The MR modality's ``MEASURED`` and ``PLANES``, set on ``model``'s configuration, and that it is symmetric (a
+    brain, its grey and its white matter are each their own mirror image: a thick series is decoded mirrored too)."""
     model.config.modality("mr").measured = dict(MEASURED)
     model.config.modality("mr").planes = list(PLANES)
+    model.config.modality("mr").symmetric = True
 
 
 def record_settings(shipped) -> int:
@@ -253,10 +256,11 @@ def record_settings(shipped) -> int:
     record(shipped)
     save_model(shipped, SHIPPED, half=True)
     again = load_model(SHIPPED)
-    assert again.config.modality("mr").measured == MEASURED and again.config.modality("mr").planes == PLANES
+    mr = again.config.modality("mr")
+    assert mr.measured == MEASURED and mr.planes == PLANES and mr.symmetric
     after = again.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
-    print(f"recorded {MEASURED} and planes {PLANES} in {SHIPPED}; weights unchanged")
+    print(f"recorded {MEASURED}, planes {PLANES} and symmetric in {SHIPPED}; weights unchanged")
     return 0
 
 

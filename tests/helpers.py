@@ -72,6 +72,7 @@ def make_test_checkpoint(path: Path, seed: int = 0, version: str = "test", mr_me
     model.add_modality("mr", [("brain", 4)], intensity={"percentiles": [0.5, 99.5]})
     model.config.modality("mr").measured = dict(mr_measured or {})
     model.config.modality("mr").planes = list(mr_planes or [])
+    model.config.modality("mr").symmetric = True  # a brain is its own mirror image (a thick series is mirrored too)
     return delightsam.save_model(model.eval(), path)
 
 

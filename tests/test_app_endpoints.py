@@ -121,12 +121,15 @@ def test_an_mr_outside_what_was_measured_still_gets_a_mask_that_says_so(env, tmp
     by its DICOM series description) or a 7 mm series still gets its mask, and the result says it is outside that;
     a NIfTI whose contrast nobody named says the contrast is unknown. A contrast for CT is refused before any voxel is
     read; an MR checkpoint that records nothing still takes one (``scope`` says so, nothing is flagged). The 3 mm
-    isotropic MR is seen in the three planes the checkpoint names, the 7 mm series in its own plane alone."""
+    isotropic MR is seen in the three planes the checkpoint names, the 7 mm series in its own plane alone. /info says
+    which modality is declared symmetric (its thick series decoded mirrored too)."""
     client = env["client"]
     mr = client.get("/info/").json()["models"]["delightsam_mr"]
     assert mr["measured"] == MEASURED and mr["config"]["contrast"][0] == "auto" and "FLAIR" in mr["config"]["contrast"]
     assert mr["planes"] == PLANES and "seen in axial, coronal, sagittal slices" in mr["pipeline"]
-    assert "contrast" not in client.get("/info/").json()["models"]["delightsam_ct"]["config"]
+    ct = client.get("/info/").json()["models"]["delightsam_ct"]
+    assert "contrast" not in ct["config"]
+    assert mr["symmetric"] is True and ct["symmetric"] is False  # a brain is its own mirror image; a left kidney is not
     t1 = _infer(client, {"contrast": "T1"}, model="delightsam_mr", image="ts_mr_small").json()  # 3 mm slices
     assert t1["scope"] == {"contrast": "T1", "contrast_from": "request", "slice_mm": 3.0, "within_measured": True}
     assert not any("measured on" in n for n in t1["notes"])

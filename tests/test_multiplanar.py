@@ -3,12 +3,15 @@ planes, each plane's probabilities put back on the same voxels; a thick-sliced s
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from delightsam.config import Modality, Structure, released_config
+from delightsam.config import DeLightSAMConfig, Modality, Structure, released_config
 from delightsam.first_stage import FittedSliceNetwork, segment_with
 from delightsam.multiplanar import planes_for
 
@@ -33,7 +36,7 @@ class BrightIsFound(FittedSliceNetwork):
 
 def _spec(planes) -> Modality:
     return Modality("mr", "mr", "mr", [Structure("brain", 1, 0)], intensity={"percentiles": [0.5, 99.5]},
-                    planes=list(planes))
+                    planes=list(planes), symmetric=True)
 
 
 def _object(shape=(30, 34, 38)) -> np.ndarray:
@@ -226,9 +229,22 @@ def test_only_a_thick_axial_or_coronal_series_of_a_multiplanar_modality_is_mirro
     assert not mirrors(_spec(PLANES), [], "sagittal")  # a sagittal slice mirrored is the one across the midline
     assert not mirrors(_spec(PLANES), PLANES, "axial")  # a thin volume's views are its planes
     assert not mirrors(_spec([]), [], "axial")  # CT: one plane, decoded once
-    sided = Modality("mr", "mr", "mr", [Structure("kidney_left", 1, 0), Structure("kidney_right", 2, 1)],
-                     intensity={"percentiles": [0.5, 99.5]}, planes=PLANES)
-    assert not mirrors(sided, [], "axial")  # a mirrored left kidney is the right one
-    spleen = Modality("mr", "mr", "mr", [Structure("spleen", 1, 0)], intensity={"percentiles": [0.5, 99.5]},
-                      planes=PLANES)
-    assert not mirrors(spleen, [], "axial")  # on the left, though its name does not say so (body_frame.SIDES)
+    undeclared = dataclasses.replace(_spec(PLANES), symmetric=False)
+    assert not mirrors(undeclared, [], "axial")  # nobody said its structures are their own mirror images
+
+
+@pytest.mark.parametrize("name", ["kidney_left", "spleen", "Left-Hippocampus", "hippocampus_L", "lh.cortex",
+                                  "RightAmygdala"])
+def test_a_modality_declared_symmetric_names_no_structure_of_one_side(name):
+    """A mirrored left hippocampus is the right one: a checkpoint that declares such a modality symmetric (so that its
+    thick series would be decoded mirrored) is refused by the configuration (which ``load_model`` reads), naming the
+    structure; without the declaration it is taken, and decoded once."""
+    config = DeLightSAMConfig(query_groups={"mr": 2}, modalities=[
+        Modality("mr", "mr", "mr", [Structure("brain", 1, 0), Structure(name, 2, 1)], planes=PLANES)])
+    symmetric = config.to_dict()
+    symmetric["modalities"][0]["symmetric"] = True
+    with pytest.raises(ValueError, match=f"declared symmetric.*{re.escape(name)}"):
+        DeLightSAMConfig.from_dict(symmetric)
+    for whole in ("grey_matter", "lateral_ventricles", "cerebellum"):  # both sides in one structure
+        symmetric["modalities"][0]["structures"][1]["name"] = whole
+        assert DeLightSAMConfig.from_dict(symmetric).modality("mr").symmetric

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 FORMAT_VERSION = 1
@@ -28,6 +29,8 @@ RELEASED_QUERY_TOKENS = 7  # 6 decoding channels plus one query that only takes 
 # The DC-Encoder's stem: its stride, and so the token grid of the first stage. MobileSAM's (and the released
 # model's) two 3x3 stride-2 convolutions give input/4 tokens; LiteMedSAM's two 1x1 stride-1 convolutions give a
 # token per pixel (LiteMedSAM at input 256 has the token grids of MobileSAM at 1024).
+# the words of a structure's name that put it on one side (kidney_left, Left-Hippocampus, hippocampus_L, lh.cortex)
+SIDE_WORDS = {"left", "right", "l", "r", "lh", "rh"}
 STEM_STRIDES = {"mobile_sam": 4, "lite_medsam": 1}
 # SAM's mask decoder has an IoU token and 4 mask tokens; with box prompts the QM-Decoder keeps the IoU token and
 # the mask tokens other than the first as "foundation tokens" (the first is the structure's query)
@@ -85,6 +88,10 @@ class Modality:
     # probabilities averaged (``multiplanar``); [] for its acquisition plane only. A thick-sliced series (5 mm
     # slices of 1.5 mm pixels) is always seen in its own plane, its axial or coronal slices mirrored too (``mirrors``).
     planes: list[str] = field(default_factory=list)
+    # Whether each of its structures is its own left-right mirror image (a whole brain, its grey and white matter;
+    # not a left kidney, a spleen or a left hippocampus): declared by whoever trains it, never guessed from names.
+    # Only then may a thick series of a modality with ``planes`` be decoded mirrored too (``multiplanar.mirrors``).
+    symmetric: bool = False
 
 
 @dataclass
@@ -198,6 +205,7 @@ class DeLightSAMConfig:
                     or not set(m.planes) <= {"axial", "coronal", "sagittal"}:
                 raise ValueError(f"modality {m.name!r}: planes must be [] or a list of two or three distinct planes "
                                  f"among axial, coronal and sagittal, got {m.planes!r}")
+            _check_symmetric(m)
             for s in m.structures:
                 if set(s.parts) - set(labels) or s.label in s.parts:
                     raise ValueError(f"structure {s.name!r} of {m.name!r}: parts {s.parts} must be label ids of the "
@@ -234,6 +242,23 @@ def _check_measured(m: Modality) -> None:
                          f"'slice_mm': [thinnest, thickest]}}, got {m.measured}")
 
 
+def _check_symmetric(m: Modality) -> None:
+    """A modality declared ``symmetric`` names no structure of one side: its mirror image would be the other one's."""
+    from .body_frame import SIDES
+
+    if not isinstance(m.symmetric, bool):
+        raise ValueError(f"modality {m.name!r}: symmetric must be true or false, got {m.symmetric!r}")
+    sided = [s.name for s in m.structures if s.name in SIDES or SIDE_WORDS & _words(s.name)]
+    if m.symmetric and sided:
+        raise ValueError(f"modality {m.name!r} is declared symmetric (decoded mirrored left-right), but "
+                         f"{', '.join(sided)} lie on one side: its mirror image is the other side's")
+
+
+def _words(name: str) -> set[str]:
+    """A name's words, lower case, split at anything not a letter and where a capital starts one (LeftHippocampus)."""
+    return {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)}
+
+
 def _check_box_atlas(m: Modality) -> None:
     names = {s.name for s in m.structures}
     for entry in m.box_atlas:
@@ -254,7 +279,8 @@ def _modality_from_dict(data: dict) -> Modality:
     return Modality(name=data["name"], controller=data["controller"], query_group=data["query_group"],
                     structures=structures, intensity=data.get("intensity"), title=data.get("title", ""),
                     pixel_mm=data.get("pixel_mm"), box_atlas=data.get("box_atlas", []),
-                    measured=data.get("measured") or {}, planes=data.get("planes") or [])
+                    measured=data.get("measured") or {}, planes=data.get("planes") or [],
+                    symmetric=data.get("symmetric", False))
 
 
 def released_config(controllers: dict[str, str] | None = None, **overrides) -> DeLightSAMConfig:

@@ -18,7 +18,6 @@ import math
 import numpy as np
 import torch
 
-from .body_frame import SIDES
 from .config import Modality
 from .geometry import (GreyLevels, Oriented, apply_orientation, as_volume, layout_transform, orient, plane_axis,
                        thick_axis)
@@ -44,11 +43,11 @@ def mirrors(spec: Modality, planes: list[str], plane: str) -> bool:
     """Whether a volume's slices are decoded mirrored too (``keyframes.decoded``): a series of a modality seen in several
     planes that is too thick for them (``planes`` empty) lacks their second view of each voxel; the mirror image of an
     axial or coronal slice is one (a sagittal slice mirrored is the slice across the midline: no new view). A thin
-    volume is not mirrored: three planes are its views, and twice their decoding would double a head's time. Nor is a
-    modality with structures of one side (``body_frame.SIDES``: the spleen, kidney_left; or named so): its mirror
-    image would call the right kidney the left."""
-    sided = any(s.name in SIDES or {"left", "right"} & set(s.name.lower().split("_")) for s in spec.structures)
-    return len(spec.planes) > 1 and not planes and plane != "sagittal" and not sided
+    volume is not mirrored: three planes are its views, and twice their decoding would double a head's time. Only a
+    modality declared ``symmetric`` is (each structure its own mirror image: a whole brain, not a left hippocampus,
+    whose mirror image is the right one); the configuration refuses a symmetric modality with a structure named
+    for one side."""
+    return spec.symmetric and len(spec.planes) > 1 and not planes and plane != "sagittal"
 
 
 def fused_probabilities(network, volume, affine: np.ndarray, planes: list[str], levels: GreyLevels,

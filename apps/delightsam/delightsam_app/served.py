@@ -172,6 +172,8 @@ class ServedModel:
                 "measured": spec.get("measured") or {},
                 # the planes a volume with no axis 2.5 times the next is seen in (multiplanar); [] for its own plane only
                 "planes": spec.get("planes") or [],
+                # each structure its own mirror image (declared in the checkpoint): a thick series is decoded mirrored too
+                "symmetric": bool(spec.get("symmetric")),
                 "model_card": "/model_card" if self.model_card() else None}
 
 
