@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """MR heads through a real server: the whole brain's Dice on the heads with skull never trained on (ROBEX's reference
-T1 and ITK's example T1, development: settings were chosen looking at them; the TRIO_Y_NDC template, held out) as
+T1 and ITK's example T1, development: settings were chosen looking at them; held out, the TRIO_Y_NDC template and
+BrainBrowser's T1 of one person with face and neck, against ROBEX's mask: fetched here with --real-heads) as
 stored and in another storage order, and as 5 mm axial slices made from them (``delightsam.thick_slices``: a box slab
 profile; a second condition of the same head, not another head) in two storage orders; and the seconds of each,
 warm, with a 1 mm head with skull (Colin 27, a training head) for the cost of a 1 mm series. With ``--before``
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from benchmark_anatomy import rows_of
-from train_mr_heads import DEVELOPMENT, HELD_OUT  # ROBEX's and ITK's heads; the TRIO_Y_NDC template
+from train_mr_heads import DEVELOPMENT, HELD_OUT  # ROBEX's and ITK's heads; the TRIO_Y_NDC template, BrainBrowser's
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "mr_heads.json")
     args = parser.parse_args()
     began = time.time()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data),
+                    "--real-heads"], check=True)
     trees = ([args.before.resolve()] if args.before else []) + [ROOT]
     with tempfile.TemporaryDirectory(prefix="mr-heads-") as tmp:
         tmp = Path(tmp)

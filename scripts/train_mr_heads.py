@@ -54,10 +54,11 @@ SHIPPED = BUNDLE / "models" / "model.safetensors"
 # the heads with skull trained on (scripts/fetch_samples.py --heads)
 HEADS = ("colin27_t1", "mni09c_head", "oasis_head")
 # the heads with skull never trained on: ROBEX's and ITK's, development (choices looked at them from 0.4.1 and
-# 0.4.2 on), and the TRIO_Y_NDC template, held out (first scored with 0.4.9, nothing chosen on it; only
-# ``--evaluate-only`` scores it)
+# 0.4.2 on); held out, nothing chosen on them, only ``--evaluate-only`` scores them: the TRIO_Y_NDC template (first
+# scored with 0.4.9) and BrainBrowser's T1, one person with face and neck, against ROBEX's mask (0.4.10;
+# fetch_samples --real-heads)
 DEVELOPMENT = ("robex_t1", "itk_t1")
-HELD_OUT = ("trio_head",)
+HELD_OUT = ("trio_head", "brainbrowser_t1")
 # each head's conditions (``held_out_conditions``): the suffix of its report keys, and what the report calls it
 CONDITIONS = {"stored": ("", "as stored"), "pir": ("_pir", "stored P-I-R"),
               "5mm_ras": ("_5mm", "as 5 mm axial slices (thick_slices), RAS"),
@@ -184,7 +185,8 @@ def main() -> int:
     parser.add_argument("--from", dest="start", type=Path, default=SHIPPED, help="the checkpoint trained on from")
     parser.add_argument("--work", type=Path, default=ROOT / "data" / "mr_heads")
     args = parser.parse_args()
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data), "--heads"],
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "fetch_samples.py"), "--data", str(args.data), "--heads",
+                    "--real-heads"],
                    check=True)
     from delightsam import load_model, save_model
     from delightsam.training import TrainConfig, train
@@ -268,7 +270,8 @@ def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
     heads = {"robex": "ROBEX reference T1, with skull (development; 1.5 mm, stored LAS)",
              "itk": "ITK's example T1, with skull (development; 2x2x3 mm, coronal slices)",
-             "trio": "TRIO_Y_NDC template, with skull (held out; 1 mm)"}
+             "trio": "TRIO_Y_NDC template, with skull (held out; 1 mm)",
+             "brainbrowser": "BrainBrowser's T1, one person with face and neck (held out; 1 mm; ROBEX's mask)"}
     rows = [(f"{name}, {said}", f"{head}_held_out{suffix}") for head, name in heads.items()
             for suffix, said in CONDITIONS.values()]
     rows.append(("Colin 27, with skull (trained on)", "colin27_training"))
