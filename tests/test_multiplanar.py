@@ -234,17 +234,23 @@ def test_only_a_thick_axial_or_coronal_series_of_a_multiplanar_modality_is_mirro
 
 
 @pytest.mark.parametrize("name", ["kidney_left", "spleen", "Left-Hippocampus", "hippocampus_L", "lh.cortex",
-                                  "RightAmygdala"])
+                                  "RightAmygdala", "Lt-Hippocampus"])
 def test_a_modality_declared_symmetric_names_no_structure_of_one_side(name):
     """A mirrored left hippocampus is the right one: a checkpoint that declares such a modality symmetric (so that its
     thick series would be decoded mirrored) is refused by the configuration (which ``load_model`` reads), naming the
-    structure; without the declaration it is taken, and decoded once."""
+    structure; without the declaration it is taken, decoded once, and described so."""
+    from delightsam.multiplanar import mirrors
+    from delightsam.pipeline import Pipeline
+
     config = DeLightSAMConfig(query_groups={"mr": 2}, modalities=[
         Modality("mr", "mr", "mr", [Structure("brain", 1, 0), Structure(name, 2, 1)], planes=PLANES)])
     symmetric = config.to_dict()
     symmetric["modalities"][0]["symmetric"] = True
     with pytest.raises(ValueError, match=f"declared symmetric.*{re.escape(name)}"):
         DeLightSAMConfig.from_dict(symmetric)
-    for whole in ("grey_matter", "lateral_ventricles", "cerebellum"):  # both sides in one structure
+    undeclared = config.modality("mr")
+    assert not mirrors(undeclared, [], "axial") and "mirror" not in Pipeline().describe("mr", False, PLANES)
+    assert "mirror images" in Pipeline().describe("mr", False, PLANES, symmetric=True)
+    for whole in ("grey_matter", "lateral_ventricles", "cerebellum", "vertebrae_L1"):  # its own mirror image
         symmetric["modalities"][0]["structures"][1]["name"] = whole
         assert DeLightSAMConfig.from_dict(symmetric).modality("mr").symmetric

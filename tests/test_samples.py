@@ -13,7 +13,9 @@ from fetch_samples import brainbrowser_volume
 def test_a_brainbrowser_volume_lands_where_its_minc_header_puts_it():
     """BrainBrowser's volumes (the held-out real head of ``fetch_samples --real-heads``) are raw bytes in the header's
     axis order, slowest first, placed by MINC's starts, steps and direction cosines: each voxel must land at the world
-    point (RAS, as NIfTI's) that MINC gives it, whatever the order and the signs of the steps."""
+    point (RAS, as NIfTI's) that MINC gives it, whatever the order and the signs of the steps. The expectation is
+    MINC's placement as BrainBrowser's own loader computes it (the pinned package's
+    src/brainbrowser/volume-viewer/volume-loaders/minc.js), written out here independently of the code."""
     lengths = {"xspace": 4, "yspace": 5, "zspace": 6}
     minc = {"order": ["xspace", "zspace", "yspace"],
             "xspace": {"start": 10.0, "step": -1.0, "direction_cosines": [0.996, 0.0785, 0.034]},

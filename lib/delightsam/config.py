@@ -29,9 +29,10 @@ RELEASED_QUERY_TOKENS = 7  # 6 decoding channels plus one query that only takes 
 # The DC-Encoder's stem: its stride, and so the token grid of the first stage. MobileSAM's (and the released
 # model's) two 3x3 stride-2 convolutions give input/4 tokens; LiteMedSAM's two 1x1 stride-1 convolutions give a
 # token per pixel (LiteMedSAM at input 256 has the token grids of MobileSAM at 1024).
-# the words of a structure's name that put it on one side (kidney_left, Left-Hippocampus, hippocampus_L, lh.cortex)
-SIDE_WORDS = {"left", "right", "l", "r", "lh", "rh"}
 STEM_STRIDES = {"mobile_sam": 4, "lite_medsam": 1}
+# the words of a structure's name that put it on one side (kidney_left, Left-Hippocampus, hippocampus_L, Lt-Amygdala,
+# lh.cortex); a letter with digits is not one (vertebrae_L1 is a lumbar vertebra, its own mirror image)
+SIDE_WORDS = {"left", "right", "l", "r", "lt", "rt", "lh", "rh", "sin", "dex", "sinister", "dexter"}
 # SAM's mask decoder has an IoU token and 4 mask tokens; with box prompts the QM-Decoder keeps the IoU token and
 # the mask tokens other than the first as "foundation tokens" (the first is the structure's query)
 FOUNDATION_TOKENS = 4
@@ -250,13 +251,14 @@ def _check_symmetric(m: Modality) -> None:
         raise ValueError(f"modality {m.name!r}: symmetric must be true or false, got {m.symmetric!r}")
     sided = [s.name for s in m.structures if s.name in SIDES or SIDE_WORDS & _words(s.name)]
     if m.symmetric and sided:
-        raise ValueError(f"modality {m.name!r} is declared symmetric (decoded mirrored left-right), but "
-                         f"{', '.join(sided)} lie on one side: its mirror image is the other side's")
+        raise ValueError(f"modality {m.name!r} is declared symmetric (decoded mirrored left-right), but its "
+                         f"structures {', '.join(sided)} are each on one side: a mirror image is the other side's")
 
 
 def _words(name: str) -> set[str]:
-    """A name's words, lower case, split at anything not a letter and where a capital starts one (LeftHippocampus)."""
-    return {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])", name)}
+    """A name's words, lower case, split at anything not a letter or digit and where a capital starts one
+    (LeftHippocampus); digits stay with their word (vertebrae_L1: 'l1', no side)."""
+    return {w.lower() for w in re.findall(r"[A-Z]?[a-z]+[0-9]*|[A-Z]+[0-9]*(?![a-z])|[0-9]+", name)}
 
 
 def _check_box_atlas(m: Modality) -> None:

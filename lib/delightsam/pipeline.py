@@ -97,13 +97,14 @@ class Pipeline:
             + (MEMORY_FUSED * fused_structures + itemsize if fused_structures else 0)
         return MEMORY_FIXED_MB + per_voxel * voxels / 2 ** 20
 
-    def describe(self, modality: str, adapted: bool, planes=()) -> str:
+    def describe(self, modality: str, adapted: bool, planes=(), symmetric: bool = False) -> str:
         """The pipeline's name for a modality (the model card's, /info's and each result's); ``adapted``: whether the
         refiner carries queries and heads trained on users' labels for it (``refiner_training.is_adapted``);
-        ``planes``: the modality's (``multiplanar``)."""
+        ``planes`` and ``symmetric``: the modality's (``multiplanar``: only a symmetric one's thick series are mirrored)."""
+        mirrored = ", a thicker series' axial or coronal slices with their left-right mirror images, averaged" \
+            if symmetric else ""
         seen = (f"; a volume with no axis {SEVERAL_PLANES_BELOW:g} times the next seen in {', '.join(planes)} slices, "
-                "averaged, a thicker series' axial or coronal slices with their left-right mirror images, averaged") \
-            if len(planes) > 1 else ""
+                f"averaged{mirrored}") if len(planes) > 1 else ""
         if not self.refines(modality):
             return f"De-LightSAM, one stage (prompt-free masks on every slice{seen})"
         return (f"De-LightSAM coarse masks (a slice about every {self.first_every_mm:g} mm{seen}) -> boxes "

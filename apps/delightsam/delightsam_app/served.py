@@ -166,7 +166,7 @@ class ServedModel:
         adapted = is_adapted(refiner_names(self.served_checkpoint()), spec.get("query_group"))
         pipeline = self.pipeline
         return {"model_version": version, "training": training, "user_scores": user_scores,
-                "pipeline": pipeline.describe(modality, adapted, spec.get("planes") or ()), "refiner_adapted": adapted and pipeline.refines(modality),
+                "pipeline": pipeline.describe(modality, adapted, spec.get("planes") or (), bool(spec.get("symmetric"))), "refiner_adapted": adapted and pipeline.refines(modality),
                 "precision": pipeline.precision_on(self.settings.device),
                 # what it was measured on (MR contrasts, slice thicknesses); requests outside it are flagged
                 "measured": spec.get("measured") or {},
